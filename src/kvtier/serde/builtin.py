@@ -1,0 +1,15 @@
+"""Registers the serdes that ship with kvtier. Heavy dependencies are imported by each factory, not here."""
+
+from __future__ import annotations
+
+from kvtier.serde.raw import raw_factory
+from kvtier.serde.registry import register_serde_factory
+
+BUILTIN_SERDES = {
+    "raw": raw_factory,
+}
+
+
+def register_builtin_serdes() -> None:
+    for name, factory in BUILTIN_SERDES.items():
+        register_serde_factory(name, factory)

@@ -1,0 +1,122 @@
+"""Chains of serde stages: one tensor->bytes stage first (raw when none is given), then bytes->bytes stages.
+
+The order is checked when the chain is built (zarr's ``codecs_from_list`` habit), never when data first flows:
+a compressor before a quantizer would otherwise only fail on the first store.
+
+Intermediate results live in per-thread scratch buffers that grow to the largest size seen and are then reused,
+so a chain allocates nothing per chunk once warm.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from kvtier.errors import ConfigError, SerdeError
+from kvtier.serde.base import BytesDeserializer, Deserializer, Serializer
+from kvtier.types import LayoutDesc
+
+
+def check_chain_order(serializers: Sequence[Serializer], names: Sequence[str]) -> None:
+    """Raise ConfigError unless the chain is: at most one tensor stage, first, then bytes stages."""
+    if not serializers:
+        raise ConfigError("serde: a chain needs at least one stage")
+    for i, (ser, name) in enumerate(zip(serializers, names, strict=True)):
+        if ser.consumes == "tensor" and i > 0:
+            first = names[0]
+            why = (
+                f"{first!r} already turned the tensor into bytes"
+                if serializers[0].consumes == "tensor"
+                else "a tensor stage must come before every bytes stage"
+            )
+            raise ConfigError(
+                f"serde[{i}]: {name!r} takes a tensor, but {why}; "
+                "put at most one tensor stage (raw, fp8, ...) first, then bytes stages (lz4, zstd, aesgcm, ...)"
+            )
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable byte buffers, one per chain position."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, torch.Tensor] = {}
+
+
+class ScratchPool:
+    """Hands each thread a reusable uint8 buffer per slot, grown when too small; counts the bytes held."""
+
+    def __init__(self) -> None:
+        self._local = _Scratch()
+        self._lock = threading.Lock()
+        self.bytes_held = 0
+
+    def get(self, slot: int, size: int) -> torch.Tensor:
+        buf = self._local.buffers.get(slot)
+        if buf is None or buf.numel() < size:
+            old = 0 if buf is None else buf.numel()
+            # Round up so that a slightly larger chunk later does not force another allocation.
+            capacity = max(size, 4096) + (max(size, 4096) >> 3)
+            buf = torch.empty(capacity, dtype=torch.uint8)
+            self._local.buffers[slot] = buf
+            with self._lock:
+                self.bytes_held += capacity - old
+        return buf[:size]
+
+
+class ChainSerializer(Serializer):
+    """Runs stages in order; the last one writes into the caller's ``dst``.
+
+    The first stage always takes the tensor (the registry puts raw first when a chain has none).
+    """
+
+    def __init__(self, stages: Sequence[Serializer], scratch: ScratchPool) -> None:
+        self.stages = list(stages)
+        self._scratch = scratch
+
+    def _bounds(self, layout_desc: LayoutDesc) -> list[int]:
+        bounds = []
+        layout = layout_desc
+        for stage in self.stages:
+            bound = stage.estimate_serialized_size(layout)
+            bounds.append(bound)
+            layout = LayoutDesc((bound,), torch.uint8)
+        return bounds
+
+    def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
+        return self._bounds(layout_desc)[-1]
+
+    def serialize(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+        bounds = self._bounds(LayoutDesc.of(src))
+        cur = src
+        last = len(self.stages) - 1
+        written = 0
+        for i, stage in enumerate(self.stages):
+            out = dst if i == last else self._scratch.get(i, bounds[i])
+            written = stage.serialize(cur, out)
+            if written > out.numel():
+                raise SerdeError(f"serde stage {i} wrote {written} bytes into a {out.numel()}-byte buffer")
+            cur = out[:written]
+        return written
+
+
+class ChainDeserializer(Deserializer):
+    """Undoes the bytes stages last-to-first into scratch buffers, then the first stage into ``dst``."""
+
+    def __init__(self, stages: Sequence[Deserializer], scratch: ScratchPool) -> None:
+        self.stages = list(stages)
+        for i, stage in enumerate(self.stages[1:], start=1):
+            if not isinstance(stage, BytesDeserializer):
+                raise ConfigError(f"serde[{i}]: a bytes stage's deserializer must be a BytesDeserializer")
+        self._scratch = scratch
+
+    def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        cur = src
+        for i in range(len(self.stages) - 1, 0, -1):
+            stage = self.stages[i]
+            assert isinstance(stage, BytesDeserializer)  # checked in __init__
+            out = self._scratch.get(100 + i, stage.decoded_size(cur))
+            stage.deserialize(cur, out)
+            cur = out
+        self.stages[0].deserialize(cur, dst)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from kvtier import ConfigError, KVFormat, LayoutDesc, ObjectKey
+
+
+def test_object_key_round_trips_through_its_string() -> None:
+    key = ObjectKey("HuggingFaceTB/SmolLM2-135M", "00ff", kv_rank=3, cache_salt="tenant-a")
+    text = key.to_str()
+    assert "/" not in text and ObjectKey.from_str(text) == key
+
+
+def test_object_key_normalizes_hashes() -> None:
+    assert ObjectKey("m", 255).chunk_hash == "ff"
+    assert ObjectKey("m", b"\x01\x02").chunk_hash == "0102"
+    assert ObjectKey("m", -1).chunk_hash == "f" * 16  # signed 64-bit engine hashes map to their unsigned form
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"model_name": "", "chunk_hash": "ab"},
+        {"model_name": "a b", "chunk_hash": "ab"},
+        {"model_name": "../etc", "chunk_hash": "ab"},
+        {"model_name": "/abs", "chunk_hash": "ab"},
+        {"model_name": "m@x", "chunk_hash": "ab"},
+        {"model_name": "m", "chunk_hash": "XYZ"},
+        {"model_name": "m", "chunk_hash": ""},
+        {"model_name": "m", "chunk_hash": "ab", "kv_rank": -1},
+        {"model_name": "m", "chunk_hash": "ab", "kv_rank": True},
+        {"model_name": "m", "chunk_hash": "ab", "cache_salt": "a/b"},
+        {"model_name": "m", "chunk_hash": "ab", "cache_salt": "a\nb"},
+        {"model_name": "m", "chunk_hash": "ab", "cache_salt": "x" * 129},
+    ],
+)
+def test_object_key_rejects_unsafe_fields(kwargs: dict) -> None:
+    with pytest.raises(ConfigError) as err:
+        ObjectKey(**kwargs)
+    field = next(k for k in ("model_name", "chunk_hash", "kv_rank", "cache_salt") if k in str(err.value))
+    assert field  # the message names the field
+
+
+def test_object_key_from_str_rejects_garbage() -> None:
+    with pytest.raises(ConfigError):
+        ObjectKey.from_str("no-separators")
+
+
+def test_layout_desc() -> None:
+    t = torch.zeros(2, 3, 4, 5, dtype=torch.bfloat16)
+    layout = LayoutDesc.of(t, "2LTH")
+    assert layout.shape == (2, 3, 4, 5) and layout.nbytes == 2 * 3 * 4 * 5 * 2
+    assert layout.kv_format is KVFormat.KV_LAYER_TOKEN_HIDDEN
+    assert LayoutDesc.from_json(layout.to_json()) == layout
+    assert LayoutDesc.kv_chunk(32, 256, 1024).nbytes == 32 << 20
+    with pytest.raises(ConfigError, match="kv_format"):
+        LayoutDesc((3, 2, 2, 2), torch.bfloat16, KVFormat.KV_LAYER_TOKEN_HIDDEN)
+    with pytest.raises(ConfigError, match="dtype"):
+        LayoutDesc((1,), "complex")  # type: ignore[arg-type]
