@@ -8,6 +8,7 @@ Example, in a third-party package's tests::
         config = {"type": "mine"}
 """
 
+from kvtier.testing.adapters import L2AdapterTests
 from kvtier.testing.serde import SerdeTests
 
-__all__ = ["SerdeTests"]
+__all__ = ["L2AdapterTests", "SerdeTests"]
