@@ -3,6 +3,7 @@
 from kvtier.storage.adapters.base import MISS, L2Adapter
 from kvtier.storage.adapters.faulty import FaultyAdapter, faulty_factory
 from kvtier.storage.adapters.memory import MemoryAdapter, memory_factory
+from kvtier.storage.adapters.redis_adapter import RedisAdapter, redis_factory
 from kvtier.storage.adapters.registry import (
     create_backend,
     create_l2_adapter,
@@ -11,7 +12,7 @@ from kvtier.storage.adapters.registry import (
     unregister_l2_adapter,
 )
 
-BUILTIN_ADAPTERS = {"memory": memory_factory, "faulty": faulty_factory}
+BUILTIN_ADAPTERS = {"memory": memory_factory, "faulty": faulty_factory, "redis": redis_factory}
 
 
 def register_builtin_adapters() -> None:
@@ -27,6 +28,7 @@ __all__ = [
     "FaultyAdapter",
     "L2Adapter",
     "MemoryAdapter",
+    "RedisAdapter",
     "create_backend",
     "create_l2_adapter",
     "register_l2_adapter",

@@ -1,0 +1,616 @@
+"""``{"type": "redis", "url": "redis://HOST:PORT/DB", ...}``: records in Redis or Valkey, shared by every kvtier
+server that points at the same server and ``key_prefix``.
+
+Config (read with a :class:`~kvtier.config.ConfigReader`; a bad value fails at start naming the field):
+
+* ``url`` (required): ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://...`` (TLS) or
+  ``unix:///path/redis.sock[?db=N]``. Password, TLS and query options (``?ssl_cert_reqs=none``,
+  ``?ssl_ca_certs=...``) go to redis-py as they are. The password never appears in logs or stats.
+* ``cluster`` (``false``): a Redis Cluster behind ``url`` (any node); see "Cluster" below.
+* ``key_prefix`` (``"kvtier"``): every record is ``{key_prefix}:{ObjectKey.to_str()}``; the object key carries
+  model name, kv rank, ``cache_salt`` and chunk hash, so one Redis serves several models and tenants.
+* ``max_capacity_gb`` (none): bound on the bytes of records under ``key_prefix``, shared by every kvtier server
+  using that prefix; the least recently stored or loaded records are evicted past it.
+* ``timeout_s`` (10), ``connect_timeout_s`` (5): socket timeouts; ``max_connections`` (64): the pool's size.
+
+Layout in Redis. Records are plain string values. Next to them, under the prefix, kvtier keeps its accounting:
+``{key_prefix}:@sizes`` (hash: record key -> bytes), ``@used`` (their sum), ``@lru`` (sorted set by recency)
+and ``@clock``. Object keys never start with ``@`` (model names are percent-quoted), so the two cannot clash.
+
+Atomicity. A store batch is one ``MULTI`` ... ``EXEC``: the ``SET`` of every record and a Lua script that updates
+the accounting and evicts. Redis runs a transaction as one step: a reader sees all of the batch or none of it,
+never a torn record. A queue-time error (``OOM`` under ``maxmemory``, ...) discards the whole transaction, so a
+failed batch leaves nothing. Each record goes out as one ``SET`` whose value is sent from its buffers (header and
+tensor memory) straight to the socket: no joined copy is made on the client. If the connection drops after
+``EXEC`` went out, the outcome is unknown to the client: the batch is reported failed and its keys are deleted on
+the next chance (by the serde layer); whatever is found meanwhile is whole, checked records.
+
+Capacity. Two lines of defence, documented in README.md: ``max_capacity_gb`` bounds the record bytes (evicting
+LRU inside the store transaction, so the bound holds at every instant another client can observe), and the
+server's own ``maxmemory`` bounds its memory. With ``maxmemory-policy noeviction`` a full server answers
+``OOM``: the batch fails with :class:`~kvtier.errors.CapacityError` and kvtier keeps serving; with
+``allkeys-lru`` Redis may evict records itself, and the accounting of such a record is dropped when a load or an
+eviction meets it.
+
+Faults. Connection refused, timeouts and a server restart fail the batch at hand with the builtin
+``ConnectionError`` / ``TimeoutError`` (both ``OSError``), counted in :meth:`RedisAdapter.stats` and logged once
+per outage, not per batch or key. Every operation is idempotent, so a batch that hits a dead pooled connection is
+retried once on a fresh one; after a restart of Redis the next batch reconnects by itself.
+
+Cluster. With ``cluster: true`` records spread over the cluster's nodes by key slot. A transaction cannot span
+slots, so a batch is a pipeline of ``SET``\\ s (each record still atomic) whose keys are deleted again when any
+fails; values are joined into one buffer first (redis-py's cluster pipeline sends one buffer per value).
+``max_capacity_gb`` is refused with a cluster: bound each node with ``maxmemory`` + ``allkeys-lru`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from kvtier.config import ConfigReader
+from kvtier.errors import BatchError, CapacityError, ConfigError
+from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter, scatter, total_length
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+T = TypeVar("T")
+
+# Values above this many bytes go to the socket as their own buffer; smaller pieces are coalesced into one send.
+_INLINE_LIMIT = 16 * 1024
+# A load pipeline fetches at most this many bytes of destinations at once: redis-py returns each value as a
+# fresh ``bytes``, so a batch of a hundred 32 MiB chunks must not hold them all at the same time.
+_LOAD_WINDOW = 256 << 20
+
+# KEYS: used, sizes, lru, clock. ARGV: capacity (-1: none), n, then n pairs (record key, size).
+# Accounts the records the same transaction just SET, then evicts least recently used records (never one of this
+# batch) until the bound holds. Returns {records evicted, bytes used}.
+_ACCOUNT_SCRIPT = """
+local used_k, sizes_k, lru_k, clock_k = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local cap = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local clock = redis.call('INCRBY', clock_k, n) - n
+local batch = {}
+for i = 0, n - 1 do
+  local key, size = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
+  local old = redis.call('HGET', sizes_k, key)
+  if old then redis.call('DECRBY', used_k, old) end
+  redis.call('HSET', sizes_k, key, size)
+  redis.call('INCRBY', used_k, size)
+  redis.call('ZADD', lru_k, clock + i + 1, key)
+  batch[key] = true
+end
+local evicted = 0
+if cap >= 0 then
+  while tonumber(redis.call('GET', used_k) or '0') > cap do
+    local victim = redis.call('ZRANGE', lru_k, 0, 0)[1]
+    if not victim or batch[victim] then break end
+    redis.call('ZREM', lru_k, victim)
+    local size = redis.call('HGET', sizes_k, victim)
+    if size then
+      redis.call('HDEL', sizes_k, victim)
+      redis.call('DECRBY', used_k, size)
+    end
+    redis.call('UNLINK', victim)
+    evicted = evicted + 1
+  end
+end
+return {evicted, tonumber(redis.call('GET', used_k) or '0')}
+"""
+
+# KEYS: used, sizes, lru. ARGV: record keys. Deletes records and their accounting; returns the bytes used.
+_DELETE_SCRIPT = """
+local used_k, sizes_k, lru_k = KEYS[1], KEYS[2], KEYS[3]
+for _, key in ipairs(ARGV) do
+  redis.call('UNLINK', key)
+  local size = redis.call('HGET', sizes_k, key)
+  if size then
+    redis.call('HDEL', sizes_k, key)
+    redis.call('DECRBY', used_k, size)
+  end
+  redis.call('ZREM', lru_k, key)
+end
+return tonumber(redis.call('GET', used_k) or '0')
+"""
+
+# KEYS: used, sizes, lru, clock. ARGV: record keys just loaded. A present record becomes the most recently used;
+# the accounting of an absent one (evicted by the server's own policy, deleted by hand) is dropped. Returns the
+# bytes used.
+_TOUCH_SCRIPT = """
+local used_k, sizes_k, lru_k, clock_k = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local clock = redis.call('INCRBY', clock_k, #ARGV) - #ARGV
+for i, key in ipairs(ARGV) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('ZADD', lru_k, 'XX', clock + i, key)
+  else
+    local size = redis.call('HGET', sizes_k, key)
+    if size then
+      redis.call('HDEL', sizes_k, key)
+      redis.call('DECRBY', used_k, size)
+      redis.call('ZREM', lru_k, key)
+    end
+  end
+end
+return tonumber(redis.call('GET', used_k) or '0')
+"""
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (for logs, stats and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def check_url(url: str, cluster: bool, where: str) -> None:
+    """Reject a URL redis-py would not accept, naming the field; pure parsing, no connection."""
+    from redis.connection import parse_url
+
+    field = f"{where}.url"
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"{field}: expected a redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH URL, "
+            f"got scheme {scheme!r} in {redact_url(url)!r}"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        kwargs: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc} in {redact_url(url)!r}") from exc
+    if scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{field}: a unix:// URL needs a socket path, got {redact_url(url)!r}")
+        if cluster:
+            raise ConfigError(f"{field}: a cluster is reached over TCP (redis:// or rediss://), not a unix socket")
+    else:
+        if not parts.hostname:
+            raise ConfigError(f"{field}: expected a host name in {redact_url(url)!r}")
+        if port == 0:
+            raise ConfigError(f"{field}: expected a port in 1-65535, got 0")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ConfigError(f"{field}: the path must be a database number (/0, /1, ...), got {parts.path!r}")
+    db = kwargs.get("db", 0)
+    if not isinstance(db, int) or db < 0:
+        raise ConfigError(f"{field}: expected a database number >= 0, got {db!r}")
+    if cluster and db != 0:
+        raise ConfigError(f"{field}: a Redis Cluster has only database 0, got {db}")
+
+
+def check_key_prefix(prefix: str, where: str) -> None:
+    if not 1 <= len(prefix) <= 200 or any(c.isspace() or not c.isprintable() or c in "{}@" for c in prefix):
+        raise ConfigError(
+            f"{where}.key_prefix: expected 1-200 printable characters without spaces, '{{', '}}' or '@', got {prefix!r}"
+        )
+
+
+class _Outage:
+    """Counts failures by kind and logs an outage once, when it starts and when it ends."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self.down_since_failures = 0
+        self.counts = {
+            "batches": 0,
+            "failed_batches": 0,
+            "connection_errors": 0,
+            "timeouts": 0,
+            "oom_errors": 0,
+            "other_errors": 0,
+            "outages": 0,
+            "evictions": 0,
+        }
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[what] += n
+
+    def ok(self) -> None:
+        with self._lock:
+            self.counts["batches"] += 1
+            failures, self.down_since_failures = self.down_since_failures, 0
+        if failures:
+            log.warning("L2 redis %s: reachable again after %d failed batch(es)", self.name, failures)
+
+    def failed(self, kind: str, exc: BaseException) -> None:
+        with self._lock:
+            self.counts["batches"] += 1
+            self.counts["failed_batches"] += 1
+            self.counts[kind] += 1
+            unreachable = kind in ("connection_errors", "timeouts")
+            first = unreachable and self.down_since_failures == 0
+            if unreachable:
+                self.down_since_failures += 1
+                if first:
+                    self.counts["outages"] += 1
+        if first:
+            log.warning("L2 redis %s: unreachable (%s); its batches fail until it is back", self.name, exc)
+        elif not unreachable:
+            log.warning("L2 redis %s: batch failed: %s", self.name, exc)
+
+
+class RedisAdapter(L2Adapter):
+    """Records as Redis string values under ``{key_prefix}:``; see the module docstring for the whole contract."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cluster: bool = False,
+        key_prefix: str = "kvtier",
+        capacity_bytes: int | None = None,
+        timeout_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
+        max_connections: int = 64,
+    ) -> None:
+        super().__init__()
+        if cluster and capacity_bytes is not None:
+            raise ConfigError("max_capacity_gb is not supported with cluster: true (use maxmemory per node)")
+        self.url = url
+        self.cluster = cluster
+        self.key_prefix = key_prefix
+        self._capacity = capacity_bytes
+        self._timeout = timeout_s
+        self._connect_timeout = connect_timeout_s
+        self._max_connections = max_connections
+        self._prefix = f"{key_prefix}:"
+        self._meta = [f"{key_prefix}:@used", f"{key_prefix}:@sizes", f"{key_prefix}:@lru", f"{key_prefix}:@clock"]
+        self._health = _Outage(redact_url(url))
+        self._client: Any = None
+        self._last_used = 0
+
+    # -- resources --------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # kvtier retries once itself (every operation is idempotent); redis-py's own default retries with
+        # exponential backoff would stretch each failed batch of an outage to seconds.
+        options: dict[str, Any] = {
+            "socket_timeout": self._timeout,
+            "socket_connect_timeout": self._connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+        if self.cluster:
+            from redis.cluster import RedisCluster
+
+            self._client = RedisCluster.from_url(self.url, max_connections=self._max_connections, **options)
+        else:
+            from redis import BlockingConnectionPool, Redis
+
+            pool = BlockingConnectionPool.from_url(
+                self.url, max_connections=self._max_connections, timeout=self._timeout, **options
+            )
+            self._client = Redis(connection_pool=pool)
+
+    def _close(self) -> None:
+        if self.cluster:
+            self._client.close()
+        else:
+            self._client.connection_pool.disconnect()
+
+    # -- error handling ---------------------------------------------------------------------------------------
+    def _run(self, op: Callable[[], T]) -> T:
+        """Run one batch operation: retry once on a dead connection, translate and count errors."""
+        from redis import exceptions as rx
+
+        for attempt in (0, 1):
+            try:
+                result = op()
+            except rx.TimeoutError as exc:
+                self._health.failed("timeouts", exc)
+                raise TimeoutError(f"redis {self._health.name}: {exc}") from exc
+            except rx.ConnectionError as exc:
+                # After a server restart the pool may hand out a socket that is already dead: one fresh try.
+                if attempt == 0 and not isinstance(exc, rx.AuthenticationError):
+                    continue
+                self._health.failed("connection_errors", exc)
+                raise ConnectionError(f"redis {self._health.name}: {exc}") from exc
+            except CapacityError as exc:
+                self._health.failed("oom_errors", exc)
+                raise
+            except (rx.RedisError, BatchError) as exc:
+                if _is_oom(exc):
+                    self._health.failed("oom_errors", exc)
+                    raise CapacityError(f"redis {self._health.name} is out of memory: {exc}") from exc
+                self._health.failed("other_errors", exc)
+                if isinstance(exc, BatchError):
+                    raise
+                raise BatchError(f"redis {self._health.name}: {exc}") from exc
+            self._health.ok()
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    # -- the bytes contract -----------------------------------------------------------------------------------
+    def _key(self, key: str) -> str:
+        if key.startswith("@"):
+            raise ValueError(f"record keys may not start with '@' (reserved for the accounting): {key!r}")
+        return self._prefix + key
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of records under the prefix, shared by every server using it; the last value seen while the
+        server is unreachable (stats must not fail during an outage)."""
+        if not self.started or self._closed:
+            return self._last_used
+        from redis import exceptions as rx
+
+        try:
+            value = self._client.get(self._meta[0])
+        except rx.RedisError:
+            return self._last_used
+        self._last_used = int(value or 0)
+        return self._last_used
+
+    def _store(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
+        full = [self._key(k) for k in keys]
+        views = [[memoryview(b).cast("B") for b in r] for r in records]
+        sizes = [sum(v.nbytes for v in r) for r in views]
+        if self._capacity is not None:
+            need = sum(dict(zip(full, sizes, strict=True)).values())  # a key twice in a batch: the last wins
+            if need > self._capacity:
+                raise self._capacity_error(need)
+        if self.cluster:
+            self._run(lambda: self._store_cluster(full, views))
+        else:
+            evicted = self._run(lambda: self._store_transaction(full, views, sizes))
+            if evicted:
+                self._health.count("evictions", evicted)
+
+    def _capacity_error(self, need: int) -> CapacityError:
+        exc = CapacityError(
+            f"redis {self._health.name}: batch of {need} bytes exceeds the capacity of {self._capacity}"
+        )
+        self._health.failed("oom_errors", exc)
+        return exc
+
+    def _store_transaction(self, full: list[str], views: list[list[memoryview]], sizes: list[int]) -> int:
+        """One MULTI / SET... / EVAL account / EXEC, packed by hand so that each value is sent from its own
+        buffers (redis-py packs one buffer per argument, which would need a joined copy of header + payload)."""
+        out = _Packer()
+        out.command([b"MULTI"])
+        for key, parts in zip(full, views, strict=True):
+            out.command([b"SET", key.encode(), parts])
+        cap = -1 if self._capacity is None else self._capacity
+        args = [str(cap), str(len(full))]
+        for key, size in zip(full, sizes, strict=True):
+            args += [key, str(size)]
+        out.command(
+            [b"EVAL", _ACCOUNT_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta)] + [a.encode() for a in args]
+        )
+        out.command([b"EXEC"])
+        replies, exec_reply = self._send(out.finish(), 2 + len(full))
+        queue_errors: list[BaseException] = [r for r in replies if isinstance(r, Exception)]
+        if queue_errors:
+            raise BatchError("redis transaction discarded", dict(enumerate(queue_errors)))
+        if isinstance(exec_reply, Exception):
+            raise BatchError("redis transaction failed", {0: exec_reply})
+        if not isinstance(exec_reply, list):
+            raise BatchError(f"redis transaction aborted (EXEC answered {exec_reply!r})")
+        errors: dict[int, BaseException] = {i: r for i, r in enumerate(exec_reply) if isinstance(r, Exception)}
+        if errors:
+            # Redis does not roll back a transaction whose commands fail while it runs: undo it ourselves.
+            self._delete_records(full)
+            raise BatchError("redis transaction failed while running", errors)
+        evicted, used = exec_reply[-1]
+        self._last_used = int(used)
+        return int(evicted)
+
+    def _send(self, buffers: list[Buffer], n_queued: int) -> tuple[list[Any], Any]:
+        """Send a packed MULTI ... EXEC on one pooled connection and read every reply (errors as values)."""
+        from redis import exceptions as rx
+
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(buffers)
+            replies: list[Any] = []
+            for _ in range(n_queued):  # MULTI, each SET, EVAL: "OK" / "QUEUED" or a queue-time error
+                try:
+                    replies.append(conn.read_response())
+                except rx.ResponseError as exc:
+                    replies.append(exc)
+            try:
+                exec_reply: Any = conn.read_response()
+            except rx.ResponseError as exc:
+                exec_reply = exc
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: this socket must not serve another batch
+            raise
+        finally:
+            pool.release(conn)
+        return replies, exec_reply
+
+    def _store_cluster(self, full: list[str], views: list[list[memoryview]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key, parts in zip(full, views, strict=True):
+            pipe.set(key, parts[0] if len(parts) == 1 else b"".join(parts))
+        try:
+            pipe.execute(raise_on_error=True)
+        except BaseException:
+            self._delete_cluster_quietly(full)
+            raise
+
+    def _delete_cluster_quietly(self, full: list[str]) -> None:
+        from redis import exceptions as rx
+
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in full:
+                pipe.unlink(key)
+            pipe.execute()
+        except rx.RedisError as exc:
+            log.warning(
+                "L2 redis %s: could not remove %d record(s) of a failed batch: %s", self._health.name, len(full), exc
+            )
+
+    def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
+        full = [self._key(k) for k in keys]
+        out: list[int] = []
+        start = 0
+        while start < len(full):
+            end, window = start, 0
+            while end < len(full) and (end == start or window + total_length(dsts[end]) <= _LOAD_WINDOW):
+                window += total_length(dsts[end])
+                end += 1
+            window_keys = full[start:end]
+            values = self._run(lambda: self._get(window_keys))  # noqa: B023 - called before the loop moves on
+            for value, dst in zip(values, dsts[start:end], strict=True):
+                if value is None:
+                    out.append(MISS)
+                    continue
+                if len(value) <= total_length(dst):
+                    scatter(value, dst)
+                out.append(len(value))
+            start = end
+        return out
+
+    def _get(self, full: list[str]) -> list[bytes | None]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in full:
+            pipe.get(key)
+        if not self.cluster:
+            pipe.eval(_TOUCH_SCRIPT, 4, *self._meta, *full)
+        values: list[Any] = pipe.execute(raise_on_error=True)
+        if not self.cluster:
+            self._last_used = int(values[-1])
+        return values[: len(full)]
+
+    def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
+        full = [self._key(k) for k in keys]
+
+        def op() -> list[bytes | None]:
+            # EXISTS tells an absent record from an empty one; a transaction keeps each pair consistent.
+            pipe = self._client.pipeline(transaction=not self.cluster)
+            for key in full:
+                pipe.exists(key)
+                pipe.getrange(key, 0, max(size, 1) - 1)
+            res = pipe.execute(raise_on_error=True)
+            return [bytes(res[2 * i + 1])[:size] if res[2 * i] else None for i in range(len(full))]
+
+        return self._run(op)
+
+    def _contains(self, keys: Sequence[str]) -> list[bool]:
+        full = [self._key(k) for k in keys]
+
+        def op() -> list[bool]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in full:
+                pipe.exists(key)
+            return [bool(n) for n in pipe.execute(raise_on_error=True)]
+
+        return self._run(op)
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        full = [self._key(k) for k in keys]
+        if self.cluster:
+            self._run(lambda: self._unlink_cluster(full))
+        else:
+            self._run(lambda: self._delete_records(full))
+
+    def _unlink_cluster(self, full: list[str]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key in full:
+            pipe.unlink(key)
+        pipe.execute(raise_on_error=True)
+
+    def _delete_records(self, full: list[str]) -> None:
+        self._last_used = int(self._client.eval(_DELETE_SCRIPT, 3, *self._meta[:3], *full))
+
+    def stats(self) -> dict[str, Any]:
+        with self._health._lock:
+            counts = dict(self._health.counts)
+        return {
+            **super().stats(),
+            "url": self._health.name,
+            "key_prefix": self.key_prefix,
+            "cluster": self.cluster,
+            "reachable": self._health.down_since_failures == 0,
+            **counts,
+        }
+
+
+class _Packer:
+    """RESP commands as a list of buffers: small pieces coalesced, large values referenced, never copied."""
+
+    def __init__(self) -> None:
+        self.buffers: list[Buffer] = []
+        self._small = bytearray()
+
+    def command(self, args: Sequence[bytes | Sequence[memoryview]]) -> None:
+        self._small += b"*%d\r\n" % len(args)
+        for arg in args:
+            parts: Sequence[Buffer] = [arg] if isinstance(arg, bytes) else arg
+            self._small += b"$%d\r\n" % sum(memoryview(p).nbytes for p in parts)
+            for part in parts:
+                if memoryview(part).nbytes > _INLINE_LIMIT:
+                    self.buffers.append(bytes(self._small))
+                    self._small.clear()
+                    self.buffers.append(part)
+                else:
+                    self._small += part
+            self._small += b"\r\n"
+
+    def finish(self) -> list[Buffer]:
+        """The buffers to send, in order."""
+        if self._small:
+            self.buffers.append(bytes(self._small))
+            self._small.clear()
+        return self.buffers
+
+
+def _is_oom(exc: BaseException) -> bool:
+    from redis import exceptions as rx
+
+    if isinstance(exc, rx.OutOfMemoryError) or str(exc).startswith("OOM"):
+        return True
+    if isinstance(exc, BatchError):
+        return any(_is_oom(e) for e in exc.errors.values())
+    return False
+
+
+def redis_factory(config: dict[str, Any], where: str) -> RedisAdapter:
+    reader = ConfigReader(config, where)
+    url = reader.string("url")
+    cluster = reader.boolean("cluster", False)
+    key_prefix = reader.string("key_prefix", "kvtier")
+    gb = reader.number("max_capacity_gb", None, min=0.0)
+    timeout_s = reader.number("timeout_s", 10.0, min=0.001)
+    connect_timeout_s = reader.number("connect_timeout_s", 5.0, min=0.001)
+    max_connections = reader.integer("max_connections", 64, min=1)
+    reader.finish()
+    check_url(url, cluster, where)
+    check_key_prefix(key_prefix, where)
+    if cluster and gb is not None:
+        raise ConfigError(
+            f"{where}.max_capacity_gb: not supported with cluster: true "
+            "(a transaction cannot span slots); bound each node with maxmemory and allkeys-lru"
+        )
+    if gb is not None and gb <= 0:
+        raise ConfigError(f"{where}.max_capacity_gb: expected a value > 0, got {gb!r}")
+    return RedisAdapter(
+        url,
+        cluster=cluster,
+        key_prefix=key_prefix,
+        capacity_bytes=None if gb is None else max(1, int(gb * GiB)),
+        timeout_s=timeout_s,
+        connect_timeout_s=connect_timeout_s,
+        max_connections=max_connections,
+    )
