@@ -69,6 +69,7 @@ class FSAdapter(L2Adapter):
 
     @property
     def used_bytes(self) -> int:
+        self._ensure_started()  # usage is known once the index is rebuilt
         return self._used
 
     def path_for(self, key: str) -> Path:
@@ -250,6 +251,7 @@ class FSAdapter(L2Adapter):
                 self._drop_locked(key)
 
     def stats(self) -> dict[str, Any]:
+        self._ensure_started()
         with self._lock:
             records = len(self._index)
         return {**super().stats(), "records": records, **self.counts}
