@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from kvtier.serde.fp8 import fp8_factory
 from kvtier.serde.raw import raw_factory
 from kvtier.serde.registry import register_serde_factory
 
 BUILTIN_SERDES = {
     "raw": raw_factory,
+    "fp8": fp8_factory,
 }
 
 
