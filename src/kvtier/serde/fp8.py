@@ -197,7 +197,7 @@ class Fp8Deserializer(Deserializer):
         ngroups = sum(b * c for _, b, _, c in groups)
         data = as_byte_view(src)
         if data.numel() != n + ngroups:
-            raise SerdeError(f"fp8 payload has {data.numel()} bytes, {n + ngroups} expected for {list(shape)}")
+            raise IntegrityError(f"fp8 payload has {data.numel()} bytes, {n + ngroups} expected for {list(shape)}")
         if n == 0:
             return
         k = _kernels()
