@@ -105,8 +105,9 @@ class _Tables:
             biased = codes.to(torch.float64) * 2.0 ** _min_exponent(fp8, dtype)
             # codes whose biased value overflows are never written for this dtype (see caps in the encoder)
             self.lut_scaled[dtype] = biased.to(dtype).view(int_dtype).numpy().astype(np_int)
-        magnitude = torch.arange(256) & 0x7F
-        self.nz = np.where(magnitude.numpy() != 0, -1, 0).astype(np.int64)
+        nonzero = (torch.arange(256) & 0x7F).numpy() != 0
+        self.nz = {np.uint16: np.where(nonzero, 0xFFFF, 0).astype(np.uint16)}
+        self.nz[np.uint32] = np.where(nonzero, 0xFFFFFFFF, 0).astype(np.uint32)
 
 
 _TABLES = {fp8: _Tables(fp8) for fp8 in _FORMATS}
@@ -215,6 +216,9 @@ class Fp8Deserializer(Deserializer):
         if ngroups and int(exps.min()) < lo:
             raise IntegrityError(f"fp8 payload holds a group exponent below {lo}")
         lut = tables.lut_scaled[dst.dtype]
+        # (e - lo) << shift in the output's integer width: the add wraps modulo 2**16 / 2**32 exactly
+        adds = ((exps.astype(np.int64) - lo) << shift).astype(lut.dtype)
+        nz = tables.nz[lut.dtype.type]
         g0 = 0
         for offset, b, t, c in groups:
             k.decode_scaled(
@@ -223,11 +227,9 @@ class Fp8Deserializer(Deserializer):
                 b,
                 t,
                 c,
-                exps[g0 : g0 + b * c],
-                lo,
+                adds[g0 : g0 + b * c],
                 lut,
-                tables.nz,
-                shift,
+                nz,
             )
             g0 += b * c
 

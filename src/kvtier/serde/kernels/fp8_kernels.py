@@ -141,7 +141,11 @@ def encode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
     bias: int,
     maxcode: int,
 ) -> None:
-    """Encode ``x * 2**-e`` per group (exact power-of-two multiply in float32); never saturates past ``caps``."""
+    """Encode ``x * 2**-e`` per group; never writes a code above ``caps`` (see :func:`group_exponents`).
+
+    The scale is applied by subtracting ``e`` from the float32 exponent field (no float multiply): a result
+    whose exponent would fall below float32's normal range is far below fp8's smallest subnormal, so it is 0.
+    """
     for b in range(B):
         for t in range(T):
             base = (b * T + t) * C
@@ -149,11 +153,12 @@ def encode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
                 g = b * C + c
                 x = np.int64(src[base + c])
                 bits = x if kind == FP32 else _f32_bits_of(x, kind)
-                # scale by subtracting from the exponent via a float32 multiply (exact for powers of two)
-                v = np.uint32(bits & 0x7FFFFFFF).view(np.float32) * np.float32(2.0 ** (-np.int64(exps[g])))
-                a = np.int64(np.float32(v).view(np.uint32))
-                code = _encode_abs(a, mbits, bias, maxcode, True)
-                code = min(code, caps[g])
+                a = bits & 0x7FFFFFFF
+                e = np.int64(exps[g])
+                code = 0
+                if a != 0 and (a >> 23) - e >= 1:
+                    code = _encode_abs(a - (e << 23), mbits, bias, maxcode, True)
+                    code = min(code, caps[g])
                 dst[base + c] = np.uint8(((bits >> 24) & 0x80) | code)
 
 
@@ -171,18 +176,17 @@ def decode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
     B: int,
     T: int,
     C: int,
-    exps: np.ndarray,
-    lo: int,
+    adds: np.ndarray,
     lut: np.ndarray,
     nz: np.ndarray,
-    shift: int,
 ) -> None:
-    """``dst = lut[code]`` (the value times ``2**lo``) with ``e - lo`` added to the exponent field; zeros stay."""
+    """``dst = lut[code] + (adds[group] & nz[code])``: the value times ``2**lo`` from the table, then
+    ``(e - lo) << shift`` added to its exponent field (in the output dtype's width, so it wraps exactly);
+    ``nz`` masks the add off for the two zero codes."""
     for b in range(B):
-        row = b * C
+        row = adds[b * C : (b + 1) * C]
         for t in range(T):
             base = (b * T + t) * C
             for c in range(C):
                 code = src[base + c]
-                add = ((np.int64(exps[row + c]) - lo) << shift) & nz[code]
-                dst[base + c] = lut[code] + add
+                dst[base + c] = lut[code] + (row[c] & nz[code])
