@@ -106,8 +106,10 @@ class _Tables:
             # codes whose biased value overflows are never written for this dtype (see caps in the encoder)
             self.lut_scaled[dtype] = biased.to(dtype).view(int_dtype).numpy().astype(np_int)
         nonzero = (torch.arange(256) & 0x7F).numpy() != 0
-        self.nz = {np.uint16: np.where(nonzero, 0xFFFF, 0).astype(np.uint16)}
-        self.nz[np.uint32] = np.where(nonzero, 0xFFFFFFFF, 0).astype(np.uint32)
+        self.nz: dict[type, np.ndarray] = {
+            np.uint16: np.where(nonzero, 0xFFFF, 0).astype(np.uint16),
+            np.uint32: np.where(nonzero, 0xFFFFFFFF, 0).astype(np.uint32),
+        }
 
 
 _TABLES = {fp8: _Tables(fp8) for fp8 in _FORMATS}
