@@ -219,7 +219,7 @@ class Fp8Deserializer(Deserializer):
         if ngroups and int(exps.min()) < lo:
             raise IntegrityError(f"fp8 payload holds a group exponent below {lo}")
         lut = tables.lut_scaled[dst.dtype]
-        # (e - lo) << shift in the output's integer width: the add wraps modulo 2**16 / 2**32 exactly
+        # e >= lo was checked above, so the add is non-negative and the sum stays inside the output's bits
         adds = ((exps.astype(np.int64) - lo) << shift).astype(lut.dtype)
         nz = tables.nz[lut.dtype.type]
         g0 = 0

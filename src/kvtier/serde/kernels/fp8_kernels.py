@@ -181,7 +181,7 @@ def decode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
     nz: np.ndarray,
 ) -> None:
     """``dst = lut[code] + (adds[group] & nz[code])``: the value times ``2**lo`` from the table, then
-    ``(e - lo) << shift`` added to its exponent field (in the output dtype's width, so it wraps exactly);
+    ``(e - lo) << shift`` (>= 0) added to its exponent field;
     ``nz`` masks the add off for the two zero codes."""
     for b in range(B):
         row = adds[b * C : (b + 1) * C]
