@@ -20,6 +20,41 @@ ExtraBaseline = tuple[str, Callable[[], object], int, str]
 EXTRA_BASELINES: dict[str, Callable[[torch.Tensor], list[ExtraBaseline]]] = {}
 #: Targets set by the issues, as the minimum ratio of a serde op to memcpy, per single-stage serde type.
 MEMCPY_TARGETS: dict[str, dict[str, float]] = {"raw": {"serialize": 0.8, "deserialize": 0.8}}
+#: Targets set by the issues as the minimum ratio of a serde op to an extra baseline, by the baseline's name.
+EXTRA_TARGETS: dict[str, float] = {}
+
+
+def _fp8_baselines(src: torch.Tensor) -> list[ExtraBaseline]:
+    """torch's own casts, the reference's fp8 serde: plain ``.to(float8_e4m3fn)`` and ``.to(original dtype)``."""
+    if src.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return []
+    fp8 = src.to(torch.float8_e4m3fn)
+    cast_in = torch.empty_like(fp8)
+    cast_out = torch.empty_like(src)
+    return [
+        ("torch .to(float8_e4m3fn)", lambda: cast_in.copy_(src), src.numel() * src.element_size(), "serialize"),
+        (f"torch fp8 .to({src.dtype})", lambda: cast_out.copy_(fp8), src.numel() * src.element_size(), "deserialize"),
+    ]
+
+
+EXTRA_BASELINES["fp8"] = _fp8_baselines
+EXTRA_TARGETS.update({"torch .to(float8_e4m3fn)": 1.0, "torch fp8 .to(torch.bfloat16)": 8.0})
+MEMCPY_TARGETS["fp8"] = {"deserialize": 0.5}
+MEMCPY_TARGETS["aesgcm"] = {"serialize": 0.6, "deserialize": 0.6}
+
+
+def outlier_channel_error(src: torch.Tensor, out: torch.Tensor) -> float | None:
+    """Percent of the elements of outlier channels (amax over tokens >= 100x the median channel's) that are
+    off by more than 10 % relative; None when the tensor has no outlier channel or fewer than 2 dimensions."""
+    if src.dim() < 2 or src.numel() == 0:
+        return None
+    amax = src.float().abs().amax(dim=-2, keepdim=True)
+    channels = amax >= 100 * amax.median().clamp_min(1e-30)
+    if not bool(channels.any()):
+        return None
+    mask = channels.expand_as(src)
+    rel = (out.float() - src.float()).abs() / src.float().abs().clamp_min(1e-6)
+    return float((rel[mask] > 0.1).float().mean()) * 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,10 +165,23 @@ def run(args: argparse.Namespace) -> Report:
         for name, _, extra_bytes, for_op in extras:
             if for_op == op:
                 base = median_rate(samples[name], extra_bytes)
-                report.add(Figure(f"{op} vs {name}", rate, baseline=name, baseline_value=base))
+                target = EXTRA_TARGETS.get(name)
+                report.add(Figure(f"{op} vs {name}", rate, baseline=name, baseline_value=base, target=target))
     lossless = torch.equal(outs[0].view(torch.uint8), src.view(torch.uint8))
     err = (outs[0].float() - src.float()).abs()
     rel = err / src.float().abs().clamp_min(1e-6)
     report.add(Figure("max abs error", float(err.max()), unit="", note="lossless" if lossless else "lossy"))
     report.add(Figure("elements with rel. error > 10 %", float((rel > 0.1).float().mean()) * 100, unit="%"))
+    outliers = outlier_channel_error(src, outs[0])
+    if outliers is not None and src.dtype.is_floating_point:
+        # the reference's unscaled cast in the same run, as the accuracy baseline
+        unscaled = outlier_channel_error(src, src.to(torch.float8_e4m3fn).to(src.dtype))
+        report.add(
+            Figure(
+                "outlier-channel elements off > 10 %",
+                outliers,
+                unit="%",
+                note=f"torch unscaled e4m3 cast: {unscaled:.3f} %",
+            )
+        )
     return report

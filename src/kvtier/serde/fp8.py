@@ -1,0 +1,276 @@
+"""The fp8 serde: KV quantized to float8 (e4m3fn or e5m2), unscaled or with power-of-two group scales.
+
+``{"type": "fp8", "fp8_dtype": "float8_e4m3fn" | "float8_e5m2", "scale": "group" | "none", "block": 128}``
+
+* ``"scale": "none"``: the payload is ``tensor.to(fp8_dtype)`` bit for bit (e4m3fn saturates at +-448, e5m2
+  overflows to inf, as torch 2.13 does): a drop-in for the reference's fp8.
+* ``"scale": "group"`` (default): one power-of-two scale per group, stored as an ``int8`` exponent after the fp8
+  bytes. A tensor with ``ndim >= 2`` is grouped per channel (amax over axis -2, the tokens of a KV chunk
+  ``[2, layers, tokens, hidden]``; outliers sit in channels), a 0-/1-D tensor per ``block`` consecutive elements.
+  Values far above 448 round-trip with fp8's relative error instead of being clipped.
+
+Payload: ``numel`` fp8 bytes, then (scaled only) one ``int8`` exponent per group. The shape and dtype come from
+the destination (the L2 record stores them), so the payload carries nothing else. Decoding writes the original
+dtype (bf16, fp16 or fp32). Non-finite input (NaN, inf) fails the item with :class:`SerdeError`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtier.config import ConfigReader
+from kvtier.errors import IntegrityError, SerdeError
+from kvtier.serde.base import Deserializer, Serializer, as_byte_view, check_dst_capacity
+from kvtier.serde.processor import AsyncSerdeProcessor
+from kvtier.types import LayoutDesc
+
+FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+SCALE_MODES = ("group", "none")
+DEFAULT_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class _Format:
+    """Bit layout of one fp8 format as the kernels need it."""
+
+    mbits: int
+    bias: int
+    maxcode: int  # largest finite magnitude code
+    saturate: bool  # torch saturates e4m3fn (no inf) and overflows e5m2 to inf
+    max_value: float
+    min_exp: int  # exponent of the smallest subnormal
+
+
+_FORMATS = {
+    torch.float8_e4m3fn: _Format(3, 7, 0x7E, True, 448.0, -9),
+    torch.float8_e5m2: _Format(2, 15, 0x7B, False, 57344.0, -16),
+}
+# source dtype -> (kernel kind, integer view dtype, exponent shift of the output bits, min normal exponent)
+_SOURCES = {
+    torch.bfloat16: (0, torch.int16, 7, -126),
+    torch.float16: (1, torch.int16, 10, -14),
+    torch.float32: (2, torch.int32, 23, -126),
+}
+
+
+def _kernels() -> Any:
+    # Imported on first use: numba and the compiled kernels cost nothing to a process that never uses fp8.
+    from kvtier.serde.kernels import fp8_kernels
+
+    return fp8_kernels
+
+
+def _groups(shape: tuple[int, ...], block: int) -> list[tuple[int, int, int, int]]:
+    """``(offset, B, T, C)`` views covering the tensor: per channel for ndim >= 2, per block otherwise."""
+    n = math.prod(shape)
+    if n == 0:
+        return []
+    if len(shape) >= 2:
+        return [(0, math.prod(shape[:-2]), shape[-2], shape[-1])]
+    full, rest = divmod(n, block)
+    views = [(0, full, block, 1)] if full else []
+    if rest:
+        views.append((full * block, 1, rest, 1))
+    return views
+
+
+def _group_count(shape: tuple[int, ...], block: int) -> int:
+    return sum(b * c for _, b, _, c in _groups(shape, block))
+
+
+def _min_exponent(fp8: torch.dtype, dtype: torch.dtype) -> int:
+    """Smallest group exponent: a subnormal fp8 code times ``2**e`` must stay a normal number of ``dtype``,
+    so that decoding is an exact integer add to the exponent field."""
+    return _SOURCES[dtype][3] - _FORMATS[fp8].min_exp
+
+
+class _Tables:
+    """Decode tables per (fp8 dtype, output dtype): the output bits of every code, and a nonzero mask."""
+
+    def __init__(self, fp8: torch.dtype) -> None:
+        codes = torch.arange(256, dtype=torch.uint8).view(fp8)
+        self.f64 = codes.to(torch.float64).numpy().copy()
+        self.lut: dict[torch.dtype, np.ndarray] = {}
+        # Scaled decode adds (e - lo) to the exponent field of value * 2**lo: with lo = _min_exponent(...),
+        # every nonzero code is a normal number of the output dtype there, so the add is exact.
+        self.lut_scaled: dict[torch.dtype, np.ndarray] = {}
+        for dtype, (_, int_dtype, _, _) in _SOURCES.items():
+            np_int = np.uint16 if int_dtype == torch.int16 else np.uint32
+            self.lut[dtype] = codes.to(dtype).view(int_dtype).numpy().astype(np_int)
+            biased = codes.to(torch.float64) * 2.0 ** _min_exponent(fp8, dtype)
+            # codes whose biased value overflows are never written for this dtype (see caps in the encoder)
+            self.lut_scaled[dtype] = biased.to(dtype).view(int_dtype).numpy().astype(np_int)
+        nonzero = (torch.arange(256) & 0x7F).numpy() != 0
+        self.nz: dict[type, np.ndarray] = {
+            np.uint16: np.where(nonzero, 0xFFFF, 0).astype(np.uint16),
+            np.uint32: np.where(nonzero, 0xFFFFFFFF, 0).astype(np.uint32),
+        }
+
+
+_TABLES = {fp8: _Tables(fp8) for fp8 in _FORMATS}
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's elements as unsigned integer bits in a flat numpy view (no copy)."""
+    _, int_dtype, _, _ = _SOURCES[tensor.dtype]
+    flat = tensor.reshape(-1).view(int_dtype).numpy()
+    return flat.view(np.uint16 if int_dtype == torch.int16 else np.uint32)
+
+
+def _check_source(tensor: torch.Tensor, what: str) -> None:
+    if tensor.dtype not in _SOURCES:
+        raise SerdeError(f"fp8 {what} must be bfloat16, float16 or float32, got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise SerdeError(f"fp8 {what} must be contiguous")
+
+
+class Fp8Serializer(Serializer):
+    """Quantizes a bf16 / fp16 / fp32 tensor to fp8 bytes (plus group exponents when scaled)."""
+
+    def __init__(self, fp8_dtype: torch.dtype, scaled: bool, block: int = DEFAULT_BLOCK) -> None:
+        self.fp8 = fp8_dtype
+        self.fmt = _FORMATS[fp8_dtype]
+        self.scaled = scaled
+        self.block = block
+
+    def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
+        extra = _group_count(layout_desc.shape, self.block) if self.scaled else 0
+        return layout_desc.numel + extra
+
+    def serialize(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+        _check_source(src, "input")
+        shape = tuple(src.shape)
+        n = src.numel()
+        groups = _groups(shape, self.block) if self.scaled else []
+        ngroups = sum(b * c for _, b, _, c in groups)
+        check_dst_capacity(dst, n + ngroups)
+        if n == 0:
+            return 0
+        k = _kernels()
+        kind = _SOURCES[src.dtype][0]
+        bits = _bits(src)
+        out = dst[:n].numpy()
+        fmt = self.fmt
+        if not self.scaled:
+            bad = k.encode_plain(bits, out, kind, fmt.mbits, fmt.bias, fmt.maxcode, fmt.saturate)
+            if bad >= 0:
+                raise SerdeError(f"fp8: non-finite input at element {bad}; the item is not stored")
+            return n
+        # The smallest decodable magnitude (a subnormal code times 2**e) must stay a normal number of the
+        # output dtype, so that decoding is an exact integer add to the exponent field: that bounds e below.
+        lo = _min_exponent(self.fp8, src.dtype)
+        out_max = float(torch.finfo(src.dtype).max)
+        exps = dst[n : n + ngroups].numpy().view(np.int8)
+        caps = np.empty(ngroups, dtype=np.int64)
+        g0 = 0
+        for offset, b, t, c in groups:
+            view = bits[offset : offset + b * t * c]
+            e, cap = exps[g0 : g0 + b * c], caps[g0 : g0 + b * c]
+            bad = k.group_exponents(
+                view, b, t, c, kind, fmt.max_value, out_max, lo, e, cap, _TABLES[self.fp8].f64, fmt.maxcode
+            )
+            if bad >= 0:
+                raise SerdeError(f"fp8: non-finite input at element {offset + bad}; the item is not stored")
+            k.encode_scaled(
+                view, out[offset : offset + b * t * c], b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode
+            )
+            g0 += b * c
+        return n + ngroups
+
+
+class Fp8Deserializer(Deserializer):
+    """Decodes fp8 bytes into the destination's dtype with a table lookup (plus an exponent add when scaled)."""
+
+    def __init__(self, fp8_dtype: torch.dtype, scaled: bool, block: int = DEFAULT_BLOCK) -> None:
+        self.fp8 = fp8_dtype
+        self.fmt = _FORMATS[fp8_dtype]
+        self.scaled = scaled
+        self.block = block
+
+    def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        _check_source(dst, "destination")
+        shape = tuple(dst.shape)
+        n = dst.numel()
+        groups = _groups(shape, self.block) if self.scaled else []
+        ngroups = sum(b * c for _, b, _, c in groups)
+        data = as_byte_view(src)
+        if data.numel() != n + ngroups:
+            raise IntegrityError(f"fp8 payload has {data.numel()} bytes, {n + ngroups} expected for {list(shape)}")
+        if n == 0:
+            return
+        k = _kernels()
+        tables = _TABLES[self.fp8]
+        lut = tables.lut[dst.dtype]
+        out = _bits(dst)
+        codes = data[:n].numpy()
+        if not self.scaled:
+            k.decode_plain(codes, out, lut)
+            return
+        shift = _SOURCES[dst.dtype][2]
+        exps = data[n:].numpy().view(np.int8)
+        lo = _min_exponent(self.fp8, dst.dtype)
+        # An exponent below what the encoder writes would make the integer add produce garbage bits.
+        if ngroups and int(exps.min()) < lo:
+            raise IntegrityError(f"fp8 payload holds a group exponent below {lo}")
+        lut = tables.lut_scaled[dst.dtype]
+        # e >= lo was checked above, so the add is non-negative and the sum stays inside the output's bits
+        adds = ((exps.astype(np.int64) - lo) << shift).astype(lut.dtype)
+        nz = tables.nz[lut.dtype.type]
+        g0 = 0
+        for offset, b, t, c in groups:
+            k.decode_scaled(
+                codes[offset : offset + b * t * c],
+                out[offset : offset + b * t * c],
+                b,
+                t,
+                c,
+                adds[g0 : g0 + b * c],
+                lut,
+                nz,
+            )
+            g0 += b * c
+
+
+_warmed: set[tuple[torch.dtype, bool]] = set()
+_warm_lock = threading.Lock()
+
+
+def _warm_up(fp8: torch.dtype, scaled: bool) -> None:
+    """Run every kernel once on tiny tensors of each source dtype, so that numba loads (or, on a machine's first
+    run, compiles) them before the first request instead of during it."""
+    for dtype in _SOURCES:
+        src = torch.ones((2, 1, 2, 2), dtype=dtype)
+        ser, deser = Fp8Serializer(fp8, scaled), Fp8Deserializer(fp8, scaled)
+        dst = torch.empty(ser.estimate_serialized_size(LayoutDesc.of(src)), dtype=torch.uint8)
+        deser.deserialize(dst[: ser.serialize(src, dst)], torch.empty_like(src))
+
+
+def start_warm_up(fp8: torch.dtype, scaled: bool) -> None:
+    """Warm the kernels of one configuration in a daemon thread, once per process.
+
+    Measured on the 2-core dev machine: numba's import plus loading the cached kernels takes ~2 s (~3 s when
+    it compiles them the first time on a machine); done when the serde is configured, the first request only
+    waits for what is left of it (numba's dispatcher lock makes a concurrent first call wait, not compile twice).
+    """
+    with _warm_lock:
+        if (fp8, scaled) in _warmed:
+            return
+        _warmed.add((fp8, scaled))
+    threading.Thread(target=_warm_up, args=(fp8, scaled), name="kvtier-fp8-warm-up", daemon=True).start()
+
+
+def fp8_factory(config: dict[str, Any]) -> AsyncSerdeProcessor:
+    """``{"type": "fp8", "fp8_dtype": "float8_e4m3fn", "scale": "group", "block": 128}`` (all optional)."""
+    reader = ConfigReader(config, "serde 'fp8'")
+    fp8 = FP8_DTYPES[reader.string("fp8_dtype", "float8_e4m3fn", choices=FP8_DTYPES)]
+    scaled = reader.string("scale", "group", choices=SCALE_MODES) == "group"
+    block = reader.integer("block", DEFAULT_BLOCK, min=1, max=1 << 20)
+    reader.finish()
+    start_warm_up(fp8, scaled)
+    return AsyncSerdeProcessor(Fp8Serializer(fp8, scaled, block), Fp8Deserializer(fp8, scaled, block))

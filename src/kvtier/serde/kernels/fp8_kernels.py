@@ -1,0 +1,192 @@
+# numba types the kernels itself; numpy scalar arithmetic here is int64 throughout, which mypy reads as
+# np.signedinteger rather than int.
+# mypy: disable-error-code="arg-type,return-value"
+"""fp8 encode / decode kernels (numba ``nogil``), written against raw bit patterns.
+
+Inputs are read as bits (bf16 and fp16 as ``uint16``, fp32 as ``uint32``) so that one kernel serves every
+source dtype without a torch cast. The float32 -> fp8 rounding below is round-to-nearest-even on the bits,
+the same rule torch uses; e4m3fn saturates to +-448 and e5m2 overflows to +-inf, as torch 2.13 does, so
+``"scale": "none"`` is bit-identical to ``tensor.to(float8_*)`` (the tests check every bf16 and fp16 pattern).
+
+A tensor is seen as ``[B, T, C]``: one group per ``(b, c)`` (a KV channel, amax over the tokens ``T``), or for a
+flat tensor ``C = 1`` and ``T`` = the block length. Each group has a power-of-two scale ``2**e`` (one ``int8``
+exponent, as in OCP MXFP8), so decoding is a 256-entry table lookup plus an integer add to the exponent field.
+
+Compilation is cached on disk (``cache=True``): numba writes next to this file, or to a per-user cache
+directory when site-packages is read-only, so only the very first process on a machine pays the compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# source kinds
+BF16 = 0
+FP16 = 1
+FP32 = 2
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _f32_bits_of(x: int, kind: int) -> int:
+    """float32 bit pattern of a bf16 / fp16 bit pattern (fp16 subnormals handled exactly)."""
+    if kind == BF16:
+        return x << 16
+    sign = (x & 0x8000) << 16
+    exp = (x >> 10) & 0x1F
+    mant = x & 0x3FF
+    if exp == 0x1F:
+        return sign | 0x7F800000 | (mant << 13)
+    if exp == 0:
+        if mant == 0:
+            return sign
+        # normalise the subnormal: shift until the implicit bit appears
+        e = 113
+        while (mant & 0x400) == 0:
+            mant <<= 1
+            e -= 1
+        return sign | (e << 23) | ((mant & 0x3FF) << 13)
+    return sign | ((exp + 112) << 23) | (mant << 13)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _encode_abs(a: int, mbits: int, bias: int, maxcode: int, saturate: bool) -> int:
+    """fp8 magnitude code of a finite float32 magnitude given as bits ``a`` (round to nearest even)."""
+    e = (a >> 23) - 127
+    if e < 1 - bias:
+        # below the smallest fp8 normal: an fp8 subnormal, counted in steps of 2**(1 - bias - mbits);
+        # adding 2**52 in float64 rounds to the nearest integer, ties to even.
+        v = np.float64(np.uint32(a).view(np.float32))
+        m = (v * 2.0 ** (bias - 1 + mbits) + 4503599627370496.0) - 4503599627370496.0
+        return np.int64(m)
+    shift = 23 - mbits
+    r = (a + ((1 << (shift - 1)) - 1) + ((a >> shift) & 1)) >> shift
+    code = r - ((127 - bias) << mbits)
+    if code > maxcode:
+        # e4m3fn has no inf: torch saturates; e5m2 rounds past its max to inf (code maxcode + 1)
+        code = maxcode if saturate else maxcode + 1
+    return code
+
+
+@njit(nogil=True, cache=True)
+def encode_plain(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray, dst: np.ndarray, kind: int, mbits: int, bias: int, maxcode: int, saturate: bool
+) -> int:
+    """Unscaled cast of every element; returns the index of the first non-finite input, or -1."""
+    for i in range(src.size):
+        bits = np.int64(src[i]) if kind == FP32 else _f32_bits_of(np.int64(src[i]), kind)
+        a = bits & 0x7FFFFFFF
+        if a >= 0x7F800000:
+            return i
+        dst[i] = np.uint8(((bits >> 24) & 0x80) | _encode_abs(a, mbits, bias, maxcode, saturate))
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def group_exponents(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray,
+    B: int,
+    T: int,
+    C: int,
+    kind: int,
+    fp8_max: float,
+    out_max: float,
+    lo: int,
+    exps: np.ndarray,
+    caps: np.ndarray,
+    lut_f64: np.ndarray,
+    maxcode: int,
+) -> int:
+    """Per-group exponent ``e`` with ``amax * 2**-e <= fp8_max``, clamped to ``[lo, 127]``; returns the index of
+    the first non-finite input or -1. ``caps[g]`` is the largest code whose decoded value stays <= ``out_max``."""
+    amax = np.zeros(B * C, dtype=np.uint32)  # magnitudes compared as bits: monotonic for finite floats
+    for b in range(B):
+        for t in range(T):
+            base = (b * T + t) * C
+            for c in range(C):
+                x = np.int64(src[base + c])
+                a = (x if kind == FP32 else _f32_bits_of(x, kind)) & 0x7FFFFFFF
+                if a >= 0x7F800000:
+                    return base + c
+                g = b * C + c
+                amax[g] = max(amax[g], a)
+    for g in range(B * C):
+        m = np.float64(np.uint32(amax[g]).view(np.float32))
+        e = lo if lo > 0 else 0
+        if m > 0.0:
+            frac, k = math.frexp(m / fp8_max)
+            e = k - 1 if frac == 0.5 else k
+            e = max(lo, min(127, e))
+        exps[g] = e
+        cap = maxcode
+        while cap > 0 and lut_f64[cap] * 2.0**e > out_max:
+            cap -= 1
+        caps[g] = cap
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def encode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray,
+    dst: np.ndarray,
+    B: int,
+    T: int,
+    C: int,
+    kind: int,
+    exps: np.ndarray,
+    caps: np.ndarray,
+    mbits: int,
+    bias: int,
+    maxcode: int,
+) -> None:
+    """Encode ``x * 2**-e`` per group; never writes a code above ``caps`` (see :func:`group_exponents`).
+
+    The scale is applied by subtracting ``e`` from the float32 exponent field (no float multiply): a result
+    whose exponent would fall below float32's normal range is far below fp8's smallest subnormal, so it is 0.
+    """
+    for b in range(B):
+        for t in range(T):
+            base = (b * T + t) * C
+            for c in range(C):
+                g = b * C + c
+                x = np.int64(src[base + c])
+                bits = x if kind == FP32 else _f32_bits_of(x, kind)
+                a = bits & 0x7FFFFFFF
+                e = np.int64(exps[g])
+                code = 0
+                if a != 0 and (a >> 23) - e >= 1:
+                    code = _encode_abs(a - (e << 23), mbits, bias, maxcode, True)
+                    code = min(code, caps[g])
+                dst[base + c] = np.uint8(((bits >> 24) & 0x80) | code)
+
+
+@njit(nogil=True, cache=True)
+def decode_plain(src: np.ndarray, dst: np.ndarray, lut: np.ndarray) -> None:
+    """``dst[i] = lut[src[i]]``: the exact value of every fp8 code in the output dtype's bits."""
+    for i in range(src.size):
+        dst[i] = lut[src[i]]
+
+
+@njit(nogil=True, cache=True)
+def decode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray,
+    dst: np.ndarray,
+    B: int,
+    T: int,
+    C: int,
+    adds: np.ndarray,
+    lut: np.ndarray,
+    nz: np.ndarray,
+) -> None:
+    """``dst = lut[code] + (adds[group] & nz[code])``: the value times ``2**lo`` from the table, then
+    ``(e - lo) << shift`` (>= 0) added to its exponent field;
+    ``nz`` masks the add off for the two zero codes."""
+    for b in range(B):
+        row = adds[b * C : (b + 1) * C]
+        for t in range(T):
+            base = (b * T + t) * C
+            for c in range(C):
+                code = src[base + c]
+                dst[base + c] = lut[code] + (row[c] & nz[code])
