@@ -290,3 +290,14 @@ def test_password_url_is_passed_through() -> None:
 def test_reserved_key_names_are_refused(server: LocalRedis) -> None:
     with adapter_for(server.url) as adapter, pytest.raises(ValueError, match="reserved"):
         adapter.store_records(["@used"], [[b"1"]])
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_loads_read_both_resp_protocols(server: LocalRedis, protocol: int) -> None:
+    with adapter_for(f"{server.url}?protocol={protocol}") as adapter:
+        big = bytes(range(256)) * 4096  # 1 MiB: many socket reads straight into the buffers
+        adapter.store_records(["a", "b"], [[big[:10], big[10:]], [b"xy"]])
+        a1, a2, b1, c1 = bytearray(100), bytearray(len(big) - 100), bytearray(1), bytearray(4)
+        assert adapter.load_records(["a", "b", "c"], [[a1, a2], [b1], [c1]]) == [len(big), 2, MISS]
+        assert bytes(a1 + a2) == big and bytes(b1) == b"x", "a record larger than its buffers fills a prefix"
+        assert adapter.load_records(["b"], [[bytearray(2)]]) == [2], "the stream stays in step after a too-long one"

@@ -1,0 +1,203 @@
+"""``kvtier bench redis``: store and load of KV chunks through the redis L2 adapter, beside raw redis-py
+``SET`` / ``GET`` of the same bytes on the same server, measured in the same run.
+
+For each value size (``--sizes``, MiB of KV per chunk; the default chunk shape with its layer count scaled), each
+round runs, interleaved so that noise hits all alike:
+
+* raw: a redis-py pipeline of ``SET key value`` per batch (``value`` a ready ``bytes`` of the chunk, as a plain
+  client would hold it), then a pipeline of ``GET`` (the client's ``bytes`` are the result, no further copy);
+* kvtier raw path (no serde): ``L2Tier.store`` (record header + the tensor's own memory, one transaction per
+  batch) and ``L2Tier.load_into`` a reused destination tensor (record checked, payload copied in);
+* kvtier with fp8 (when the fp8 serde is registered): the same, serialized to half the bytes.
+
+GB/s are bytes of KV (the uncompressed tensor) per second; targets: the raw path >= 0.7x the raw client, and fp8
+above the raw path. Without ``--url`` a private ``redis-server`` is started on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import uuid
+
+import torch
+
+from kvtier.bench.common import Figure, Report, median_rate, progress, timed
+from kvtier.bench.data import DEFAULT_CHUNK_SHAPE, load_kv_file, synthetic_kv
+from kvtier.bench.redis_server import LocalRedis
+from kvtier.serde import registered_serdes
+from kvtier.storage.adapters import create_l2_adapter
+from kvtier.storage.serde_layer import L2Tier, byte_view
+from kvtier.types import ObjectKey
+
+MiB = 1 << 20
+RAW_TARGET = 0.7  # the issue: the adapter's raw path >= 0.7x the raw client, for 32 MiB and 4 MiB values
+FP8_TARGET = 1.0  # fp8: GB/s of KV above the raw-bytes path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="a Redis to use (default: start a private redis-server)")
+    parser.add_argument(
+        "--sizes", default="32,4", help="chunk sizes in MiB of bf16 KV, comma-separated (default: 32,4)"
+    )
+    parser.add_argument("--data", default=None, help="a safetensors file whose 'kv' tensor is the chunk (one size)")
+    parser.add_argument("--mib-per-round", type=int, default=256, help="MiB of KV moved per op and round (default 256)")
+    parser.add_argument("--batch", type=int, default=4, help="chunks per store / load batch (default: 4)")
+    parser.add_argument("--serde", action="append", default=None, help="serde to add, repeatable (default: fp8)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+
+
+def _chunks(args: argparse.Namespace) -> list[tuple[str, torch.Tensor]]:
+    if args.data:
+        kv = load_kv_file(args.data)
+        return [(f"{kv.numel() * kv.element_size() / MiB:.1f} MiB ({args.data})", kv)]
+    out = []
+    for text in args.sizes.split(","):
+        try:
+            mib = int(text)
+        except ValueError as exc:
+            raise SystemExit(f"--sizes: expected integers (MiB), got {text!r}") from exc
+        two, _, tokens, hidden = DEFAULT_CHUNK_SHAPE
+        per_layer = two * tokens * hidden * 2  # bytes of bf16 KV per layer: 1 MiB
+        if mib < 1 or (mib * MiB) % per_layer:
+            raise SystemExit(f"--sizes: {mib} MiB is not a whole number of 1 MiB layers")
+        out.append((f"{mib} MiB", synthetic_kv((two, mib * MiB // per_layer, tokens, hidden), torch.bfloat16)))
+    return out
+
+
+def run(args: argparse.Namespace) -> Report:
+    if args.rounds < 1 or args.batch < 1 or args.mib_per_round < 1:
+        raise SystemExit("--rounds, --batch and --mib-per-round must be >= 1")
+    serdes = args.serde if args.serde is not None else (["fp8"] if "fp8" in registered_serdes() else [])
+    for name in serdes:
+        if name not in registered_serdes():
+            raise SystemExit(f"--serde: {name!r} is not registered; known: {registered_serdes()}")
+    chunks = _chunks(args)
+    server = None if args.url else LocalRedis().start()
+    url = args.url or (server.url if server else "")
+    report = Report(
+        "bench redis",
+        {
+            "url": "private redis-server" if server else url,
+            "sizes": [label for label, _ in chunks],
+            "batch": args.batch,
+            "mib_per_round": args.mib_per_round,
+            "rounds": args.rounds,
+            "serdes": serdes,
+        },
+    )
+    try:
+        for label, src in chunks:
+            _bench_size(report, url, label, src, serdes=serdes, args=args)
+    finally:
+        if server is not None:
+            server.close()
+    return report
+
+
+def _bench_size(
+    report: Report, url: str, label: str, src: torch.Tensor, *, serdes: list[str], args: argparse.Namespace
+) -> None:
+    import redis
+
+    nbytes = src.numel() * src.element_size()
+    n = max(1, args.mib_per_round * MiB // nbytes)
+    batch = min(args.batch, n)
+    prefix = f"kvtier-bench-{uuid.uuid4().hex[:8]}"
+    keys = [ObjectKey("bench/model", format(i + 1, "x")) for i in range(n)]
+    batches = [keys[i : i + batch] for i in range(0, n, batch)]
+    raw_keys = [f"{prefix}-raw:{i}" for i in range(n)]
+    raw_batches = [raw_keys[i : i + batch] for i in range(0, n, batch)]
+    value = bytes(byte_view(src))  # what a plain client would hold: one bytes object of the chunk
+    outs = [torch.empty_like(src) for _ in range(batch)]
+    client = redis.Redis.from_url(url)
+    tiers: dict[str, L2Tier] = {"kvtier": create_l2_adapter({"type": "redis", "url": url, "key_prefix": prefix})}
+    for name in serdes:
+        tiers[f"kvtier+{name}"] = create_l2_adapter(
+            {"type": "redis", "url": url, "key_prefix": f"{prefix}-{name}", "serde": {"type": name}}
+        )
+
+    def raw_set() -> None:
+        for ks in raw_batches:
+            pipe = client.pipeline(transaction=False)
+            for k in ks:
+                pipe.set(k, value)
+            pipe.execute()
+
+    def raw_get() -> None:
+        for ks in raw_batches:
+            pipe = client.pipeline(transaction=False)
+            for k in ks:
+                pipe.get(k)
+            if any(v is None or len(v) != nbytes for v in pipe.execute()):
+                raise SystemExit("bench redis: a raw GET missed")
+
+    def store(tier: L2Tier) -> None:
+        for ks in batches:
+            tier.store(ks, [src] * len(ks))
+
+    def load(tier: L2Tier) -> None:
+        for ks in batches:
+            if not all(tier.load_into(ks, outs[: len(ks)])):
+                raise SystemExit(f"bench redis: {tier.name} load missed")
+
+    samples: dict[str, list[float]] = {"raw SET": [], "raw GET": []}
+    for name in tiers:
+        samples[f"{name} store"] = []
+        samples[f"{name} load"] = []
+    try:
+        raw_set()  # warm-up, untimed: connections, server allocations, destination pages, serde scratch
+        raw_get()
+        for tier in tiers.values():
+            store(tier)
+            load(tier)
+        with progress(args.rounds, f"bench redis {label}", enabled=not args.json) as advance:
+            for _ in range(args.rounds):
+                samples["raw SET"].append(timed(raw_set))
+                for name, tier in tiers.items():
+                    samples[f"{name} store"].append(timed(functools.partial(store, tier)))
+                samples["raw GET"].append(timed(raw_get))
+                for name, tier in tiers.items():
+                    samples[f"{name} load"].append(timed(functools.partial(load, tier)))
+                advance()
+        load(tiers["kvtier"])  # the raw path must give the chunk back bit for bit
+        exact = all(torch.equal(o.view(torch.uint8), src.view(torch.uint8)) for o in outs)
+        stored = {name: tier.adapter.used_bytes / n for name, tier in tiers.items()}
+    finally:
+        for tier in tiers.values():
+            tier.delete(keys)
+            tier.close()
+        client.delete(*raw_keys)
+        client.close()
+
+    total = n * nbytes
+    rate: dict[str, float] = {k: median_rate(v, total) for k, v in samples.items()}
+    note = f"{n} chunks of {label} in batches of {batch}"
+    report.add(Figure(f"raw SET {label}", rate["raw SET"], note=note))
+    report.add(Figure(f"raw GET {label}", rate["raw GET"], note=note))
+    for op, base in (("store", "raw SET"), ("load", "raw GET")):
+        extra = "" if op == "store" else f"; bit-exact: {exact}"
+        report.add(
+            Figure(
+                f"kvtier {op} {label}",
+                rate[f"kvtier {op}"],
+                baseline=f"{base} {label}",
+                baseline_value=rate[base],
+                target=RAW_TARGET,
+                note=f"record {stored['kvtier'] / MiB:.2f} MiB{extra}",
+            )
+        )
+    for name in serdes:
+        for op in ("store", "load"):
+            key = f"kvtier+{name}"
+            report.add(
+                Figure(
+                    f"{key} {op} {label}",
+                    rate[f"{key} {op}"],
+                    baseline=f"kvtier {op} {label}",
+                    baseline_value=rate[f"kvtier {op}"],
+                    target=FP8_TARGET if name == "fp8" else None,
+                    note=f"GB/s of KV; record {stored[key] / MiB:.2f} MiB",
+                )
+            )
