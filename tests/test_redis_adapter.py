@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import redis
 import torch
 
 from kvtier import CapacityError, ConfigError
-from kvtier.bench.redis_server import LocalRedis, find_redis_server
+from kvtier.bench.redis_server import LocalRedis, find_redis_server, free_port
 from kvtier.storage.adapters import MISS, RedisAdapter, create_backend, create_l2_adapter
 from kvtier.testing import L2AdapterTests
 from kvtier.testing.adapters import chunk, keys
@@ -105,7 +106,7 @@ def test_records_live_under_prefix_and_object_key(server: LocalRedis) -> None:
     raw = redis.Redis.from_url(server.url)
     value = raw.get(f"{pre}:{key.to_str()}")
     assert value is not None and value[:4] == b"KVTR"
-    assert int(raw.get(f"{pre}:@used") or 0) == len(value) == tier.adapter.used_bytes
+    assert int(raw.get(f"{{{pre}:@}}used") or 0) == len(value) == tier.adapter.used_bytes
     # cache_salt, kv rank and model are part of the key: another tenant, rank or model misses
     for other in (
         ObjectKey("org/model-A", "ab12", kv_rank=3, cache_salt="tenant2"),
@@ -287,11 +288,6 @@ def test_password_url_is_passed_through() -> None:
         bad.close()
 
 
-def test_reserved_key_names_are_refused(server: LocalRedis) -> None:
-    with adapter_for(server.url) as adapter, pytest.raises(ValueError, match="reserved"):
-        adapter.store_records(["@used"], [[b"1"]])
-
-
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_loads_read_both_resp_protocols(server: LocalRedis, protocol: int) -> None:
     with adapter_for(f"{server.url}?protocol={protocol}") as adapter:
@@ -301,3 +297,48 @@ def test_loads_read_both_resp_protocols(server: LocalRedis, protocol: int) -> No
         assert adapter.load_records(["a", "b", "c"], [[a1, a2], [b1], [c1]]) == [len(big), 2, MISS]
         assert bytes(a1 + a2) == big and bytes(b1) == b"x", "a record larger than its buffers fills a prefix"
         assert adapter.load_records(["b"], [[bytearray(2)]]) == [2], "the stream stays in step after a too-long one"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRedis]:
+    """A one-node Redis Cluster holding every slot: real cluster routing (MOVED-aware client, slot checks in
+    scripts) without the cost of six servers."""
+    # cluster-port: the default (port + 10000) overflows for the high ports the OS hands out
+    bus = ["cluster-port", str(free_port())]
+    with LocalRedis(["cluster-enabled", "yes", "cluster-config-file", "nodes.conf", *bus]) as srv:
+        admin = redis.Redis.from_url(srv.url)
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in admin.execute_command("CLUSTER", "INFO"):
+            if time.monotonic() > deadline:
+                pytest.fail("the one-node cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+        admin.close()
+        yield srv
+
+
+class TestRedisClusterAdapter(L2AdapterTests):
+    bounded = False  # max_capacity_gb is refused with a cluster (nodes bound themselves with maxmemory)
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, cluster: LocalRedis) -> None:
+        self.url = cluster.url
+
+    def adapter_config(self, tmp_path: Path, capacity_gb: float | None = None) -> dict[str, Any]:
+        return {"type": "redis", "url": self.url, "cluster": True, "key_prefix": prefix()}
+
+
+def test_cluster_failed_batch_leaves_nothing(cluster: LocalRedis) -> None:
+    with adapter_for(cluster.url, cluster=True) as adapter:
+        admin = redis.Redis.from_url(cluster.url)
+        admin.config_set("maxmemory", "6mb")
+        admin.config_set("maxmemory-policy", "noeviction")
+        try:
+            big = bytes(1 << 20)
+            with pytest.raises(CapacityError):
+                adapter.store_records([f"k{i}" for i in range(12)], [[big]] * 12)
+            assert adapter.contains([f"k{i}" for i in range(12)]) == [False] * 12
+            assert adapter.used_bytes == 0
+        finally:
+            admin.config_set("maxmemory", "0")
+            admin.close()

@@ -13,9 +13,10 @@ Config (read with a :class:`~kvtier.config.ConfigReader`; a bad value fails at s
   using that prefix; the least recently stored or loaded records are evicted past it.
 * ``timeout_s`` (10), ``connect_timeout_s`` (5): socket timeouts; ``max_connections`` (64): the pool's size.
 
-Layout in Redis. Records are plain string values. Next to them, under the prefix, kvtier keeps its accounting:
-``{key_prefix}:@sizes`` (hash: record key -> bytes), ``@used`` (their sum), ``@lru`` (sorted set by recency)
-and ``@clock``. Object keys never start with ``@`` (model names are percent-quoted), so the two cannot clash.
+Layout in Redis. Records are plain string values under ``PREFIX:KEY``. Next to them kvtier keeps its accounting
+under ``{PREFIX:@}`` (literal braces: a cluster hash tag, so that the four share a slot): ``{PREFIX:@}sizes``
+(hash: record key -> bytes), ``{PREFIX:@}used`` (their sum), ``{PREFIX:@}lru`` (sorted set by recency) and
+``{PREFIX:@}clock``. A prefix has no braces, so no record key can clash with them.
 
 Atomicity. A store batch is one pipeline: a ``SET`` per record, then a Lua script that accounts the records that
 landed and evicts. A record is one ``SET`` of the whole record, so a reader never sees half of one. When any
@@ -40,10 +41,13 @@ Faults. Connection refused, timeouts and a server restart fail the batch at hand
 per outage, not per batch or key. Every operation is idempotent, so a batch that hits a dead pooled connection is
 retried once on a fresh one; after a restart of Redis the next batch reconnects by itself.
 
-Cluster. With ``cluster: true`` records spread over the cluster's nodes by key slot. A transaction cannot span
-slots, so a batch is a pipeline of ``SET``\\ s (each record still atomic) whose keys are deleted again when any
-fails; values are joined into one buffer first (redis-py's cluster pipeline sends one buffer per value).
-``max_capacity_gb`` is refused with a cluster: bound each node with ``maxmemory`` + ``allkeys-lru`` instead.
+Cluster. With ``cluster: true`` records spread over the cluster's nodes by key slot (redis-py's ``RedisCluster``
+routes each command). A batch is a pipeline of ``SET``\\ s (each record atomic) whose keys are deleted again
+when any fails; values are joined into one buffer first and loads go through redis-py's parser (its cluster
+pipeline sends one buffer per value and owns the sockets). The accounting keys share one slot (hash tag
+``{key_prefix:@}``) and are updated by a script after the records landed, so ``used_bytes`` holds; a script
+cannot reach records on other slots, so ``max_capacity_gb`` is refused with a cluster: bound each node with
+``maxmemory`` + ``allkeys-lru`` instead.
 """
 
 from __future__ import annotations
@@ -71,20 +75,23 @@ _INLINE_LIMIT = 16 * 1024
 # chunks must not be in flight at the same time.
 _LOAD_WINDOW = 256 << 20
 
-# KEYS: used, sizes, lru, clock. ARGV: capacity (-1: none), n, then n pairs (record key, size).
-# Accounts the records the same pipeline just SET (those that landed), then evicts least recently used records
-# (never one of this batch) until the bound holds. Returns {records evicted, bytes used}.
+# KEYS: used, sizes, lru, clock. ARGV: capacity (-1: none), local (1: records share this node, 0: a cluster),
+# n, then n pairs (record key, size). Accounts the records the same pipeline just SET (on one node: those that
+# landed; a cluster script may not touch keys of other slots, and it runs only after every SET succeeded), then
+# evicts least recently used records (never one of this batch) until the bound holds (one node only).
+# Returns {records evicted, bytes used}.
 _ACCOUNT_SCRIPT = """
 local used_k, sizes_k, lru_k, clock_k = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local cap = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
+local here = ARGV[2] == '1'
+local n = tonumber(ARGV[3])
 local clock = redis.call('INCRBY', clock_k, n) - n
 local batch = {}
 for i = 0, n - 1 do
-  local key, size = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
+  local key, size = ARGV[4 + 2 * i], tonumber(ARGV[5 + 2 * i])
   local old = redis.call('HGET', sizes_k, key)
   if old then redis.call('DECRBY', used_k, old) end
-  if redis.call('EXISTS', key) == 1 then
+  if not here or redis.call('EXISTS', key) == 1 then
     redis.call('HSET', sizes_k, key, size)
     redis.call('INCRBY', used_k, size)
     redis.call('ZADD', lru_k, clock + i + 1, key)
@@ -95,7 +102,7 @@ for i = 0, n - 1 do
   end
 end
 local evicted = 0
-if cap >= 0 then
+if cap >= 0 and here then
   while tonumber(redis.call('GET', used_k) or '0') > cap do
     local victim = redis.call('ZRANGE', lru_k, 0, 0)[1]
     if not victim or batch[victim] then break end
@@ -112,11 +119,14 @@ end
 return {evicted, tonumber(redis.call('GET', used_k) or '0')}
 """
 
-# KEYS: used, sizes, lru. ARGV: record keys. Deletes records and their accounting; returns the bytes used.
+# KEYS: used, sizes, lru. ARGV: unlink (1: delete the records too, 0: only their accounting, as a cluster must),
+# then record keys. Returns the bytes used.
 _DELETE_SCRIPT = """
 local used_k, sizes_k, lru_k = KEYS[1], KEYS[2], KEYS[3]
-for _, key in ipairs(ARGV) do
-  redis.call('UNLINK', key)
+local unlink = ARGV[1] == '1'
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  if unlink then redis.call('UNLINK', key) end
   local size = redis.call('HGET', sizes_k, key)
   if size then
     redis.call('HDEL', sizes_k, key)
@@ -276,7 +286,9 @@ class RedisAdapter(L2Adapter):
         self._connect_timeout = connect_timeout_s
         self._max_connections = max_connections
         self._prefix = f"{key_prefix}:"
-        self._meta = [f"{key_prefix}:@used", f"{key_prefix}:@sizes", f"{key_prefix}:@lru", f"{key_prefix}:@clock"]
+        # The hash tag puts the accounting keys in one cluster slot, so one script can update them together.
+        meta = "{" + key_prefix + ":@}"
+        self._meta = [f"{meta}used", f"{meta}sizes", f"{meta}lru", f"{meta}clock"]
         self._health = _Outage(redact_url(url))
         self._client: Any = None
         self._last_used = 0
@@ -346,8 +358,6 @@ class RedisAdapter(L2Adapter):
 
     # -- the bytes contract -----------------------------------------------------------------------------------
     def _key(self, key: str) -> str:
-        if key.startswith("@"):
-            raise ValueError(f"record keys may not start with '@' (reserved for the accounting): {key!r}")
         return self._prefix + key
 
     @property
@@ -378,7 +388,7 @@ class RedisAdapter(L2Adapter):
             if need > self._capacity:
                 raise self._capacity_error(need)
         if self.cluster:
-            self._run(lambda: self._store_cluster(full, views))
+            self._run(lambda: self._store_cluster(full, views, sizes))
         else:
             evicted = self._run(lambda: self._store_pipeline(full, views, sizes))
             if evicted:
@@ -399,7 +409,7 @@ class RedisAdapter(L2Adapter):
         for key, parts in zip(full, views, strict=True):
             out.command([b"SET", key.encode(), parts])
         cap = -1 if self._capacity is None else self._capacity
-        args = [str(cap), str(len(full))]
+        args = [str(cap), "1", str(len(full))]
         for key, size in zip(full, sizes, strict=True):
             args += [key, str(size)]
         script = [_ACCOUNT_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta), *(a.encode() for a in args)]
@@ -436,24 +446,39 @@ class RedisAdapter(L2Adapter):
             pool.release(conn)
         return replies
 
-    def _store_cluster(self, full: list[str], views: list[list[memoryview]]) -> None:
+    def _store_cluster(self, full: list[str], views: list[list[memoryview]], sizes: list[int]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for key, parts in zip(full, views, strict=True):
             pipe.set(key, parts[0] if len(parts) == 1 else b"".join(parts))
         try:
-            pipe.execute(raise_on_error=True)
+            results = pipe.execute(raise_on_error=False)
+            errors: dict[int, BaseException] = {i: r for i, r in enumerate(results) if isinstance(r, Exception)}
+            if errors:
+                raise BatchError("redis cluster store failed", errors)
+            args: list[str] = ["-1", "0", str(len(full))]
+            for key, size in zip(full, sizes, strict=True):
+                args += [key, str(size)]
+            _, used = self._client.eval(_ACCOUNT_SCRIPT, 4, *self._meta, *args)
+            self._last_used = int(used)
         except BaseException:
             self._delete_cluster_quietly(full)
             raise
+
+    def _delete_cluster(self, full: list[str]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key in full:
+            pipe.unlink(key)
+        pipe.execute(raise_on_error=True)
+        self._drop_accounting(full)
+
+    def _drop_accounting(self, full: list[str]) -> None:
+        self._last_used = int(self._client.eval(_DELETE_SCRIPT, 3, *self._meta[:3], "0", *full))
 
     def _delete_cluster_quietly(self, full: list[str]) -> None:
         from redis import exceptions as rx
 
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for key in full:
-                pipe.unlink(key)
-            pipe.execute()
+            self._delete_cluster(full)
         except rx.RedisError as exc:
             log.warning(
                 "L2 redis %s: could not remove %d record(s) of a failed batch: %s", self._health.name, len(full), exc
@@ -504,13 +529,17 @@ class RedisAdapter(L2Adapter):
         for key in full:
             pipe.get(key)
         out = []
-        for value, dst in zip(pipe.execute(raise_on_error=True), dsts, strict=True):
+        missing = []
+        for key, value, dst in zip(full, pipe.execute(raise_on_error=True), dsts, strict=True):
             if value is None:
                 out.append(MISS)
+                missing.append(key)
                 continue
             if len(value) <= total_length(dst):
                 scatter(value, dst)
             out.append(len(value))
+        if missing:  # evicted by a node's own policy, or deleted by hand: drop their accounting
+            self._drop_accounting(missing)
         return out
 
     def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
@@ -541,18 +570,12 @@ class RedisAdapter(L2Adapter):
     def _delete(self, keys: Sequence[str]) -> None:
         full = [self._key(k) for k in keys]
         if self.cluster:
-            self._run(lambda: self._unlink_cluster(full))
+            self._run(lambda: self._delete_cluster(full))
         else:
             self._run(lambda: self._delete_records(full))
 
-    def _unlink_cluster(self, full: list[str]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for key in full:
-            pipe.unlink(key)
-        pipe.execute(raise_on_error=True)
-
     def _delete_records(self, full: list[str]) -> None:
-        self._last_used = int(self._client.eval(_DELETE_SCRIPT, 3, *self._meta[:3], *full))
+        self._last_used = int(self._client.eval(_DELETE_SCRIPT, 3, *self._meta[:3], "1", *full))
 
     def stats(self) -> dict[str, Any]:
         with self._health._lock:
