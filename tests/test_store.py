@@ -228,3 +228,14 @@ def test_no_l2_means_no_threads() -> None:
     with Store(l1_size_gb=MB) as store:
         store.store([ObjectKey("m", "a")], [kv(0)])
         assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("with_l2", [False, True])
+def test_a_failed_copy_leaks_no_pin(tmp_path: Path, with_l2: bool) -> None:
+    adapters = [fs_config(tmp_path)] if with_l2 else []
+    with Store(l1_size_gb=MB, l2_adapters=adapters) as store:
+        ks = [ObjectKey("m", "a"), ObjectKey("m", "b")]
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            store.store(ks, [kv(0), torch.empty(16, device="meta")])
+        store.clear_l1()
+        assert store.stats()["l1"]["used_bytes"] == 0, "every pin was released, so clear freed everything"

@@ -144,8 +144,8 @@ class Store:
                 self._pool.view(obj).copy_(t.detach())
             except BaseException:
                 self._pool.release([obj])
-                for done in objs:
-                    self._pool.release([done])
+                if self._tiers:  # the objects already stored keep their pin for the L2 write: drop it
+                    self._pool.release(objs)
                 raise
             self._pool.commit(obj, keep_pin=bool(self._tiers))
             stored_keys.append(key)
