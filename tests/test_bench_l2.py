@@ -18,3 +18,17 @@ def test_bench_l2_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert figures["raw cold load (GB/s of KV)"]["baseline"] == "plain cold read"
     assert figures["raw hot load (GB/s of KV)"]["note"] == "bit-exact"
     assert list(tmp_path.iterdir()) == [], "the benchmark removes its files"
+
+
+def test_bench_l2_measures_fp8_when_registered(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtier.serde import registered_serdes
+
+    if "fp8" not in registered_serdes():
+        pytest.skip("serde 'fp8' is not registered in this build (it comes with the codecs issue)")
+    argv = ["bench", "l2", "--chunks", "2", "--shape", "2,2,16,32", "--rounds", "1", "--dir", str(tmp_path)]
+    assert main([*argv, "--json"]) == 0
+    figures = {f["name"]: f for f in json.loads(capsys.readouterr().out)["figures"]}
+    assert figures["fp8 cold load (GB/s of KV)"]["baseline"] == "raw cold load"
+    assert figures["fp8 cold load (GB/s of KV)"]["target"] == 1.2
+    assert figures["fp8 hot load (GB/s of KV)"]["note"] == "lossy"
+    assert figures["raw hot load (GB/s of KV)"]["note"] == "bit-exact"
