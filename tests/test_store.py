@@ -201,11 +201,20 @@ def test_l1_eviction_and_l2_backfill_under_sustained_writes(tmp_path: Path) -> N
         ks = [ObjectKey("m", format(i + 1, "x")) for i in range(64)]  # 64 x 24 KiB through a 1 MiB L1
         for i, k in enumerate(ks):
             store.store([k], [kv(i, tokens=64)])
-            assert store.stats()["l1"]["used_bytes"] <= store.stats()["l1"]["capacity_bytes"]
+            stats = store.stats()
+            assert stats["l1"]["used_bytes"] <= stats["l1"]["capacity_bytes"]
+            assert stats["l2_pending_bytes"] <= stats["l1"]["capacity_bytes"] // 2 + 24 * 1024
         store.flush()
-        assert store.stats()["l1"]["evictions"] > 0
+        stats = store.stats()
+        assert stats["l1"]["evictions"] > 0
+        assert stats["l1_store_refused"] == 0, "waiting L2 writes may pin at most half of L1"
         out = store.retrieve(ks)
-        assert all(o is not None and torch.equal(o, kv(i, tokens=64)) for i, o in enumerate(out))
+        for i, o in enumerate(out):
+            assert o is None or torch.equal(o, kv(i, tokens=64)), "a chunk is exact or a miss, never wrong"
+        # the writer may fall behind on a loaded machine: what it could not take was dropped and counted
+        missing = sum(o is None for o in out)
+        assert missing <= stats["l2_writes_dropped"]
+        assert stats["l2_written"] + stats["l2_writes_dropped"] == 64
 
 
 def test_stats_are_json_and_close_is_idempotent(tmp_path: Path) -> None:
@@ -228,3 +237,14 @@ def test_no_l2_means_no_threads() -> None:
     with Store(l1_size_gb=MB) as store:
         store.store([ObjectKey("m", "a")], [kv(0)])
         assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("with_l2", [False, True])
+def test_a_failed_copy_leaks_no_pin(tmp_path: Path, with_l2: bool) -> None:
+    adapters = [fs_config(tmp_path)] if with_l2 else []
+    with Store(l1_size_gb=MB, l2_adapters=adapters) as store:
+        ks = [ObjectKey("m", "a"), ObjectKey("m", "b")]
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            store.store(ks, [kv(0), torch.empty(16, device="meta")])
+        store.clear_l1()
+        assert store.stats()["l1"]["used_bytes"] == 0, "every pin was released, so clear freed everything"

@@ -210,25 +210,47 @@ class FSAdapter(L2Adapter):
 
     # -- load and the rest ------------------------------------------------------------------------------------
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
-        out = []
-        for key, dst in zip(keys, dsts, strict=True):
+        fds: list[int | None] = []
+        try:
+            for key in keys:
+                try:
+                    fd = os.open(self.path_for(key), os.O_RDONLY)
+                except FileNotFoundError:
+                    fds.append(None)
+                    continue
+                fds.append(fd)
+                # Ask the kernel to start reading every file of the batch now: the disk then works on the next
+                # records while this thread checks and decodes the current one.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            out = []
+            for key, dst, maybe_fd in zip(keys, dsts, fds, strict=True):
+                if maybe_fd is None:
+                    with self._lock:
+                        self._drop_locked(key)  # removed behind our back: forget it
+                    out.append(MISS)
+                    continue
+                size = os.fstat(maybe_fd).st_size
+                if size <= total_length(dst):
+                    _read_exact(maybe_fd, dst, size)
+                with self._lock:
+                    self._policy.access(key)
+                out.append(size)
+            return out
+        finally:
+            for open_fd in fds:
+                if open_fd is not None:
+                    os.close(open_fd)
+
+    def _will_load(self, keys: Sequence[str]) -> None:
+        for key in keys:
             try:
                 fd = os.open(self.path_for(key), os.O_RDONLY)
-            except FileNotFoundError:
-                with self._lock:
-                    self._drop_locked(key)  # removed behind our back: forget it
-                out.append(MISS)
-                continue
+            except OSError:
+                continue  # a miss or an unreadable file: the load itself will say so
             try:
-                size = os.fstat(fd).st_size
-                if size <= total_length(dst):
-                    _read_exact(fd, dst, size)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
-            with self._lock:
-                self._policy.access(key)
-            out.append(size)
-        return out
 
     def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
         out: list[bytes | None] = []
