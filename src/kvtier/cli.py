@@ -44,18 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_l2.add_arguments(p)
     p.set_defaults(func=lambda a: bench_l2.run(a).print(a.json))
-
-    from kvtier.bench import redis_l2 as bench_redis
-
-    p = bench_sub.add_parser(
-        "redis",
-        help="redis L2 adapter store / load vs raw redis-py SET / GET",
-        description="Store and load KV chunks through the redis L2 adapter (raw path and fp8), beside raw "
-        "redis-py SET / GET of the same bytes on the same server in the same run. Starts a private "
-        "redis-server on a free port unless --url is given.",
-    )
-    bench_redis.add_arguments(p)
-    p.set_defaults(func=lambda a: bench_redis.run(a).print(a.json))
     return parser
 
 

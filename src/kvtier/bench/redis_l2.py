@@ -1,5 +1,5 @@
-"""``kvtier bench redis``: store and load of KV chunks through the redis L2 adapter, beside raw redis-py
-``SET`` / ``GET`` of the same bytes on the same server, measured in the same run.
+"""``kvtier bench l2 --adapter redis``: store and load of KV chunks through the redis L2 adapter, beside raw
+redis-py ``SET`` / ``GET`` of the same bytes on the same server, measured in the same run.
 
 For each value size (``--sizes``, MiB of KV per chunk; the default chunk shape with its layer count scaled), each
 round runs, interleaved so that noise hits all alike:
@@ -26,7 +26,7 @@ from kvtier.bench.common import Figure, Report, median_rate, progress, timed
 from kvtier.bench.data import DEFAULT_CHUNK_SHAPE, load_kv_file, synthetic_kv
 from kvtier.bench.redis_server import LocalRedis
 from kvtier.serde import registered_serdes
-from kvtier.storage.adapters import create_l2_adapter
+from kvtier.storage.adapters import RedisAdapter, create_l2_adapter
 from kvtier.storage.serde_layer import L2Tier, byte_view
 from kvtier.types import ObjectKey
 
@@ -35,17 +35,17 @@ RAW_TARGET = 0.7  # the issue: the adapter's raw path >= 0.7x the raw client, fo
 FP8_TARGET = 1.0  # fp8: GB/s of KV above the raw-bytes path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None, help="a Redis to use (default: start a private redis-server)")
+def add_redis_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``kvtier bench l2`` gains for ``--adapter redis`` (it shares ``--batch``, ``--rounds``,
+    ``--serde``, ``--data`` and ``--json``; ``--chunks``, ``--shape`` and ``--dir`` are for fs)."""
     parser.add_argument(
-        "--sizes", default="32,4", help="chunk sizes in MiB of bf16 KV, comma-separated (default: 32,4)"
+        "--adapter", choices=["fs", "redis"], default="fs", help="the L2 adapter to measure (default: fs)"
     )
-    parser.add_argument("--data", default=None, help="a safetensors file whose 'kv' tensor is the chunk (one size)")
-    parser.add_argument("--mib-per-round", type=int, default=256, help="MiB of KV moved per op and round (default 256)")
-    parser.add_argument("--batch", type=int, default=4, help="chunks per store / load batch (default: 4)")
-    parser.add_argument("--serde", action="append", default=None, help="serde to add, repeatable (default: fp8)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    parser.add_argument("--url", default=None, help="redis: a server to use (default: a private redis-server)")
+    parser.add_argument("--sizes", default="32,4", help="redis: chunk sizes in MiB of bf16 KV (default: 32,4)")
+    parser.add_argument(
+        "--mib-per-round", type=int, default=256, help="redis: MiB of KV per operation and round (default: 256)"
+    )
 
 
 def _chunks(args: argparse.Namespace) -> list[tuple[str, torch.Tensor]]:
@@ -69,7 +69,10 @@ def _chunks(args: argparse.Namespace) -> list[tuple[str, torch.Tensor]]:
 def run(args: argparse.Namespace) -> Report:
     if args.rounds < 1 or args.batch < 1 or args.mib_per_round < 1:
         raise SystemExit("--rounds, --batch and --mib-per-round must be >= 1")
-    serdes = args.serde if args.serde is not None else (["fp8"] if "fp8" in registered_serdes() else [])
+    # The raw path without serde is always measured (it is the baseline of every serde); "raw" as a serde is
+    # that same path (the serde layer sends the tensor's memory directly), so it adds nothing.
+    asked = args.serde if args.serde is not None else (["fp8"] if "fp8" in registered_serdes() else [])
+    serdes = [name for name in asked if name != "raw"]
     for name in serdes:
         if name not in registered_serdes():
             raise SystemExit(f"--serde: {name!r} is not registered; known: {registered_serdes()}")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> Report:
     server = None if args.url else LocalRedis().start()
     url = args.url or (server.url if server else "")
     report = Report(
-        "bench redis",
+        "bench l2 --adapter redis",
         {
             "url": "private redis-server" if server else url,
             "sizes": [label for label, _ in chunks],
@@ -168,6 +171,9 @@ def _bench_size(
         for tier in tiers.values():
             tier.delete(keys)
             tier.close()
+            adapter = tier.adapter
+            if isinstance(adapter, RedisAdapter):
+                client.delete(*adapter.accounting_keys)
         client.delete(*raw_keys)
         client.close()
 

@@ -361,6 +361,12 @@ class RedisAdapter(L2Adapter):
         return self._prefix + key
 
     @property
+    def accounting_keys(self) -> list[str]:
+        """The Redis keys of this prefix's accounting (used, sizes, lru, clock): what remains of the prefix once
+        its records are deleted; drop them to remove every trace of a prefix."""
+        return list(self._meta)
+
+    @property
     def capacity_bytes(self) -> int | None:
         return self._capacity
 
