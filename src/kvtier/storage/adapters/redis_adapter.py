@@ -305,6 +305,9 @@ class RedisAdapter(L2Adapter):
             "socket_connect_timeout": self._connect_timeout,
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
+            # RESP2 unless the URL asks otherwise (?protocol=3): no out-of-band push messages can come between the
+            # replies that the load path reads itself.
+            "protocol": 2,
         }
         if self.cluster:
             from redis.cluster import RedisCluster
