@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -70,6 +71,8 @@ T = TypeVar("T")
 
 # Values above this many bytes go to the socket as their own buffer; smaller pieces are coalesced into one send.
 _INLINE_LIMIT = 16 * 1024
+# Failures other than an outage (a full server fails every store) are logged at most this often per kind.
+_LOG_EVERY_S = 60.0
 # A load pipeline fetches at most this many bytes of destinations at once: the server buffers the replies of a
 # pipeline (and redis-py's cluster path holds each value as a fresh ``bytes``), so a batch of a hundred 32 MiB
 # chunks must not be in flight at the same time.
@@ -222,6 +225,8 @@ class _Outage:
         self.name = name
         self._lock = threading.Lock()
         self.down_since_failures = 0
+        self._last_logged: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
         self.counts = {
             "batches": 0,
             "failed_batches": 0,
@@ -244,21 +249,40 @@ class _Outage:
         if failures:
             log.warning("L2 redis %s: reachable again after %d failed batch(es)", self.name, failures)
 
+    @property
+    def down(self) -> bool:
+        return self.down_since_failures > 0
+
     def failed(self, kind: str, exc: BaseException) -> None:
+        """Count a failed batch and log it sparingly: an outage once when it starts (and once when it ends, in
+        :meth:`ok`); other failures (a full server fails every store) at most once a minute per kind."""
+        now = time.monotonic()
         with self._lock:
             self.counts["batches"] += 1
             self.counts["failed_batches"] += 1
             self.counts[kind] += 1
             unreachable = kind in ("connection_errors", "timeouts")
-            first = unreachable and self.down_since_failures == 0
             if unreachable:
-                self.down_since_failures += 1
+                first = self.down_since_failures == 0
                 if first:
                     self.counts["outages"] += 1
-        if first:
+                self.down_since_failures += 1
+                suppressed = 0
+            else:
+                first = now - self._last_logged.get(kind, -_LOG_EVERY_S) >= _LOG_EVERY_S
+                suppressed = self._suppressed.get(kind, 0)
+                if first:
+                    self._last_logged[kind] = now
+                    self._suppressed[kind] = 0
+                else:
+                    self._suppressed[kind] = suppressed + 1
+        if not first:
+            return
+        if unreachable:
             log.warning("L2 redis %s: unreachable (%s); its batches fail until it is back", self.name, exc)
-        elif not unreachable:
-            log.warning("L2 redis %s: batch failed: %s", self.name, exc)
+        else:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            log.warning("L2 redis %s: batch failed: %s%s", self.name, exc, more)
 
 
 class RedisAdapter(L2Adapter):
@@ -377,8 +401,8 @@ class RedisAdapter(L2Adapter):
     def used_bytes(self) -> int:
         """Bytes of records under the prefix, shared by every server using it; the last value seen while the
         server is unreachable (stats must not fail during an outage)."""
-        if not self.started or self._closed:
-            return self._last_used
+        if not self.started or self._closed or self._health.down:
+            return self._last_used  # no connect attempt (up to connect_timeout_s) while the server is known down
         from redis import exceptions as rx
 
         try:
