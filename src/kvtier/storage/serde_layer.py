@@ -53,6 +53,20 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(array)
 
 
+def record_identity(serde: AsyncSerdeProcessor | None) -> SerdeIdentity:
+    """The serde identity written into records: the processor's, minus ``max_workers``. The thread count does
+    not change a single byte of output, so changing it must not turn every stored record into a foreign one."""
+    if serde is None:
+        return SerdeIdentity.of_config(None)
+    config = serde.config
+    if isinstance(config, dict):
+        return SerdeIdentity.of_config({k: v for k, v in config.items() if k != "max_workers"})
+    if isinstance(config, list):
+        stages = [{k: v for k, v in c.items() if k != "max_workers"} if isinstance(c, dict) else c for c in config]
+        return SerdeIdentity.of_config(stages)
+    return serde.identity
+
+
 class _Scratch:
     """Reused uint8 buffers for one direction (store or load), grown to the largest size seen; counts bytes."""
 
@@ -82,7 +96,7 @@ class L2Tier:
         self.adapter = adapter
         self.serde = serde
         self.config = config
-        self.identity = serde.identity if serde is not None else SerdeIdentity.of_config(None)
+        self.identity = record_identity(serde)
         # raw's payload is exactly the tensor's bytes, so the direct path writes the same record with no copy.
         self._direct = serde is None or type(serde.serializer) is RawSerializer
         # Items per serde round: enough to keep every worker busy, few enough to bound the scratch memory.
