@@ -102,39 +102,69 @@ def write_header(buf: Buffer, meta: RecordMeta, payload_len: int) -> int:
     The payload must already sit at ``buf[header_size(meta):][:payload_len]``.
     """
     mv = _memoryview(buf)
-    name, key = _encoded(meta)
     hlen = header_size(meta)
     total = hlen + payload_len
     if len(mv) < total:
         raise ValueError(f"record buffer holds {len(mv)} bytes, {total} needed")
+    return write_header_parts(mv[:hlen], meta, mv[hlen:total])
+
+
+def write_header_parts(header: Buffer, meta: RecordMeta, payload: Buffer) -> int:
+    """Seal a record whose payload lives in another buffer (a scatter write: header and payload are written out
+    as two segments, so a raw tensor is never copied). ``header`` is exactly :func:`header_size` bytes."""
+    hmv = _memoryview(header)
+    pmv = _memoryview(payload)
+    name, key = _encoded(meta)
+    hlen = header_size(meta)
+    if len(hmv) != hlen:
+        raise ValueError(f"header buffer holds {len(hmv)} bytes, {hlen} needed")
     flags = _FLAG_KV_LAYOUT if meta.layout.kv_format is KVFormat.KV_LAYER_TOKEN_HIDDEN else 0
     ndim = len(meta.layout.shape)
     _FIXED.pack_into(
-        mv,
-        0,
-        MAGIC,
-        FORMAT_VERSION,
-        hlen,
-        payload_len,
-        0,
-        meta.serde.config_hash,
-        DTYPE_CODES[meta.layout.dtype],
-        ndim,
-        len(name),
-        flags,
-        len(key),
-        0,
-    )
+        hmv, 0, MAGIC, FORMAT_VERSION, hlen, len(pmv), 0, meta.serde.config_hash,
+        DTYPE_CODES[meta.layout.dtype], ndim, len(name), flags, len(key), 0,
+    )  # fmt: skip
     off = FIXED_SIZE
-    struct.pack_into(f"<{ndim}Q", mv, off, *meta.layout.shape)
+    struct.pack_into(f"<{ndim}Q", hmv, off, *meta.layout.shape)
     off += 8 * ndim
-    mv[off : off + len(name)] = name
+    hmv[off : off + len(name)] = name
     off += len(name)
-    mv[off : off + len(key)] = key
+    hmv[off : off + len(key)] = key
     off += len(key)
-    mv[off:hlen] = bytes(hlen - off)
-    struct.pack_into("<Q", mv, _CHECKSUM_AT, _checksum(mv, total))
-    return total
+    hmv[off:hlen] = bytes(hlen - off)
+    struct.pack_into("<Q", hmv, _CHECKSUM_AT, _checksum_parts(hmv, pmv))
+    return hlen + len(pmv)
+
+
+def read_record_parts(
+    header: Buffer,
+    payload: Buffer,
+    *,
+    serde: SerdeIdentity | None = None,
+    key: str | None = None,
+    layout: LayoutDesc | None = None,
+) -> RecordMeta:
+    """:func:`read_record` for a record read into two buffers: the header (exactly ``header_len`` bytes) and the
+    payload (exactly ``payload_len`` bytes, e.g. the destination tensor's own memory). Same checks."""
+    hmv = _memoryview(header)
+    pmv = _memoryview(payload)
+    meta, hlen, plen = parse_header(hmv)
+    if hlen != len(hmv) or plen != len(pmv):
+        raise IntegrityError(f"record is {hlen}+{plen} bytes, {len(hmv)}+{len(pmv)} were read (truncated or padded)")
+    (stored,) = struct.unpack_from("<Q", hmv, _CHECKSUM_AT)
+    if stored != _checksum_parts(hmv, pmv):
+        raise IntegrityError("record checksum mismatch (damaged data)")
+    _check_expected(meta, serde, key, layout)
+    return meta
+
+
+def _checksum_parts(hmv: memoryview, pmv: memoryview) -> int:
+    # The same digest as _checksum over the contiguous record: xxh3 streams, so splitting the input is free.
+    h = xxhash.xxh3_64()
+    h.update(hmv[:_CHECKSUM_AT])
+    h.update(hmv[_CHECKSUM_AT + 8 :])
+    h.update(pmv)
+    return int(h.intdigest())
 
 
 def pack_record(meta: RecordMeta, payload: Buffer) -> bytes:
@@ -208,6 +238,11 @@ def read_record(
     (stored,) = struct.unpack_from("<Q", mv, _CHECKSUM_AT)
     if stored != _checksum(mv, hlen + plen):
         raise IntegrityError("record checksum mismatch (damaged data)")
+    _check_expected(meta, serde, key, layout)
+    return meta, mv[hlen : hlen + plen]
+
+
+def _check_expected(meta: RecordMeta, serde: SerdeIdentity | None, key: str | None, layout: LayoutDesc | None) -> None:
     if serde is not None and meta.serde != serde:
         raise IntegrityError(
             f"record was written by serde {meta.serde.name!r} with another config, expected {serde.name!r}"
@@ -218,4 +253,3 @@ def read_record(
         raise IntegrityError(
             f"record holds {list(meta.layout.shape)} {meta.layout.dtype}, expected {list(layout.shape)} {layout.dtype}"
         )
-    return meta, mv[hlen : hlen + plen]

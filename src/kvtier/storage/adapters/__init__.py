@@ -1,0 +1,37 @@
+"""L2 adapters: the contract (:mod:`.base`), the registry and the built-in backends."""
+
+from kvtier.storage.adapters.base import MISS, L2Adapter
+from kvtier.storage.adapters.faulty import FaultyAdapter, faulty_factory
+from kvtier.storage.adapters.fs import FSAdapter, fs_factory
+from kvtier.storage.adapters.memory import MemoryAdapter, memory_factory
+from kvtier.storage.adapters.registry import (
+    create_backend,
+    create_l2_adapter,
+    register_l2_adapter,
+    registered_l2_adapters,
+    unregister_l2_adapter,
+)
+
+BUILTIN_ADAPTERS = {"fs": fs_factory, "memory": memory_factory, "faulty": faulty_factory}
+
+
+def register_builtin_adapters() -> None:
+    for name, factory in BUILTIN_ADAPTERS.items():
+        if name not in registered_l2_adapters():
+            register_l2_adapter(name, factory)
+
+
+register_builtin_adapters()
+
+__all__ = [
+    "MISS",
+    "FSAdapter",
+    "FaultyAdapter",
+    "L2Adapter",
+    "MemoryAdapter",
+    "create_backend",
+    "create_l2_adapter",
+    "register_l2_adapter",
+    "registered_l2_adapters",
+    "unregister_l2_adapter",
+]

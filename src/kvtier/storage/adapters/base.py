@@ -1,0 +1,213 @@
+"""The L2 adapter contract: a backend that moves framed records (bytes) by key.
+
+An L2 adapter (local disk, memory, Redis, ...) knows nothing about tensors, serdes or the record format. It stores,
+loads, tests and deletes *records*: byte strings under string keys (``ObjectKey.to_str()``). One shared layer,
+:class:`kvtier.storage.serde_layer.L2Tier`, sits above every adapter and does the rest: it runs the adapter's
+serde, frames the payload as a :mod:`kvtier.record`, checks every record it loads and turns damaged or foreign
+records into misses (and deletes them). A new backend therefore implements only bytes I/O.
+
+Contract for every implementation (the conformance suite :class:`kvtier.testing.L2AdapterTests` checks it):
+
+* **Batches.** Every operation takes a batch of keys. ``store_records`` is all-or-nothing: when it raises, none
+  of the batch's keys holds a new record (an older record of such a key may be gone too: that is a miss, never
+  a torn record). A reader never sees a partly written record.
+* **Scatter / gather.** A record to store is a sequence of buffers (e.g. a small header and the tensor's own
+  memory) written back to back; ``load_records`` reads a record into a sequence of caller buffers, so a raw
+  payload can land straight in its destination. Neither keeps references to the buffers after returning.
+* **Errors.** A missing key is not an error (``load_records`` reports ``MISS``). A failure of the backend itself
+  raises: :class:`~kvtier.errors.CapacityError` when a record cannot fit (larger than the capacity, disk full),
+  :class:`~kvtier.errors.BatchError` or ``OSError`` for I/O failures.
+* **Capacity.** ``capacity_bytes`` (``None``: unbounded) bounds ``used_bytes``, the bytes of stored records. A
+  bounded adapter evicts to make room; a record larger than the capacity raises ``CapacityError``.
+* **Lazy resources.** Constructing an adapter checks its config and nothing else: files, connections and
+  threads are created by the first operation (:meth:`_start`), so a configured but unused adapter costs nothing.
+* **Threads.** Every method may be called from several threads at once.
+* ``close()`` releases resources and is idempotent; any later operation raises ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from kvtier.config import canonical_json
+
+#: ``load_records`` result for a key that holds no record.
+MISS = -1
+
+Buffer = Any  # anything memoryview() accepts: bytes, bytearray, memoryview, numpy array
+
+
+class L2Adapter(ABC):
+    """Base of every L2 backend. Subclasses implement the ``_``-prefixed methods; the public ones add the
+    checks and the lazy start that every adapter shares.
+
+    ``config`` is the adapter's JSON config without ``serde`` (set by :func:`create_l2_adapter`); two adapters
+    are equal when their configs are.
+    """
+
+    #: the ``type`` name the adapter is registered under (set by the registry)
+    type_name: str = ""
+
+    def __init__(self) -> None:
+        self.config: dict[str, Any] = {}
+        self._state_lock = threading.Lock()
+        self._started = False
+        self._closed = False
+
+    # -- what a backend implements --------------------------------------------------------------------------
+    def _start(self) -> None:  # noqa: B027 - optional hook, most backends need no resources
+        """Create files, connections or threads; called once, by the first operation."""
+
+    def _close(self) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`_start` created; called once, only if it ran."""
+
+    @abstractmethod
+    def _store(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
+        """Store ``records[i]`` (its buffers back to back) under ``keys[i]``, all or nothing."""
+
+    @abstractmethod
+    def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
+        """Read each record into ``dsts[i]``; return its stored length, or :data:`MISS`."""
+
+    @abstractmethod
+    def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
+        """The first ``min(size, length)`` bytes of each record, or ``None`` when absent."""
+
+    @abstractmethod
+    def _contains(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key holds a record."""
+
+    @abstractmethod
+    def _delete(self, keys: Sequence[str]) -> None:
+        """Remove the records of ``keys``; absent keys are ignored."""
+
+    def _will_load(self, keys: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """Optional: start fetching these records (read-ahead); the default does nothing."""
+
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int | None:
+        """The most bytes of records the adapter holds, or ``None`` when unbounded."""
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int:
+        """Bytes of records held now."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``Store.stats()``; subclasses extend the dict."""
+        return {"type": self.type_name, "capacity_bytes": self.capacity_bytes, "used_bytes": self.used_bytes}
+
+    # -- the public, checked operations ---------------------------------------------------------------------
+    def store_records(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
+        """Store a batch of records, all or nothing (see the module docstring)."""
+        _same_length(keys, records, "records")
+        if keys:
+            self._ensure_started()
+            self._store(keys, records)
+
+    def load_records(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
+        """Read each record into the buffers ``dsts[i]`` (filled in order) and return its stored length, or
+        :data:`MISS`. A length above the buffers' total means the record did not fit: ``dsts[i]`` then holds
+        an unspecified prefix and the caller treats the record as not the one it expected."""
+        _same_length(keys, dsts, "dsts")
+        if not keys:
+            return []
+        self._ensure_started()
+        return self._load(keys, dsts)
+
+    def will_load(self, keys: Sequence[str]) -> None:
+        """A hint that ``keys`` are about to be loaded, so a backend can start reading them (the fs adapter
+        issues read-ahead) while the caller decodes earlier records. Best effort: never raises for a miss."""
+        if keys:
+            self._ensure_started()
+            self._will_load(keys)
+
+    def read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
+        """The first ``size`` bytes of each record (all of it when shorter), ``None`` when absent: enough to
+        parse a record header and learn the layout before loading."""
+        if not keys:
+            return []
+        self._ensure_started()
+        return self._read_heads(keys, size)
+
+    def contains(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key holds a record (a damaged record still counts until a load finds it damaged)."""
+        if not keys:
+            return []
+        self._ensure_started()
+        return self._contains(keys)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove the records of ``keys``; absent keys are ignored."""
+        if keys:
+            self._ensure_started()
+            self._delete(keys)
+
+    @property
+    def started(self) -> bool:
+        """Whether the adapter has created its resources (the first operation does)."""
+        return self._started
+
+    def _ensure_started(self) -> None:
+        if self._started and not self._closed:
+            return
+        with self._state_lock:
+            if self._closed:
+                raise RuntimeError(f"L2 adapter {self.type_name!r} is closed")
+            if not self._started:
+                self._start()
+                self._started = True
+
+    def close(self) -> None:
+        """Release resources; idempotent. Later operations raise ``RuntimeError``."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            started = self._started
+        if started:
+            self._close()
+
+    def __enter__(self) -> L2Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, L2Adapter):
+            return NotImplemented
+        return type(self) is type(other) and canonical_json(self.config) == canonical_json(other.config)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__qualname__, canonical_json(self.config)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({canonical_json(self.config)})"
+
+
+def _same_length(keys: Sequence[str], other: Sequence[Any], what: str) -> None:
+    if len(keys) != len(other):
+        raise ValueError(f"batch has {len(keys)} keys but {len(other)} {what}")
+
+
+def total_length(buffers: Sequence[Buffer]) -> int:
+    """Bytes in a sequence of buffers."""
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
+def scatter(data: Buffer, dsts: Sequence[Buffer]) -> None:
+    """Copy ``data`` into ``dsts`` in order, as far as they reach (for backends that fetch a record whole)."""
+    src = memoryview(data).cast("B")
+    off = 0
+    for dst in dsts:
+        mv = memoryview(dst).cast("B")
+        n = min(len(mv), len(src) - off)
+        if n <= 0:
+            break
+        mv[:n] = src[off : off + n]
+        off += n

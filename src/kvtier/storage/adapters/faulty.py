@@ -1,0 +1,106 @@
+"""``{"type": "faulty", "inner": {...}}``: wraps another adapter and injects faults, for tests.
+
+Faults are set on the instance at run time (``adapter.store_error = OSError(errno.ENOSPC, ...)``); they model
+what a real backend reports, so the layers above can be tested on failure paths without mocks:
+
+* ``store_error``: every store batch raises it before anything is written (a full disk, a lost connection);
+* ``fail_store_after``: store that many items of a batch, then clean them up and raise ``store_error`` or an
+  ``OSError`` (a backend that fails mid-batch and keeps its all-or-nothing promise);
+* ``load_error``: every load / read_heads / contains batch raises it;
+* ``corrupt_loads``: flip one bit in the middle of every record a load returns (damage on the way back);
+* counters ``stores``, ``loads`` of batches seen.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from typing import Any
+
+from kvtier.config import ConfigReader
+from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter
+
+
+class FaultyAdapter(L2Adapter):
+    """Delegates to ``inner``, raising or damaging data as its fault attributes say."""
+
+    def __init__(self, inner: L2Adapter) -> None:
+        super().__init__()
+        self.inner = inner
+        self.store_error: BaseException | None = None
+        self.fail_store_after: int | None = None
+        self.load_error: BaseException | None = None
+        self.corrupt_loads = False
+        self.stores = 0
+        self.loads = 0
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        return self.inner.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.inner.used_bytes
+
+    def _store(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
+        self.stores += 1
+        if self.fail_store_after is not None:
+            n = min(self.fail_store_after, len(keys))
+            self.inner.store_records(keys[:n], records[:n])
+            self.inner.delete(keys[:n])
+            raise self.store_error or OSError(errno.EIO, f"injected fault after {n} item(s)")
+        if self.store_error is not None:
+            raise self.store_error
+        self.inner.store_records(keys, records)
+
+    def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
+        self.loads += 1
+        if self.load_error is not None:
+            raise self.load_error
+        lengths = self.inner.load_records(keys, dsts)
+        if self.corrupt_loads:
+            for dst, length in zip(dsts, lengths, strict=True):
+                if length != MISS:
+                    _flip_middle_bit(dst, length)
+        return lengths
+
+    def _will_load(self, keys: Sequence[str]) -> None:
+        self.inner.will_load(keys)
+
+    def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
+        if self.load_error is not None:
+            raise self.load_error
+        return self.inner.read_heads(keys, size)
+
+    def _contains(self, keys: Sequence[str]) -> list[bool]:
+        if self.load_error is not None:
+            raise self.load_error
+        return self.inner.contains(keys)
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        self.inner.delete(keys)
+
+    def _close(self) -> None:
+        self.inner.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.inner.stats(), "type": self.type_name, "inner": self.inner.type_name}
+
+
+def _flip_middle_bit(dst: Sequence[Buffer], length: int) -> None:
+    pos = length // 2
+    for buf in dst:
+        mv = memoryview(buf).cast("B")
+        if pos < len(mv):
+            mv[pos] ^= 0x10
+            return
+        pos -= len(mv)
+
+
+def faulty_factory(config: dict[str, Any], where: str) -> FaultyAdapter:
+    from kvtier.storage.adapters.registry import create_backend
+
+    reader = ConfigReader(config, where)
+    inner = reader.raw("inner")
+    reader.finish()
+    return FaultyAdapter(create_backend(inner, f"{where}.inner"))

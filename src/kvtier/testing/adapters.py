@@ -1,0 +1,272 @@
+"""The L2 adapter conformance suite: every adapter passes by subclassing :class:`L2AdapterTests`.
+
+Example, in a backend's tests::
+
+    from kvtier.testing import L2AdapterTests
+
+    class TestMyAdapter(L2AdapterTests):
+        def adapter_config(self, tmp_path, capacity_gb=None):
+            return {"type": "mine", "url": ..., **({"max_capacity_gb": capacity_gb} if capacity_gb else {})}
+
+``capacity_gb`` is set by the capacity tests; an unbounded adapter sets ``bounded = False`` and ignores it.
+The suite checks the bytes contract (batches, scatter/gather, misses, overwrite, delete, capacity, close, lazy
+start) and the shared serde + record layer on top of the adapter (round trips with no serde, raw and a
+bytes-stage chain; damaged, truncated and foreign records are misses and are removed; a failed batch leaves
+nothing visible).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from kvtier.errors import BatchError, CapacityError, SerdeError
+from kvtier.record import RecordMeta, pack_record
+from kvtier.serde import AsyncSerdeProcessor, BytesDeserializer, BytesSerializer, LayoutDesc, register_serde_factory
+from kvtier.serde.processor import SerdeIdentity
+from kvtier.serde.registry import registered_serdes
+from kvtier.storage.adapters import MISS, L2Adapter, create_backend, create_l2_adapter
+from kvtier.storage.serde_layer import L2Tier, byte_view, layout_of
+from kvtier.testing.serde import kv_like
+from kvtier.types import ObjectKey
+
+TEST_SERDE = "kvtier-test-xor"
+
+
+class _XorSerializer(BytesSerializer):
+    """A bytes stage that changes every byte and refuses a poisoned input (for failed-batch tests)."""
+
+    def serialize(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+        n = src.numel()
+        if n >= 4 and bytes(src[:4].numpy()) == b"FAIL":
+            raise SerdeError("poisoned input")
+        torch.bitwise_xor(src, 0x5A, out=dst[:n])
+        return n
+
+    def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
+        return layout_desc.nbytes
+
+
+class _XorDeserializer(BytesDeserializer):
+    def decoded_size(self, src: torch.Tensor) -> int:
+        return src.numel()
+
+    def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        torch.bitwise_xor(src, 0x5A, out=dst)
+
+
+def ensure_test_serde() -> str:
+    """Register the suite's bytes-stage serde once (``kvtier-test-xor``) and return its name."""
+    if TEST_SERDE not in registered_serdes():
+        register_serde_factory(TEST_SERDE, lambda config: AsyncSerdeProcessor(_XorSerializer(), _XorDeserializer()))
+    return TEST_SERDE
+
+
+def keys(n: int, salt: str = "", start: int = 0) -> list[ObjectKey]:
+    return [ObjectKey("org/model", format(1000 + i, "x"), cache_salt=salt) for i in range(start, start + n)]
+
+
+def chunk(seed: int, tokens: int = 16) -> torch.Tensor:
+    return kv_like((2, 3, tokens, 32), torch.bfloat16, seed=seed)
+
+
+def _is_started(adapter: L2Adapter) -> bool:
+    return adapter.started  # a call, so that a type checker does not keep the earlier `not started` narrowing
+
+
+class L2AdapterTests:
+    """Subclass and implement :meth:`adapter_config`."""
+
+    #: whether the adapter honours a capacity (``max_capacity_gb`` or the like)
+    bounded: ClassVar[bool] = True
+
+    def adapter_config(self, tmp_path: Path, capacity_gb: float | None = None) -> dict[str, Any]:
+        raise NotImplementedError("subclasses return the adapter's config (without serde)")
+
+    def serde_configs(self) -> list[Any]:
+        """Serde configs the round-trip tests run through (``None``: no serde)."""
+        return [None, {"type": "raw"}, [{"type": "raw"}, {"type": ensure_test_serde()}]]
+
+    def make_tier(self, tmp_path: Path, serde: Any = None, capacity_gb: float | None = None) -> L2Tier:
+        config = self.adapter_config(tmp_path, capacity_gb)
+        if serde is not None:
+            config = {**config, "serde": serde}
+        return create_l2_adapter(json.loads(json.dumps(config)))
+
+    def make_adapter(self, tmp_path: Path, capacity_gb: float | None = None) -> L2Adapter:
+        return create_backend(json.loads(json.dumps(self.adapter_config(tmp_path, capacity_gb))))
+
+    # -- bytes contract -----------------------------------------------------------------------------------
+    def test_lazy_start_and_config_round_trip(self, tmp_path: Path) -> None:
+        adapter = self.make_adapter(tmp_path)
+        assert not adapter.started, "an adapter must create no resources before its first operation"
+        again = create_backend(json.loads(json.dumps(adapter.config)))
+        assert adapter == again
+        assert adapter.contains(["x"]) == [False]
+        assert _is_started(adapter), "the first operation starts the adapter"
+        adapter.close()
+        again.close()
+
+    def test_records_round_trip_scatter_gather(self, tmp_path: Path) -> None:
+        with self.make_adapter(tmp_path) as adapter:
+            recs = {f"k{i}": bytes(range(i, i + 100)) * (i + 1) for i in range(5)}
+            adapter.store_records(list(recs), [[v[:7], v[7:]] for v in recs.values()])
+            assert adapter.contains([*recs, "nope"]) == [True] * 5 + [False]
+            for key, value in recs.items():
+                head, rest = bytearray(10), bytearray(len(value) - 10)
+                assert adapter.load_records([key], [[head, rest]]) == [len(value)]
+                assert bytes(head + rest) == value
+            assert adapter.read_heads(["k1", "nope"], 5) == [recs["k1"][:5], None]
+            small = bytearray(3)
+            assert adapter.load_records(["k4"], [[small]]) == [len(recs["k4"])], "a record too large reports its size"
+
+    def test_missing_keys_are_misses(self, tmp_path: Path) -> None:
+        with self.make_adapter(tmp_path) as adapter:
+            assert adapter.load_records(["a", "b"], [[bytearray(4)], [bytearray(4)]]) == [MISS, MISS]
+            assert adapter.contains(["a"]) == [False]
+            adapter.delete(["a"])  # absent keys are ignored
+            adapter.will_load(["a", "b"])  # a read-ahead hint for absent keys is not an error
+            assert adapter.load_records([], []) == []
+
+    def test_overwrite_and_delete(self, tmp_path: Path) -> None:
+        with self.make_adapter(tmp_path) as adapter:
+            adapter.store_records(["k"], [[b"first-version"]])
+            adapter.store_records(["k"], [[b"second"]])
+            buf = bytearray(6)
+            assert adapter.load_records(["k"], [[buf]]) == [6] and bytes(buf) == b"second"
+            assert adapter.used_bytes == 6
+            adapter.delete(["k"])
+            assert adapter.contains(["k"]) == [False]
+            assert adapter.used_bytes == 0
+
+    def test_capacity_accounting(self, tmp_path: Path) -> None:
+        with self.make_adapter(tmp_path) as adapter:
+            before = adapter.used_bytes
+            adapter.store_records(["a", "b"], [[bytes(1000)], [bytes(3000)]])
+            assert adapter.used_bytes == before + 4000
+            adapter.delete(["a"])
+            assert adapter.used_bytes == before + 3000
+
+    def test_capacity_bound_under_sustained_writes(self, tmp_path: Path) -> None:
+        if not self.bounded:
+            pytest.skip("adapter is unbounded")
+        capacity_gb = 64 * 1024 / (1 << 30)  # 64 KiB
+        with self.make_adapter(tmp_path, capacity_gb) as adapter:
+            cap = adapter.capacity_bytes
+            assert cap is not None and 60_000 <= cap <= 70_000
+            for i in range(60):
+                adapter.store_records([f"k{i}", f"j{i}"], [[bytes([i % 256]) * 5000], [bytes(2000)]])
+                assert adapter.used_bytes <= cap
+            assert adapter.contains(["k59", "j59"]) == [True, True], "the newest records must survive eviction"
+            assert adapter.contains(["k0"]) == [False], "the oldest records must have been evicted"
+            with pytest.raises(CapacityError):
+                adapter.store_records(["small", "huge"], [[b"x"], [bytes(cap + 1)]])
+            assert adapter.contains(["small", "huge"]) == [False, False], "a failed batch leaves nothing visible"
+
+    def test_close_is_idempotent_and_final(self, tmp_path: Path) -> None:
+        adapter = self.make_adapter(tmp_path)
+        adapter.store_records(["k"], [[b"v"]])
+        adapter.close()
+        adapter.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            adapter.contains(["k"])
+
+    def test_concurrent_batches(self, tmp_path: Path) -> None:
+        with self.make_adapter(tmp_path) as adapter:
+            errors: list[BaseException] = []
+
+            def work(t: int) -> None:
+                try:
+                    for i in range(20):
+                        key = f"t{t}-{i}"
+                        value = f"{key}:".encode() * 50
+                        adapter.store_records([key], [[value]])
+                        buf = bytearray(len(value))
+                        if adapter.load_records([key], [[buf]]) != [len(value)] or bytes(buf) != value:
+                            raise AssertionError(f"bad read of {key}")
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            assert not errors, errors
+
+    # -- the shared serde + record layer on this adapter ----------------------------------------------------
+    def test_tensor_round_trip_through_each_serde(self, tmp_path: Path) -> None:
+        for serde in self.serde_configs():
+            tier = self.make_tier(tmp_path / str(abs(hash(json.dumps(serde)))), serde)
+            try:
+                ks = keys(4)
+                src = [chunk(i) for i in range(3)] + [kv_like((7, 5), torch.float32, seed=9)]
+                tier.store(ks, src)
+                outs = [torch.empty_like(s) for s in src]
+                assert tier.load_into([*ks, *keys(1, start=50)], [*outs, torch.empty_like(src[0])]) == [
+                    True,
+                    True,
+                    True,
+                    True,
+                    False,
+                ]
+                for s, o in zip(src, outs, strict=True):
+                    assert torch.equal(s.view(torch.uint8), o.view(torch.uint8)), f"serde {serde}"
+                assert tier.layouts(ks[:1]) == [layout_of(src[0])]
+                assert tier.stats()["integrity_misses"] == 0
+            finally:
+                tier.close()
+
+    def test_damaged_truncated_and_foreign_records_are_misses_and_removed(self, tmp_path: Path) -> None:
+        with self.make_tier(tmp_path) as tier:
+            good = chunk(1)
+            (key,) = keys(1)
+            name = key.to_str()
+            meta = RecordMeta(tier.identity, layout_of(good), name)
+            record = pack_record(meta, byte_view(good.clone()))
+            flipped = bytearray(record)
+            flipped[len(record) - 10] ^= 1
+            foreign_serde = pack_record(RecordMeta(SerdeIdentity("other", bytes(16)), meta.layout, name), record[-100:])
+            other_key = pack_record(RecordMeta(tier.identity, meta.layout, keys(1, start=7)[0].to_str()), record[-100:])
+            cases = {
+                "flipped bit": bytes(flipped),
+                "truncated": record[:-1],
+                "padded": record + b"\0",
+                "foreign serde": foreign_serde,
+                "another key's record": other_key,
+                "not a record": b"hello world" * 10,
+                "empty": b"",
+            }
+            for what, data in cases.items():
+                tier.adapter.store_records([name], [[data]])
+                out = torch.zeros_like(good)
+                assert tier.load_into([key], [out]) == [False], what
+                assert tier.contains([key]) == [False], f"{what}: an unusable record must be removed"
+                tier.adapter.store_records([name], [[data]])
+                assert tier.layouts([key]) in ([None], [meta.layout]), what
+            assert tier.stats()["integrity_misses"] >= len(cases)
+
+    def test_failed_serde_batch_leaves_nothing(self, tmp_path: Path) -> None:
+        tier = self.make_tier(tmp_path, [{"type": "raw"}, {"type": ensure_test_serde()}])
+        with tier:
+            ks = keys(5)
+            src = [chunk(i) for i in range(5)]
+            poisoned = torch.frombuffer(bytearray(b"FAIL" + bytes(60)), dtype=torch.uint8)
+            with pytest.raises(BatchError):
+                tier.store(ks, [*src[:4], poisoned])
+            assert tier.contains(ks) == [False] * 5, "a failed batch must leave none of its keys"
+            assert tier.stats()["store_failures"] == 5
+
+    def test_oversized_item_fails_the_whole_batch(self, tmp_path: Path) -> None:
+        if not self.bounded:
+            pytest.skip("adapter is unbounded")
+        with self.make_tier(tmp_path, capacity_gb=64 * 1024 / (1 << 30)) as tier:
+            ks = keys(2)
+            with pytest.raises(CapacityError):
+                tier.store(ks, [chunk(0, tokens=2), torch.zeros(100_000, dtype=torch.uint8)])
+            assert tier.contains(ks) == [False, False]
