@@ -54,17 +54,8 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 def record_identity(serde: AsyncSerdeProcessor | None) -> SerdeIdentity:
-    """The serde identity written into records: the processor's, minus ``max_workers``. The thread count does
-    not change a single byte of output, so changing it must not turn every stored record into a foreign one."""
-    if serde is None:
-        return SerdeIdentity.of_config(None)
-    config = serde.config
-    if isinstance(config, dict):
-        return SerdeIdentity.of_config({k: v for k, v in config.items() if k != "max_workers"})
-    if isinstance(config, list):
-        stages = [{k: v for k, v in c.items() if k != "max_workers"} if isinstance(c, dict) else c for c in config]
-        return SerdeIdentity.of_config(stages)
-    return serde.identity
+    """The serde identity written into records (``none`` for an adapter without serde)."""
+    return SerdeIdentity.of_config(None) if serde is None else serde.identity
 
 
 class _Scratch:
