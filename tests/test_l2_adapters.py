@@ -198,3 +198,17 @@ def test_a_load_error_mid_pipeline_waits_for_running_decodes() -> None:
     faulty._load = inner_load  # type: ignore[method-assign]
     assert tier.load_into(ks, outs) == [True] * 4
     assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
+
+
+def test_max_workers_does_not_change_the_record_identity() -> None:
+    one = create_l2_adapter({"type": "memory", "serde": [{"type": "raw"}, {"type": "kvtier-test-xor"}]})
+    two = create_l2_adapter(
+        {"type": "memory", "serde": [{"type": "raw", "max_workers": 2}, {"type": "kvtier-test-xor"}]}
+    )
+    assert one.identity == two.identity
+    two.adapter = one.adapter  # same records, read with another thread count
+    one.store(keys(1), [chunk(0)])
+    out = torch.empty_like(chunk(0))
+    assert two.load_into(keys(1), [out]) == [True] and torch.equal(out, chunk(0))
+    other = create_l2_adapter({"type": "memory", "serde": {"type": "raw"}})
+    assert other.identity != one.identity

@@ -211,3 +211,14 @@ def test_fast_deserializer_shares_or_copies() -> None:
 def test_processor_config_is_json() -> None:
     processor = create_serde_processor({"type": "raw", "max_workers": 2})
     assert json.loads(json.dumps(processor.config)) == {"type": "raw", "max_workers": 2}
+
+
+def test_identity_ignores_max_workers() -> None:
+    """The thread count changes no byte of output: records written with 1 worker stay readable with 4."""
+    one = create_serde_processor({"type": "raw"})
+    four = create_serde_processor({"type": "raw", "max_workers": 4})
+    assert one.identity == four.identity
+    assert (
+        create_serde_processor([{"type": "raw", "max_workers": 2}]).identity
+        == create_serde_processor([{"type": "raw"}]).identity
+    )

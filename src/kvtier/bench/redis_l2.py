@@ -67,8 +67,8 @@ def _chunks(args: argparse.Namespace) -> list[tuple[str, torch.Tensor]]:
 
 
 def run(args: argparse.Namespace) -> Report:
-    if args.rounds < 1 or args.batch < 1 or args.mib_per_round < 1:
-        raise SystemExit("--rounds, --batch and --mib-per-round must be >= 1")
+    if args.rounds < 1 or args.batch < 1 or args.mib_per_round < 1 or getattr(args, "workers", 1) < 1:
+        raise SystemExit("--rounds, --batch, --workers and --mib-per-round must be >= 1")
     # The raw path without serde is always measured (it is the baseline of every serde); "raw" as a serde is
     # that same path (the serde layer sends the tensor's memory directly), so it adds nothing.
     asked = args.serde if args.serde is not None else (["fp8"] if "fp8" in registered_serdes() else [])
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> Report:
             "mib_per_round": args.mib_per_round,
             "rounds": args.rounds,
             "serdes": serdes,
+            "serde_workers": getattr(args, "workers", 1),
         },
     )
     try:
@@ -105,6 +106,7 @@ def _bench_size(
     import redis
 
     nbytes = src.numel() * src.element_size()
+    workers = getattr(args, "workers", 1)  # bench l2's --workers: serde threads per adapter
     n = max(1, args.mib_per_round * MiB // nbytes)
     batch = min(args.batch, n)
     prefix = f"kvtier-bench-{uuid.uuid4().hex[:8]}"
@@ -118,7 +120,12 @@ def _bench_size(
     tiers: dict[str, L2Tier] = {"kvtier": create_l2_adapter({"type": "redis", "url": url, "key_prefix": prefix})}
     for name in serdes:
         tiers[f"kvtier+{name}"] = create_l2_adapter(
-            {"type": "redis", "url": url, "key_prefix": f"{prefix}-{name}", "serde": {"type": name}}
+            {
+                "type": "redis",
+                "url": url,
+                "key_prefix": f"{prefix}-{name}",
+                "serde": {"type": name, "max_workers": workers},
+            }
         )
 
     def raw_set() -> None:

@@ -106,6 +106,10 @@ class _Tables:
             biased = codes.to(torch.float64) * 2.0 ** _min_exponent(fp8, dtype)
             # codes whose biased value overflows are never written for this dtype (see caps in the encoder)
             self.lut_scaled[dtype] = biased.to(dtype).view(int_dtype).numpy().astype(np_int)
+        # fp8 magnitude code of every bf16 magnitude pattern: torch's cast, so the bf16 encoder rounds exactly
+        # as torch does (patterns above the fp8 range are capped by the encoder, inf/NaN are never looked up).
+        magnitudes = torch.arange(0x8000, dtype=torch.int16).view(torch.bfloat16)
+        self.encode_bf16 = magnitudes.to(fp8).view(torch.uint8).numpy().copy()
         nonzero = (torch.arange(256) & 0x7F).numpy() != 0
         self.nz: dict[type, np.ndarray] = {
             np.uint16: np.where(nonzero, 0xFFFF, 0).astype(np.uint16),
@@ -168,18 +172,28 @@ class Fp8Serializer(Serializer):
         out_max = float(torch.finfo(src.dtype).max)
         exps = dst[n : n + ngroups].numpy().view(np.int8)
         caps = np.empty(ngroups, dtype=np.int64)
+        tables = _TABLES[self.fp8]
+        bf16 = src.dtype == torch.bfloat16
         g0 = 0
         for offset, b, t, c in groups:
             view = bits[offset : offset + b * t * c]
             e, cap = exps[g0 : g0 + b * c], caps[g0 : g0 + b * c]
-            bad = k.group_exponents(
-                view, b, t, c, kind, fmt.max_value, out_max, lo, e, cap, _TABLES[self.fp8].f64, fmt.maxcode
-            )
+            if bf16:
+                amax16 = np.zeros(b * c, dtype=np.uint16)
+                bad = k.group_amax_bf16(view, b, t, c, amax16)
+                amax = amax16.astype(np.uint32) << 16
+            else:
+                amax = np.zeros(b * c, dtype=np.uint32)
+                bad = k.group_amax(view, b, t, c, kind, amax)
             if bad >= 0:
-                raise SerdeError(f"fp8: non-finite input at element {offset + bad}; the item is not stored")
-            k.encode_scaled(
-                view, out[offset : offset + b * t * c], b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode
-            )
+                where = f"group {g0 + bad}" if bf16 else f"element {offset + bad}"
+                raise SerdeError(f"fp8: non-finite input in {where}; the item is not stored")
+            k.exponents_from_amax(amax, fmt.max_value, out_max, lo, e, cap, tables.f64, fmt.maxcode)
+            dst_view = out[offset : offset + b * t * c]
+            if bf16:
+                k.encode_scaled_bf16(view, dst_view, b, t, c, e, cap, tables.encode_bf16)
+            else:
+                k.encode_scaled(view, dst_view, b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode)
             g0 += b * c
         return n + ngroups
 

@@ -47,11 +47,17 @@ class SerdeIdentity:
 
     @classmethod
     def of_config(cls, config: Any) -> SerdeIdentity:
+        """The identity of a serde config. ``max_workers`` is left out: the thread count does not change a byte
+        of output, so changing it must not turn every stored record into a foreign one."""
         if config is None:
             return cls("none", config_hash(None))
         stages = config if isinstance(config, list) else [config]
+        stages = [
+            {k: v for k, v in stage.items() if k != "max_workers"} if isinstance(stage, dict) else stage
+            for stage in stages
+        ]
         name = "+".join(str(stage.get("type", "?")) if isinstance(stage, dict) else "?" for stage in stages)
-        return cls(name, config_hash(config))
+        return cls(name, config_hash(stages if isinstance(config, list) else stages[0]))
 
 
 class AsyncSerdeProcessor:

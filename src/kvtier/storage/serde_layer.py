@@ -53,6 +53,11 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(array)
 
 
+def record_identity(serde: AsyncSerdeProcessor | None) -> SerdeIdentity:
+    """The serde identity written into records (``none`` for an adapter without serde)."""
+    return SerdeIdentity.of_config(None) if serde is None else serde.identity
+
+
 class _Scratch:
     """Reused uint8 buffers for one direction (store or load), grown to the largest size seen; counts bytes."""
 
@@ -82,7 +87,7 @@ class L2Tier:
         self.adapter = adapter
         self.serde = serde
         self.config = config
-        self.identity = serde.identity if serde is not None else SerdeIdentity.of_config(None)
+        self.identity = record_identity(serde)
         # raw's payload is exactly the tensor's bytes, so the direct path writes the same record with no copy.
         self._direct = serde is None or type(serde.serializer) is RawSerializer
         # Items per serde round: enough to keep every worker busy, few enough to bound the scratch memory.

@@ -85,12 +85,41 @@ def encode_plain(  # noqa: PLR0917 (numba kernels take positional scalars)
 
 
 @njit(nogil=True, cache=True)
-def group_exponents(  # noqa: PLR0917 (numba kernels take positional scalars)
-    src: np.ndarray,
-    B: int,
-    T: int,
-    C: int,
-    kind: int,
+def group_amax(src: np.ndarray, B: int, T: int, C: int, kind: int, amax: np.ndarray) -> int:  # noqa: PLR0917
+    """Per-group amax as float32 magnitude bits (monotonic for finite floats) into ``amax`` (zeroed, uint32);
+    returns the index of the first non-finite input, or -1."""
+    for b in range(B):
+        for t in range(T):
+            base = (b * T + t) * C
+            for c in range(C):
+                x = np.int64(src[base + c])
+                a = (x if kind == FP32 else _f32_bits_of(x, kind)) & 0x7FFFFFFF
+                if a >= 0x7F80_0000:
+                    return base + c
+                g = b * C + c
+                amax[g] = max(amax[g], a)
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def group_amax_bf16(src: np.ndarray, B: int, T: int, C: int, amax: np.ndarray) -> int:
+    """:func:`group_amax` for bfloat16 bits into a zeroed ``uint16`` ``amax``: a branch-free max over rows that
+    LLVM vectorizes (5x the generic loop here). Returns the first non-finite group, or -1."""
+    for b in range(B):
+        row = amax[b * C : (b + 1) * C]
+        for t in range(T):
+            base = (b * T + t) * C
+            for c in range(C):
+                row[c] = max(row[c], src[base + c] & np.uint16(0x7FFF))
+    for g in range(B * C):
+        if amax[g] >= 0x7F80:
+            return g
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def exponents_from_amax(  # noqa: PLR0917 (numba kernels take positional scalars)
+    amax: np.ndarray,
     fp8_max: float,
     out_max: float,
     lo: int,
@@ -98,21 +127,10 @@ def group_exponents(  # noqa: PLR0917 (numba kernels take positional scalars)
     caps: np.ndarray,
     lut_f64: np.ndarray,
     maxcode: int,
-) -> int:
-    """Per-group exponent ``e`` with ``amax * 2**-e <= fp8_max``, clamped to ``[lo, 127]``; returns the index of
-    the first non-finite input or -1. ``caps[g]`` is the largest code whose decoded value stays <= ``out_max``."""
-    amax = np.zeros(B * C, dtype=np.uint32)  # magnitudes compared as bits: monotonic for finite floats
-    for b in range(B):
-        for t in range(T):
-            base = (b * T + t) * C
-            for c in range(C):
-                x = np.int64(src[base + c])
-                a = (x if kind == FP32 else _f32_bits_of(x, kind)) & 0x7FFFFFFF
-                if a >= 0x7F800000:
-                    return base + c
-                g = b * C + c
-                amax[g] = max(amax[g], a)
-    for g in range(B * C):
+) -> None:
+    """Per-group exponent ``e`` with ``amax * 2**-e <= fp8_max``, clamped to ``[lo, 127]``; ``caps[g]`` is the
+    largest code whose decoded value stays <= ``out_max``. ``amax`` holds float32 magnitude bits."""
+    for g in range(amax.size):
         m = np.float64(np.uint32(amax[g]).view(np.float32))
         e = lo if lo > 0 else 0
         if m > 0.0:
@@ -124,7 +142,6 @@ def group_exponents(  # noqa: PLR0917 (numba kernels take positional scalars)
         while cap > 0 and lut_f64[cap] * 2.0**e > out_max:
             cap -= 1
         caps[g] = cap
-    return -1
 
 
 @njit(nogil=True, cache=True)
@@ -141,7 +158,7 @@ def encode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
     bias: int,
     maxcode: int,
 ) -> None:
-    """Encode ``x * 2**-e`` per group; never writes a code above ``caps`` (see :func:`group_exponents`).
+    """Encode ``x * 2**-e`` per group; never writes a code above ``caps`` (see :func:`exponents_from_amax`).
 
     The scale is applied by subtracting ``e`` from the float32 exponent field (no float multiply): a result
     whose exponent would fall below float32's normal range is far below fp8's smallest subnormal, so it is 0.
@@ -160,6 +177,36 @@ def encode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
                     code = _encode_abs(a - (e << 23), mbits, bias, maxcode, True)
                     code = min(code, caps[g])
                 dst[base + c] = np.uint8(((bits >> 24) & 0x80) | code)
+
+
+@njit(nogil=True, cache=True)
+def encode_scaled_bf16(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray,
+    dst: np.ndarray,
+    B: int,
+    T: int,
+    C: int,
+    exps: np.ndarray,
+    caps: np.ndarray,
+    table: np.ndarray,
+) -> None:
+    """:func:`encode_scaled` for bfloat16, through ``table``: the fp8 magnitude code of every bf16 magnitude
+    (torch's own cast of the 32768 patterns, so rounding is torch's by construction). Scaling subtracts ``e``
+    from the bf16 exponent field, as the generic kernel does on float32 bits; a result below the normal range
+    is 0. About 2x the generic kernel here: no float32 widening, one lookup instead of the rounding logic."""
+    for b in range(B):
+        e_row = exps[b * C : (b + 1) * C]
+        c_row = caps[b * C : (b + 1) * C]
+        for t in range(T):
+            base = (b * T + t) * C
+            for c in range(C):
+                x = np.int32(src[base + c])
+                a = x & 0x7FFF
+                e = np.int32(e_row[c])
+                mag = 0
+                if a != 0 and (a >> 7) - e >= 1:
+                    mag = min(np.int64(table[a - (e << 7)]), c_row[c])
+                dst[base + c] = np.uint8(((x >> 8) & 0x80) | mag)
 
 
 @njit(nogil=True, cache=True)
