@@ -348,3 +348,25 @@ def test_cluster_failed_batch_leaves_nothing(cluster: LocalRedis) -> None:
         finally:
             admin.config_set("maxmemory", "0")
             admin.close()
+
+
+@pytest.mark.parametrize("cluster_mode", [False, True])
+def test_foreign_value_types_under_the_prefix_are_misses(
+    server: LocalRedis, cluster: LocalRedis, cluster_mode: bool
+) -> None:
+    url = cluster.url if cluster_mode else server.url
+    tier = create_l2_adapter({"type": "redis", "url": url, "key_prefix": prefix(), "cluster": cluster_mode})
+    adapter = tier.adapter
+    assert isinstance(adapter, RedisAdapter)
+    key = keys(1)[0]
+    raw = redis.Redis.from_url(url)
+    raw.hset(f"{adapter.key_prefix}:{key.to_str()}", "field", "value")  # not a string value
+    tier.store(keys(1, start=5), [chunk(5)])  # the batch around it keeps working
+    both = [key, keys(1, start=5)[0]]
+    assert tier.layouts(both) == [None, tier.layouts(both[1:])[0]]
+    raw.hset(f"{adapter.key_prefix}:{key.to_str()}", "field", "value")  # removed by layouts(): put it back
+    out = [torch.empty_like(chunk(0)), torch.empty_like(chunk(5))]
+    assert tier.load_into(both, out) == [False, True] and torch.equal(out[1], chunk(5))
+    assert tier.stats()["integrity_misses"] == 2
+    raw.close()
+    tier.close()

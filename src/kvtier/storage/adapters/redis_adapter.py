@@ -563,7 +563,12 @@ class RedisAdapter(L2Adapter):
             pipe.get(key)
         out = []
         missing = []
-        for key, value, dst in zip(full, pipe.execute(raise_on_error=True), dsts, strict=True):
+        for key, value, dst in zip(full, pipe.execute(raise_on_error=False), dsts, strict=True):
+            if isinstance(value, Exception):
+                if not _is_wrong_type(value):
+                    raise value
+                out.append(0)  # not a string: unusable, so the serde layer counts a damaged record and removes it
+                continue
             if value is None:
                 out.append(MISS)
                 missing.append(key)
@@ -584,8 +589,18 @@ class RedisAdapter(L2Adapter):
             for key in full:
                 pipe.exists(key)
                 pipe.getrange(key, 0, max(size, 1) - 1)
-            res = pipe.execute(raise_on_error=True)
-            return [bytes(res[2 * i + 1])[:size] if res[2 * i] else None for i in range(len(full))]
+            res = pipe.execute(raise_on_error=False)
+            heads: list[bytes | None] = []
+            for i in range(len(full)):
+                exists, head = res[2 * i], res[2 * i + 1]
+                for r in (exists, head):
+                    if isinstance(r, Exception) and not _is_wrong_type(r):
+                        raise r
+                if isinstance(exists, Exception) or not exists:
+                    heads.append(None)
+                else:  # a value of another type under our key reads as an empty, unusable record
+                    heads.append(b"" if isinstance(head, Exception) else bytes(head)[:size])
+            return heads
 
         return self._run(op)
 
@@ -716,7 +731,12 @@ class _RespReader:
 
     def bulk_into(self, dst: Sequence[Buffer]) -> int:
         """Read one bulk reply into ``dst`` (in order, as far as it reaches); its length, or MISS for nil."""
-        line = self._line()
+        try:
+            line = self._line()
+        except self._rx.ResponseError as exc:
+            if _is_wrong_type(exc):
+                return 0  # not a string: unusable, so the serde layer counts a damaged record and removes it
+            raise
         if line == b"_":  # RESP3 null
             return MISS
         if line[:1] == b"!":  # RESP3 blob error
@@ -751,6 +771,11 @@ class _RespReader:
         if line[:1] != b":":
             raise self._rx.InvalidResponse(f"expected an integer, got {line[:40]!r}")
         return int(line[1:])
+
+
+def _is_wrong_type(exc: BaseException) -> bool:
+    """A reply saying the key holds another type than a string (someone else's data under our prefix)."""
+    return str(exc).startswith("WRONGTYPE")
 
 
 def _is_oom(exc: BaseException) -> bool:
