@@ -28,10 +28,15 @@ and tensor memory) straight to the socket: no joined copy on the client. If the 
 outcome is unknown to the client: the batch is reported failed and its keys are deleted at the next chance (by
 the serde layer); whatever is found meanwhile is whole, checked records.
 
+Loads. A batch of ``GET`` commands is one pipeline (at most ``_LOAD_WINDOW`` bytes of destinations in flight) whose
+replies are received from the socket straight into the caller's buffers: no ``bytes`` object per value, no copy.
+A value of another type under a record key reads as an empty record, so the serde layer counts it damaged and
+removes it.
+
 Capacity. Two lines of defence, documented in README.md: ``max_capacity_gb`` bounds the record bytes (the
 accounting script evicts LRU records atomically as it accounts a batch, so the accounted bytes never exceed the
-bound; the server's memory holds at most one batch in flight above it), and the
-server's own ``maxmemory`` bounds its memory. With ``maxmemory-policy noeviction`` a full server answers
+bound; the server's memory holds at most one batch in flight above it), and the server's own ``maxmemory``
+bounds its memory. With ``maxmemory-policy noeviction`` a full server answers
 ``OOM``: the batch fails with :class:`~kvtier.errors.CapacityError` and kvtier keeps serving; with
 ``allkeys-lru`` Redis may evict records itself, and the accounting of such a record is dropped when a load or an
 eviction meets it.
