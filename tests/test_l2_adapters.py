@@ -160,3 +160,9 @@ def test_load_error_propagates() -> None:
 def test_batch_error_is_a_runtime_error() -> None:
     assert issubclass(BatchError, RuntimeError)
     assert issubclass(FaultyAdapter, L2Adapter)
+
+
+class TestFSAdapter(L2AdapterTests):
+    def adapter_config(self, tmp_path: Path, capacity_gb: float | None = None) -> dict[str, Any]:
+        extra = {} if capacity_gb is None else {"max_capacity_gb": capacity_gb}
+        return {"type": "fs", "base_path": str(tmp_path / "l2"), "durability": "none", **extra}

@@ -14,6 +14,7 @@ from kvtier.errors import (
     NotFoundError,
     SerdeError,
 )
+from kvtier.storage.store import Store
 from kvtier.types import KVFormat, LayoutDesc, ObjectKey
 
 __version__ = "0.1.0"
@@ -30,5 +31,6 @@ __all__ = [
     "NotFoundError",
     "ObjectKey",
     "SerdeError",
+    "Store",
     "__version__",
 ]

@@ -2,6 +2,7 @@
 
 from kvtier.storage.adapters.base import MISS, L2Adapter
 from kvtier.storage.adapters.faulty import FaultyAdapter, faulty_factory
+from kvtier.storage.adapters.fs import FSAdapter, fs_factory
 from kvtier.storage.adapters.memory import MemoryAdapter, memory_factory
 from kvtier.storage.adapters.registry import (
     create_backend,
@@ -11,7 +12,7 @@ from kvtier.storage.adapters.registry import (
     unregister_l2_adapter,
 )
 
-BUILTIN_ADAPTERS = {"memory": memory_factory, "faulty": faulty_factory}
+BUILTIN_ADAPTERS = {"fs": fs_factory, "memory": memory_factory, "faulty": faulty_factory}
 
 
 def register_builtin_adapters() -> None:
@@ -24,6 +25,7 @@ register_builtin_adapters()
 
 __all__ = [
     "MISS",
+    "FSAdapter",
     "FaultyAdapter",
     "L2Adapter",
     "MemoryAdapter",

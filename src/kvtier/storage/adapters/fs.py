@@ -1,0 +1,304 @@
+"""``{"type": "fs", "base_path": DIR, "max_capacity_gb": N, "durability": "fsync" | "none",
+"eviction_policy": "LRU"}``: one record file per key on a local filesystem.
+
+* **Crash safety.** A record is written to a temporary name in its final directory, fsynced (``durability:
+  "fsync"``, the default), renamed over the final name, and the directory fsynced. A crash at any point leaves
+  either the old record, the new one, or no record: never a torn one. Leftover temporary files are removed at
+  start.
+* **Bounded.** ``max_capacity_gb`` bounds the bytes of records; the eviction policy picks victims.
+* **Recovery.** The index (key, size) is rebuilt at start from each file's record header (``MAX_HEADER_SIZE``
+  bytes read per file). A file whose header does not parse, whose size disagrees with its header, or whose
+  name is not the one its key maps to, is removed. Payload checksums are checked by every load.
+* **Disk full.** A batch that meets ``ENOSPC`` removes its temporary files and raises ``CapacityError``;
+  records already stored keep loading.
+
+File names are ``<2 hex>/<32 hex>.kvtr``: a hash of the key (a key can be longer than a file name may be); the
+record header holds the key itself, so a load checks it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from kvtier.config import ConfigReader
+from kvtier.errors import CapacityError, ConfigError, IntegrityError
+from kvtier.record import MAX_HEADER_SIZE, parse_header
+from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter, total_length
+from kvtier.storage.policies import POLICIES, create_policy
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+SUFFIX = ".kvtr"
+TMP_SUFFIX = ".tmp"
+
+
+def file_name(key: str) -> str:
+    digest = blake3.blake3(key.encode()).hexdigest(length=16)
+    return f"{digest[:2]}/{digest}{SUFFIX}"
+
+
+class FSAdapter(L2Adapter):
+    """Records as files under ``base_path``; see the module docstring."""
+
+    def __init__(
+        self, base_path: Path, capacity_bytes: int | None, durability: str = "fsync", eviction_policy: str = "LRU"
+    ) -> None:
+        super().__init__()
+        self.base_path = base_path
+        self._capacity = capacity_bytes
+        self.fsync = durability == "fsync"
+        self._policy = create_policy(eviction_policy, "eviction_policy")
+        self._index: dict[str, int] = {}  # key -> record bytes on disk
+        self._used = 0  # bytes of indexed records plus room reserved by batches being written
+        self._lock = threading.Lock()
+        self._tmp_ids = itertools.count()
+        self.counts = {"evictions": 0, "removed_at_start": 0, "disk_full": 0}
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def path_for(self, key: str) -> Path:
+        """The file a key's record lives in (for tools and benchmarks that drop its pages from the cache)."""
+        return self.base_path / file_name(key)
+
+    # -- start: rebuild the index from the record headers -----------------------------------------------------
+    def _start(self) -> None:
+        self.base_path.mkdir(parents=True, exist_ok=True)
+        found: list[tuple[float, str, int]] = []
+        for shard in sorted(self.base_path.iterdir()):
+            if not shard.is_dir() or len(shard.name) != 2:
+                continue
+            for path in shard.iterdir():
+                if path.name.endswith(TMP_SUFFIX):  # a write that a crash cut short: never renamed, never visible
+                    self._remove(path, "unfinished write")
+                    continue
+                if not path.name.endswith(SUFFIX):
+                    continue
+                entry = self._read_index_entry(path)
+                if entry is not None:
+                    found.append(entry)
+        # Oldest first, so the policy's order after a restart follows the files' ages.
+        for _, key, size in sorted(found):
+            self._index[key] = size
+            self._used += size
+            self._policy.insert(key)
+        if self._capacity is not None and self._used > self._capacity:  # the capacity shrank since last run
+            with self._lock:
+                self._evict_locked(self._used - self._capacity)
+
+    def _read_index_entry(self, path: Path) -> tuple[float, str, int] | None:
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                head = f.read(MAX_HEADER_SIZE)
+            meta, _, _ = parse_header(head, total_size=st.st_size)
+            if file_name(meta.key) != f"{path.parent.name}/{path.name}":
+                raise IntegrityError(f"record of key {meta.key!r} is under another key's name")
+        except IntegrityError as exc:
+            self._remove(path, str(exc))
+            return None
+        except OSError as exc:
+            log.warning("fs L2: cannot read %s, skipped: %r", path, exc)
+            return None
+        return st.st_mtime, meta.key, st.st_size
+
+    def _remove(self, path: Path, why: str) -> None:
+        log.warning("fs L2: removing %s (%s)", path, why)
+        self.counts["removed_at_start"] += 1
+        path.unlink(missing_ok=True)
+
+    # -- store ------------------------------------------------------------------------------------------------
+    def _store(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
+        sizes = [total_length(r) for r in records]
+        need = sum(sizes)
+        if self._capacity is not None and need > self._capacity:
+            raise CapacityError(f"fs L2: batch of {need} bytes exceeds max_capacity_gb ({self._capacity} bytes)")
+        with self._lock:
+            if self._capacity is not None:
+                self._evict_locked(self._used + need - self._capacity)
+            self._used += need  # reserved now, so concurrent batches cannot overshoot the capacity together
+        temps: list[tuple[Path, Path]] = []
+        try:
+            for key, record in zip(keys, records, strict=True):
+                final = self.path_for(key)
+                tmp = final.with_name(f".{final.name}.{os.getpid()}.{next(self._tmp_ids)}{TMP_SUFFIX}")
+                temps.append((tmp, final))
+                self._write_file(tmp, record)
+            dirs = set()
+            for tmp, final in temps:
+                os.replace(tmp, final)
+                dirs.add(final.parent)
+            if self.fsync:
+                for d in dirs:  # the rename itself must survive a power cut
+                    _fsync_dir(d)
+        except BaseException as exc:
+            for tmp, final in temps:
+                for path in (tmp, final):  # renamed ones too: a failed batch leaves none of its keys
+                    try:
+                        path.unlink(missing_ok=True)
+                    except OSError as cleanup:
+                        log.warning("fs L2: cannot remove %s: %r", path, cleanup)
+            with self._lock:
+                self._used -= need
+                for key in keys:
+                    self._drop_locked(key)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.counts["disk_full"] += 1
+                raise CapacityError(f"fs L2: disk full under {self.base_path}: {exc}") from exc
+            raise
+        with self._lock:
+            self._used -= need
+            for key, size in zip(keys, sizes, strict=True):
+                self._drop_locked(key)  # an overwritten record frees its old size
+                self._index[key] = size
+                self._used += size
+                self._policy.insert(key)
+
+    def _write_file(self, path: Path, record: Sequence[Buffer]) -> None:
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            views = [memoryview(b).cast("B") for b in record]
+            views = [v for v in views if len(v)]
+            while views:  # writev may write less than asked (signals, large sizes): continue where it stopped
+                n = os.writev(fd, views)
+                while n and views:
+                    if n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _drop_locked(self, key: str) -> None:
+        size = self._index.pop(key, None)
+        if size is not None:
+            self._used -= size
+            self._policy.remove(key)
+
+    def _evict_locked(self, need: int) -> None:
+        """Remove records, policy order, until ``need`` bytes are free."""
+        if need <= 0:
+            return
+        for key in self._policy.victims():
+            if need <= 0:
+                break
+            size = self._index.get(key, 0)
+            self.path_for(key).unlink(missing_ok=True)
+            self._drop_locked(key)
+            self.counts["evictions"] += 1
+            need -= size
+
+    # -- load and the rest ------------------------------------------------------------------------------------
+    def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
+        out = []
+        for key, dst in zip(keys, dsts, strict=True):
+            try:
+                fd = os.open(self.path_for(key), os.O_RDONLY)
+            except FileNotFoundError:
+                with self._lock:
+                    self._drop_locked(key)  # removed behind our back: forget it
+                out.append(MISS)
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                if size <= total_length(dst):
+                    _read_exact(fd, dst, size)
+            finally:
+                os.close(fd)
+            with self._lock:
+                self._policy.access(key)
+            out.append(size)
+        return out
+
+    def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                with open(self.path_for(key), "rb") as f:
+                    out.append(f.read(size))
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def _contains(self, keys: Sequence[str]) -> list[bool]:
+        with self._lock:
+            return [k in self._index for k in keys]
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.path_for(key).unlink(missing_ok=True)
+            with self._lock:
+                self._drop_locked(key)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            records = len(self._index)
+        return {**super().stats(), "records": records, **self.counts}
+
+
+def _read_exact(fd: int, dst: Sequence[Buffer], size: int) -> None:
+    """Fill the first ``size`` bytes of ``dst`` from ``fd`` (preadv, continued after short reads)."""
+    views = []
+    left = size
+    for b in dst:
+        v = memoryview(b).cast("B")
+        if left <= 0:
+            break
+        views.append(v[: min(len(v), left)])
+        left -= len(views[-1])
+    offset = 0
+    while views:
+        n = os.preadv(fd, views, offset)
+        if n == 0:
+            raise OSError(errno.EIO, "record file shrank while being read")
+        offset += n
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fs_factory(config: dict[str, Any], where: str) -> FSAdapter:
+    reader = ConfigReader(config, where)
+    base = reader.string("base_path")
+    if not base:
+        raise ConfigError(f"{where}.base_path: expected a directory path, got an empty string")
+    gb = reader.number("max_capacity_gb", None, min=0.0)
+    durability = reader.string("durability", "fsync", choices=("fsync", "none"))
+    policy = reader.string("eviction_policy", "LRU", choices=list(POLICIES))
+    reader.finish()
+    path = Path(base).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{where}.base_path: {str(path)!r} exists and is not a directory")
+    capacity = None if gb is None else max(1, int(gb * GiB))
+    return FSAdapter(path, capacity, durability, policy)

@@ -1,0 +1,67 @@
+"""A first-fit allocator over an arena's byte range, with alignment and coalescing of free blocks.
+
+Free blocks are kept sorted by offset; freeing merges a block with free neighbours, so the free list never holds
+two adjacent blocks and fragmentation is only what live objects cause. When no block is large enough although
+enough bytes are free in total, :meth:`Allocator.alloc` returns ``None`` and the owner evicts more (the next
+victims usually free neighbours of holes). Not thread-safe: the pool holds its lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+ALIGN = 256  # memcpy and SIMD decoders run at full speed from here; a chunk is megabytes, the waste is nil
+
+
+class Allocator:
+    def __init__(self, size: int, align: int = ALIGN) -> None:
+        if align < 1 or align & (align - 1):
+            raise ValueError(f"alignment must be a power of two, got {align}")
+        self.size = size - size % align
+        self.align = align
+        self._starts: list[int] = [0] if self.size else []  # free block offsets, sorted
+        self._free: dict[int, int] = {0: self.size} if self.size else {}  # offset -> length
+        self._used: dict[int, int] = {}  # offset -> allocated (aligned) length
+        self.free_bytes = self.size
+
+    def rounded(self, nbytes: int) -> int:
+        return max(self.align, -(-nbytes // self.align) * self.align)
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Offset of a new block of at least ``nbytes``, or ``None`` when no free block is large enough."""
+        need = self.rounded(nbytes)
+        for i, start in enumerate(self._starts):  # first fit: keeps the low end dense, the top free
+            length = self._free[start]
+            if length >= need:
+                del self._free[start]
+                if length == need:
+                    del self._starts[i]
+                else:
+                    self._starts[i] = start + need
+                    self._free[start + need] = length - need
+                self._used[start] = need
+                self.free_bytes -= need
+                return start
+        return None
+
+    def free(self, offset: int) -> None:
+        """Return a block; merges it with free neighbours."""
+        length = self._used.pop(offset)
+        self.free_bytes += length
+        i = bisect.bisect_left(self._starts, offset)
+        if i < len(self._starts) and self._starts[i] == offset + length:  # merge with the next block
+            length += self._free.pop(self._starts[i])
+            del self._starts[i]
+        if i > 0 and self._starts[i - 1] + self._free[self._starts[i - 1]] == offset:  # and the previous
+            self._free[self._starts[i - 1]] += length
+            return
+        self._starts.insert(i, offset)
+        self._free[offset] = length
+
+    @property
+    def largest_free(self) -> int:
+        return max(self._free.values(), default=0)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._starts)

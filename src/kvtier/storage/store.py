@@ -1,0 +1,383 @@
+"""The embedded Store: L1 memory pool in front of L2 adapters, write-through, prefetch on retrieve.
+
+Data flow::
+
+    store(keys, tensors) -> copy into L1 (evict by policy) -> queue (bounded) -> writer thread
+                            -> each L2 tier: serde + record -> adapter        (full queue: L2 write dropped, counted)
+    retrieve(keys)       -> L1 hit: copy out
+                            L1 miss: first L2 tier holding the key -> load + check + deserialize into L1 -> copy out
+
+Tensors handed back are the caller's own (copies out of L1); L1 memory is never exposed, so a later store or an
+eviction cannot change them. An object waiting for its L2 write stays pinned in L1, so the writer reads it
+without a copy. ``close()`` drains the queue: every store that returned is on every L2 adapter or counted as
+failed or dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtier.errors import CapacityError, ConfigError, KVTierError
+from kvtier.storage.adapters import create_l2_adapter
+from kvtier.storage.keys import keys_for_tokens
+from kvtier.storage.l1 import L1Object, L1Pool
+from kvtier.storage.policies import POLICIES
+from kvtier.storage.serde_layer import L2Tier
+from kvtier.types import ObjectKey
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+@dataclass
+class _Write:
+    keys: list[ObjectKey]
+    objs: list[L1Object]
+
+
+class Store:
+    """A tiered KV store in this process.
+
+    ``l1_size_gb``: size of the L1 pool (GiB, shared memory, pages touched lazily). ``eviction_policy``: ``LRU``
+    (default), ``LFU``, ``FIFO`` or ``S3-FIFO``. ``l2_adapters``: adapter configs, e.g. ``{"type": "fs",
+    "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key.
+    ``chunk_size``: tokens per chunk for :meth:`keys_for_tokens`. ``max_pending_l2_writes``: store batches that
+    may wait for their L2 write; beyond it, a store's L2 write is dropped (counted), never waited for.
+
+    Every public method may be called from several threads.
+    """
+
+    def __init__(
+        self,
+        l1_size_gb: float,
+        eviction_policy: str = "LRU",
+        l2_adapters: Sequence[dict[str, Any]] | None = None,
+        chunk_size: int = 256,
+        max_pending_l2_writes: int = 64,
+    ) -> None:
+        if isinstance(l1_size_gb, bool) or not isinstance(l1_size_gb, int | float) or not l1_size_gb > 0:
+            raise ConfigError(f"l1_size_gb: expected a number > 0, got {l1_size_gb!r}")
+        if not isinstance(eviction_policy, str) or eviction_policy.upper() not in POLICIES:
+            raise ConfigError(f"eviction_policy: expected one of {list(POLICIES)}, got {eviction_policy!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ConfigError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+        if isinstance(max_pending_l2_writes, bool) or not isinstance(max_pending_l2_writes, int):
+            raise ConfigError(f"max_pending_l2_writes: expected an integer >= 1, got {max_pending_l2_writes!r}")
+        if max_pending_l2_writes < 1:
+            raise ConfigError(f"max_pending_l2_writes: expected an integer >= 1, got {max_pending_l2_writes!r}")
+        if l2_adapters is None:
+            l2_adapters = []
+        if not isinstance(l2_adapters, list | tuple):
+            raise ConfigError(f"l2_adapters: expected a list of adapter configs, got {type(l2_adapters).__name__}")
+        self.chunk_size = chunk_size
+        self._tiers: list[L2Tier] = []
+        try:
+            for i, config in enumerate(l2_adapters):
+                self._tiers.append(create_l2_adapter(config, f"l2_adapters[{i}]"))
+            self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper())
+        except BaseException:
+            for tier in self._tiers:
+                tier.close()
+            raise
+        self._queue: queue.Queue[_Write | None] = queue.Queue(max_pending_l2_writes)
+        self._writer: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.counts = {
+            "stored": 0,
+            "l1_store_refused": 0,
+            "l2_writes_dropped": 0,
+            "l2_write_failures": 0,
+            "l2_written": 0,
+            "l2_prefetched": 0,
+            "l2_errors": 0,
+        }
+
+    # -- keys -------------------------------------------------------------------------------------------------
+    def keys_for_tokens(
+        self, model_name: str, token_ids: Sequence[int] | torch.Tensor | np.ndarray, cache_salt: str = ""
+    ) -> list[ObjectKey]:
+        """Keys of the full ``chunk_size`` chunks of ``token_ids`` (rolling blake3 prefix hash; the partial
+        tail gets none)."""
+        return keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt)
+
+    # -- store ------------------------------------------------------------------------------------------------
+    def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None:
+        """Copy each tensor into L1 under its key and queue the write-through to every L2 adapter.
+
+        An object larger than the pool raises CapacityError before anything is stored. An object that finds no
+        room because the pool is pinned by reads and writes in flight is skipped and counted
+        (``l1_store_refused``): a cache may drop, it must not block the engine.
+        """
+        self._check_open()
+        if len(keys) != len(tensors):
+            raise ValueError(f"store got {len(keys)} keys but {len(tensors)} tensors")
+        for key, t in zip(keys, tensors, strict=True):
+            if not isinstance(key, ObjectKey):
+                raise TypeError(f"keys must be kvtier.ObjectKey, got {type(key).__name__}")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensors must be torch.Tensor, got {type(t).__name__}")
+            nbytes = t.numel() * t.element_size()
+            if nbytes > self._pool.capacity:
+                raise CapacityError(
+                    f"object {key.to_str()} of {nbytes} bytes is larger than the L1 pool ({self._pool.capacity} bytes)"
+                )
+        stored_keys: list[ObjectKey] = []
+        objs: list[L1Object] = []
+        refused = 0
+        for key, t in zip(keys, tensors, strict=True):
+            try:
+                obj = self._pool.reserve(key, t.shape, t.dtype)
+            except CapacityError as exc:
+                log.warning("L1: %s", exc)
+                refused += 1
+                continue
+            try:
+                self._pool.view(obj).copy_(t.detach())
+            except BaseException:
+                self._pool.release([obj])
+                for done in objs:
+                    self._pool.release([done])
+                raise
+            self._pool.commit(obj, keep_pin=bool(self._tiers))
+            stored_keys.append(key)
+            objs.append(obj)
+        with self._lock:
+            self.counts["stored"] += len(objs)
+            self.counts["l1_store_refused"] += refused
+        if self._tiers and objs:
+            self._start_writer()
+            try:
+                self._queue.put_nowait(_Write(stored_keys, objs))
+            except queue.Full:
+                self._pool.release(objs)
+                with self._lock:
+                    self.counts["l2_writes_dropped"] += len(objs)
+
+    def _start_writer(self) -> None:
+        if self._writer is not None:
+            return
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="kvtier-l2-writer", daemon=True)
+                self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                views = [self._pool.view(o) for o in item.objs]
+                for tier in self._tiers:
+                    try:
+                        tier.store(item.keys, views)
+                        written = "l2_written"
+                    except (KVTierError, OSError, RuntimeError, ValueError) as exc:
+                        log.warning("L2 %s: store of %d object(s) failed: %r", tier.name, len(item.keys), exc)
+                        written = "l2_write_failures"
+                    with self._lock:
+                        self.counts[written] += len(item.keys)
+                self._pool.release(item.objs)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued L2 write has been done (or has failed)."""
+        if self._writer is not None:
+            self._queue.join()
+
+    # -- lookup / retrieve ------------------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[ObjectKey]) -> int:
+        """How many leading keys are in some tier (L1 or any L2 adapter)."""
+        self._check_open()
+        in_l1 = self._pool.contains(keys)
+        first_miss = next((i for i, hit in enumerate(in_l1) if not hit), len(keys))
+        rest = list(keys[first_miss:])
+        found = [False] * len(rest)
+        for tier in self._tiers:
+            todo = [i for i, f in enumerate(found) if not f]
+            if not todo:
+                break
+            try:
+                present = tier.contains([rest[i] for i in todo])
+            except (KVTierError, OSError, RuntimeError) as exc:
+                self._l2_error(tier, exc)
+                continue
+            for i, p in zip(todo, present, strict=True):
+                found[i] = found[i] or p
+        # Everything before first_miss is in L1; after it, L1 hits count too.
+        combined = [a or b for a, b in zip(in_l1[first_miss:], found, strict=True)]
+        return first_miss + next((i for i, hit in enumerate(combined) if not hit), len(combined))
+
+    def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]:
+        """A new tensor per key (``None`` for a miss), owned by the caller. L1 misses are fetched from the first
+        L2 adapter that holds them, through L1."""
+        self._check_open()
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        objs = self._pool.acquire(keys)
+        try:
+            for i, obj in enumerate(objs):
+                if obj is not None:
+                    out[i] = self._pool.view(obj).clone()
+        finally:
+            self._pool.release(objs)
+        missing = [i for i, obj in enumerate(objs) if obj is None]
+        if missing:
+            self._prefetch(keys, missing, out)
+        return out
+
+    def retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor]) -> int:
+        """Fill the caller's tensors ``outs[i]`` with the objects of the leading keys that hit; return how many.
+        Nothing is allocated for L1 hits. ``outs[n:]`` after the returned count are left unspecified."""
+        self._check_open()
+        if len(keys) != len(outs):
+            raise ValueError(f"retrieve_into got {len(keys)} keys but {len(outs)} outputs")
+        objs = self._pool.acquire(keys)
+        n = 0
+        try:
+            for obj, dst in zip(objs, outs, strict=True):
+                if obj is None or not self._fits(obj.shape, obj.dtype, dst):
+                    break
+                dst.copy_(self._pool.view(obj))
+                n += 1
+        finally:
+            self._pool.release(objs)
+        if n == len(keys) or not self._tiers:
+            return n
+        rest = list(range(n, len(keys)))
+        got: list[torch.Tensor | None] = [None] * len(keys)
+        self._prefetch(keys, rest, got, outs)
+        for i in rest:
+            if got[i] is None:
+                break
+            n += 1
+        return n
+
+    @staticmethod
+    def _fits(shape: Sequence[int], dtype: torch.dtype, dst: torch.Tensor) -> bool:
+        return tuple(dst.shape) == tuple(shape) and dst.dtype == dtype
+
+    def _prefetch(
+        self,
+        keys: Sequence[ObjectKey],
+        indices: list[int],
+        out: list[torch.Tensor | None],
+        into: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """Load ``keys[i]`` for ``i`` in ``indices`` from L2 into L1, then into ``into[i]`` (when given) or a new
+        tensor; set ``out[i]`` on a hit."""
+        for tier in self._tiers:
+            if not indices:
+                return
+            try:
+                present = tier.contains([keys[i] for i in indices])
+                cand = [i for i, p in zip(indices, present, strict=True) if p]
+                layouts = tier.layouts([keys[i] for i in cand]) if cand else []
+            except (KVTierError, OSError, RuntimeError) as exc:
+                self._l2_error(tier, exc)
+                continue
+            batch: list[int] = []
+            objs: list[L1Object | None] = []
+            dsts: list[torch.Tensor] = []
+            for i, layout in zip(cand, layouts, strict=True):
+                if layout is None:
+                    continue
+                if into is not None and not self._fits(layout.shape, layout.dtype, into[i]):
+                    continue  # the record is fine; the caller asked for another shape: a miss for this call
+                try:
+                    obj: L1Object | None = self._pool.reserve(keys[i], layout.shape, layout.dtype)
+                except CapacityError:
+                    obj = None  # L1 is pinned full: load straight into the caller's tensor, skip L1
+                batch.append(i)
+                objs.append(obj)
+                if obj is not None:
+                    dsts.append(self._pool.view(obj))
+                elif into is not None:
+                    dsts.append(into[i])
+                else:
+                    dsts.append(torch.empty(layout.shape, dtype=layout.dtype))
+            if not batch:
+                continue
+            try:
+                hits = tier.load_into([keys[i] for i in batch], dsts)
+            except (KVTierError, OSError, RuntimeError, ValueError) as exc:
+                self._pool.release([o for o in objs if o is not None])
+                self._l2_error(tier, exc)
+                continue
+            for i, obj, dst, hit in zip(batch, objs, dsts, hits, strict=True):
+                if obj is None:
+                    if hit:
+                        out[i] = dst
+                    continue
+                if hit:
+                    self._pool.commit(obj, keep_pin=True)
+                    if into is not None:
+                        into[i].copy_(dst)
+                        out[i] = into[i]
+                    else:
+                        out[i] = dst.clone()
+                self._pool.release([obj])
+            with self._lock:
+                self.counts["l2_prefetched"] += sum(hits)
+            indices = [i for i in indices if out[i] is None]
+
+    def _l2_error(self, tier: L2Tier, exc: BaseException) -> None:
+        log.warning("L2 %s: %r (treated as misses)", tier.name, exc)
+        with self._lock:
+            self.counts["l2_errors"] += 1
+
+    # -- the rest ---------------------------------------------------------------------------------------------
+    def clear_l1(self) -> None:
+        """Drop every object from L1 (L2 keeps its copies; objects in flight go when their pins do)."""
+        self._check_open()
+        self._pool.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the store, L1 and each L2 adapter (JSON-able)."""
+        with self._lock:
+            counts = dict(self.counts)
+        return {
+            "chunk_size": self.chunk_size,
+            **counts,
+            "l2_pending_writes": self._queue.qsize(),
+            "l1": self._pool.stats(),
+            "l2": [tier.stats() for tier in self._tiers],
+        }
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("kvtier Store is closed")
+
+    def close(self) -> None:
+        """Finish every pending L2 write, then release L1 and the adapters. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
+            self._queue.put(None)  # after every queued write: nothing acknowledged is lost
+            writer.join()
+        for tier in self._tiers:
+            tier.close()
+        self._pool.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A Store dropped without close() must not leave its shared-memory file behind.
+        if not getattr(self, "_closed", True) and hasattr(self, "_pool"):
+            self._pool.arena.close()
