@@ -19,12 +19,9 @@ from kvtier.server.logs import fields, setup_logging
 
 def build_store(store_kwargs: dict[str, Any]) -> Any:
     """The embedded ``kvtier.Store`` of the server."""
-    import kvtier
+    from kvtier.storage.store import Store
 
-    store_cls = getattr(kvtier, "Store", None)
-    if store_cls is None:  # only while the storage engine is not merged
-        raise ConfigError("kvtier.Store is not available in this build")
-    return store_cls(**store_kwargs)
+    return Store(**store_kwargs)
 
 
 def run_server(args: argparse.Namespace) -> int:
