@@ -8,6 +8,7 @@ Each raises :class:`~kvtier.errors.ConfigError`, which the CLI prints as one lin
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 from types import FrameType
 from typing import Any
@@ -27,7 +28,8 @@ def build_store(store_kwargs: dict[str, Any]) -> Any:
 def run_server(args: argparse.Namespace) -> int:
     """Entry point of ``kvtier server``; returns the exit status."""
     config = config_from_args(args)
-    log = setup_logging(config.log_level, config.log_format)
+    setup_logging(config.log_level, config.log_format)
+    log = logging.getLogger("kvtier.server")
     from kvtier.server.server import Server
 
     store = build_store(config.store_kwargs())
