@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -198,7 +199,7 @@ def test_garbage_and_malformed_messages_get_error_replies(server: ServerProcess,
         ([p.encode(8, p.Store([key], [meta], None))], "protocol"),  # data frame missing
         ([p.encode(9, p.Store([key], [meta], None)), b"123"], "protocol"),  # wrong size
         ([p.encode(10, p.Store([key], [p.Meta((2,), "nonsense")], None)), b"1234"], "invalid"),
-        ([p.encode(11, p.Store([key], [meta], [p.Loc(999_999, 4096, 8)]))], "protocol"),  # unknown region
+        ([p.encode(11, p.Store([key], [meta], [p.Loc(999_999, 4096, 8)]))], "region"),  # unknown region
         ([p.encode(12, p.Lookup([p.WireKey("bad name with spaces", "ab")]))], "invalid"),
         ([p.encode(13, p.Health()), b"unexpected"], "protocol"),
         ([p.encode(14, p.Retrieve([key], [meta], None))], "protocol"),
@@ -209,8 +210,18 @@ def test_garbage_and_malformed_messages_get_error_replies(server: ServerProcess,
     # A location outside the client's own registered region is refused, not followed.
     staging = client._staging
     assert staging is not None
-    bad = p.Store([key], [meta], [p.Loc(staging.region_id, staging.size - 4, 8)])
-    assert _error_of(_raw_request(server.address, [p.encode(15, bad)])).kind == "protocol"
+    for offset in (staging.size - 4, 0, 4097):  # past the end, over the token page, misaligned
+        with pytest.raises(ProtocolError, match="outside region"):
+            client._call(p.Store([key], [meta], [p.Loc(staging.region_id, offset, 8)]))
+    # Another connection cannot name this client's region, to read or to write.
+    inside = p.Loc(staging.region_id, 4096, 8)
+    assert _error_of(_raw_request(server.address, [p.encode(15, p.Store([key], [meta], [inside]))])).kind == "region"
+    steal = p.Retrieve([key], [meta], [inside])
+    assert _error_of(_raw_request(server.address, [p.encode(16, steal)])).kind == "region"
+    # Registering memory that is not a kvtier client's memfd (here: this process's stdin) is refused.
+    fake = p.Register(os.getpid(), 0, 1 << 20, bytes(16))
+    reply = p.decode_reply(p.decode_envelope(_raw_request(server.address, [p.encode(17, fake)])[0]))
+    assert isinstance(reply, p.RegisterReply) and reply.region == -1
     # Not ZeroMQ at all: the connection is dropped, the server carries on.
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
         raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)) * 64)
@@ -291,28 +302,36 @@ def test_sigterm_drains_acknowledged_l2_writes(tmp_path: Path) -> None:
     keys = [ObjectKey("test/drain", format(0xD000 + i, "x")) for i in range(24)]
     data = [torch.randn(2, 4, CHUNK, 256).to(torch.bfloat16) for _ in keys]  # 64 KiB each
     s = ServerProcess(args).start()
+    c = Client(s.address, timeout_s=20)
     try:
-        with Client(s.address, timeout_s=20) as c:
-            for k, t in zip(keys, data, strict=True):
-                c.store([k], [t])  # acknowledged: in L1 and queued for the fs tier
-            pending = c.stats()["store"]["l2_pending_writes"]
-            assert s.stop(signal.SIGTERM) == 0
-            log = s.stderr()
-            # The server is gone: a call fails within the client's timeout with a clear error, no hang.
-            c.timeout_s = 1.0
-            start = time.monotonic()
-            with pytest.raises(ServerUnavailableError, match="is it running"):
-                c.lookup(keys[:1])
-            assert time.monotonic() - start < 5
+        for k, t in zip(keys, data, strict=True):
+            c.store([k], [t])  # acknowledged: in L1 and queued for the fs tier
+        store_stats = c.stats()["store"]
+        assert store_stats["l2_writes_dropped"] == 0  # every acknowledged write was queued, none shed
+        assert s.stop(signal.SIGTERM) == 0
+        log = s.stderr()
+        assert '"flushing pending L2 writes"' in log and '"stopped"' in log, log
+        # The server is gone: a call fails within the client's timeout with a clear error, no hang.
+        c.timeout_s = 1.0
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailableError, match="is it running"):
+            c.lookup(keys[:1])
+        assert time.monotonic() - start < 5
     finally:
         s.close()
-    assert '"flushing pending L2 writes"' in log and '"stopped"' in log, log
-    dropped = [json.loads(line) for line in log.splitlines() if "l2_writes_dropped" in line]
-    assert not dropped
-    with ServerProcess(args) as s2, Client(s2.address, timeout_s=20) as c:
+    # A new server on the same ports and base_path: the same client carries on (it registers its shared memory
+    # again when the new server does not know it) and every acknowledged chunk comes back from fs.
+    c.timeout_s = 20
+    with ServerProcess(args, port=s.port, http_port=s.http_port) as s2:
         assert c.stats()["store"]["l1"]["objects"] == 0  # a fresh L1: everything below comes from fs
         got = c.retrieve(keys)
+        pending = store_stats["l2_pending_writes"]
         assert all(g is not None and same_bytes(g, t) for g, t in zip(got, data, strict=True)), pending
+        outs = [torch.empty_like(t) for t in data]
+        assert c.retrieve_into(keys, outs) == len(keys)
+        assert all(same_bytes(o, t) for o, t in zip(outs, data, strict=True))
+        assert c.shm_enabled
+        c.close()
         assert s2.stop(signal.SIGINT) == 0
 
 

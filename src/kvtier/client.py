@@ -24,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
 import threading
 import time
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import zmq
@@ -42,6 +43,7 @@ from kvtier.types import ObjectKey, parse_dtype
 
 __all__ = ["Client", "ProtocolError", "ServerError", "ServerUnavailableError"]
 
+T = TypeVar("T")
 _PAGE = 4096
 _MAX_STAGING = 1 << 34  # 16 GiB: beyond this a request goes as frames rather than growing staging further
 
@@ -77,6 +79,9 @@ class Client:
         self._staging_bytes = max(int(staging_bytes), 2 * _PAGE)
         self._released: list[int] = []  # region ids whose tensors were freed, unregistered with the next request
         self._closed = False
+        # The server ties shared-memory regions to this id; it is kept across reconnects and is unguessable, so
+        # no other connection can name this client's memory.
+        self._identity = b"k" + secrets.token_bytes(15)
         self._connect()
         hello = self._call(p.Hello(f"pid={os.getpid()}"), timeout_s=connect_timeout_s)
         assert isinstance(hello, p.HelloReply)
@@ -92,6 +97,7 @@ class Client:
     # -- transport ------------------------------------------------------------------------------------------
     def _connect(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self._identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
         sock.connect(self.address)
@@ -225,9 +231,33 @@ class Client:
         """The chunk keys of ``token_ids`` (computed locally, with the server's chunk size)."""
         return _keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt=cache_salt, kv_rank=kv_rank)
 
+    def _with_regions(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt``; if the server no longer knows our regions (it restarted), register them again and
+        retry once."""
+        try:
+            return attempt()
+        except ProtocolError as exc:
+            if exc.kind != "region" or not self.shm_enabled:
+                raise
+            with self._lock:
+                self._reregister()
+            return attempt()
+
+    def _reregister(self) -> None:
+        regions = ([self._staging] if self._staging is not None else []) + self._regions
+        for region in regions:
+            reply = self._call(p.Register(os.getpid(), region.fd, region.size, region.token))
+            if reply.region < 0:
+                self.shm_enabled = False  # e.g. a new server in another pid namespace: frames from now on
+                self.shm_reason = reply.reason
+                return
+            region.region_id = reply.region
+
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None:
         """Store ``tensors[i]`` under ``keys[i]`` (in L1, then written through to every L2 tier)."""
-        keys, tensors = list(keys), list(tensors)
+        self._with_regions(lambda: self._store_once(list(keys), list(tensors)))
+
+    def _store_once(self, keys: list[ObjectKey], tensors: list[torch.Tensor]) -> None:
         if len(keys) != len(tensors):
             raise ConfigError(f"store: {len(keys)} keys but {len(tensors)} tensors")
         if not keys:
@@ -283,7 +313,9 @@ class Client:
 
     def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]:
         """Tensors for the leading hits of ``keys`` (owned by the caller), None from the first miss on."""
-        keys = list(keys)
+        return self._with_regions(lambda: self._retrieve_once(list(keys)))
+
+    def _retrieve_once(self, keys: list[ObjectKey]) -> list[torch.Tensor | None]:
         if not keys:
             return []
         wire = [p.WireKey.of(_key(k)) for k in keys]
@@ -312,7 +344,9 @@ class Client:
 
         Tensors from :meth:`empty` are filled in place by the server (one copy); others through staging.
         """
-        keys, outs = list(keys), list(outs)
+        return self._with_regions(lambda: self._retrieve_into_once(list(keys), list(outs)))
+
+    def _retrieve_into_once(self, keys: list[ObjectKey], outs: list[torch.Tensor]) -> int:
         if len(keys) != len(outs):
             raise ConfigError(f"retrieve_into: {len(keys)} keys but {len(outs)} outs")
         if not keys:

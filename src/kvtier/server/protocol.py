@@ -250,7 +250,7 @@ class ProtocolError(ServerError):
 
 
 #: Error kinds a server sends, and the exception a client raises for each (ConfigError etc. by name below).
-ERROR_KINDS = ("protocol", "version", "too_large", "invalid", "capacity", "not_found", "internal")
+ERROR_KINDS = ("protocol", "version", "too_large", "region", "invalid", "capacity", "not_found", "internal")
 
 _encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
@@ -318,7 +318,7 @@ def raise_error(reply: ErrorReply) -> None:
         raise CapacityError(message)
     if reply.kind == "not_found":
         raise NotFoundError(message)
-    if reply.kind in ("protocol", "version", "too_large"):
+    if reply.kind in ("protocol", "version", "too_large", "region"):
         err = ProtocolError(message)
         err.kind = reply.kind
         raise err

@@ -102,8 +102,12 @@ class RequestHandler:
         self.started = time.time()
 
     # -- entry point --------------------------------------------------------------------------------------------
-    def handle(self, frames: Sequence[zmq.Frame]) -> list[Any]:
-        """Reply frames for the request ``frames`` (header first). Never raises."""
+    def handle(self, frames: Sequence[zmq.Frame], owner: bytes = b"") -> list[Any]:
+        """Reply frames for the request ``frames`` (header first) from connection ``owner``. Never raises.
+
+        ``owner`` is the client's ZeroMQ routing id: shared-memory regions belong to the connection that
+        registered them, and no other connection can name them.
+        """
         start = time.perf_counter()
         request_id, op, outcome = 0, "invalid", "ok"
         try:
@@ -111,7 +115,7 @@ class RequestHandler:
             request_id = env.id
             request = p.decode_request(env)
             op = _OP_NAMES[type(request)]
-            reply, data = self._dispatch(request, frames[1:])
+            reply, data = self._dispatch(request, frames[1:], owner)
         except Exception as exc:
             outcome = p.error_kind(exc)
             if outcome == "internal":
@@ -122,22 +126,22 @@ class RequestHandler:
         self.metrics.observe(op, time.perf_counter() - start, outcome)
         return [p.encode(request_id, reply), *data]
 
-    def _dispatch(self, request: Any, data: Sequence[zmq.Frame]) -> tuple[Any, list[Any]]:
+    def _dispatch(self, request: Any, data: Sequence[zmq.Frame], owner: bytes) -> tuple[Any, list[Any]]:
         if not isinstance(request, p.Store | p.Retrieve) and data:
             raise p.ProtocolError(f"{_OP_NAMES[type(request)]} takes no data frames, got {len(data)}")
         match request:
             case p.Hello():
                 return p.HelloReply(__version__, self.config.chunk_size, self.config.max_message_bytes, os.getpid()), []
             case p.Register(pid=pid, fd=fd, size=size, token=token):
-                region, reason = self.regions.register(pid, fd, size, token)
+                region, reason = self.regions.register(owner, pid, fd, size, token)
                 if region < 0:
                     log.info("shared memory refused", extra=fields(pid=pid, reason=reason))
                 return p.RegisterReply(region, reason), []
             case p.Unregister(regions=ids):
-                self.regions.unregister(ids)
+                self.regions.unregister(owner, ids)
                 return p.OkReply(), []
             case p.Store():
-                return self._store(request, data), []
+                return self._store(request, data, owner), []
             case p.Lookup(keys=wire_keys):
                 keys = [k.to_key() for k in wire_keys]
                 with self._store_lock:
@@ -149,7 +153,7 @@ class RequestHandler:
                 with self._store_lock:
                     return p.CountReply(self.store.lookup(keys) * self.config.chunk_size), []
             case p.Retrieve():
-                return self._retrieve(request)
+                return self._retrieve(request, owner)
             case p.ClearL1():
                 with self._store_lock:
                     self.store.clear_l1()
@@ -168,7 +172,7 @@ class RequestHandler:
             keys = [ObjectKey(k.model_name, k.chunk_hash, request.kv_rank, k.cache_salt) for k in keys]
         return keys
 
-    def _store(self, request: p.Store, data: Sequence[zmq.Frame]) -> p.OkReply:
+    def _store(self, request: p.Store, data: Sequence[zmq.Frame], owner: bytes) -> p.OkReply:
         keys = [k.to_key() for k in request.keys]
         if len(request.metas) != len(keys):
             raise p.ProtocolError(f"store: {len(keys)} keys but {len(request.metas)} metas")
@@ -182,14 +186,14 @@ class RequestHandler:
             return p.OkReply()
         if data or len(request.locs) != len(keys):
             raise p.ProtocolError(f"store: {len(keys)} keys, {len(request.locs)} locs and {len(data)} data frames")
-        with _Pinned(self.regions) as pinned:
+        with _Pinned(self.regions, owner) as pinned:
             tensors = [pinned.view(loc, meta) for loc, meta in zip(request.locs, request.metas, strict=True)]
             with self._store_lock:
                 self.store.store(keys, tensors)
         self.metrics.bytes.labels("in", "shm").inc(sum(loc.nbytes for loc in request.locs))
         return p.OkReply()
 
-    def _retrieve(self, request: p.Retrieve) -> tuple[Any, list[Any]]:
+    def _retrieve(self, request: p.Retrieve, owner: bytes) -> tuple[Any, list[Any]]:
         keys = [k.to_key() for k in request.keys]
         if request.locs is not None or request.metas is not None:
             # retrieve_into: the client's regions are the destinations; the Store writes straight into them.
@@ -199,7 +203,7 @@ class RequestHandler:
                 or not len(request.locs) == len(request.metas) == len(keys)
             ):
                 raise p.ProtocolError("retrieve into: keys, metas and locs must all be given, of one length")
-            with _Pinned(self.regions) as pinned:
+            with _Pinned(self.regions, owner) as pinned:
                 outs = [pinned.view(loc, meta) for loc, meta in zip(request.locs, request.metas, strict=True)]
                 with self._store_lock:
                     hits = self.store.retrieve_into(keys, outs)
@@ -218,7 +222,7 @@ class RequestHandler:
         if staging is not None and sum(align_up(n) for n in sizes) <= staging.nbytes:
             locs: list[p.Loc] = []
             offset = staging.offset
-            with _Pinned(self.regions) as pinned:
+            with _Pinned(self.regions, owner) as pinned:
                 for t, meta, n in zip(tensors, metas, sizes, strict=True):
                     loc = p.Loc(staging.region, offset, n)
                     pinned.view(loc, meta).copy_(t)
@@ -261,14 +265,15 @@ class RequestHandler:
 class _Pinned:
     """Regions a request uses, pinned until it ends so that an unregister cannot unmap them mid-copy."""
 
-    def __init__(self, regions: RegionTable) -> None:
+    def __init__(self, regions: RegionTable, owner: bytes) -> None:
         self.regions = regions
+        self.owner = owner
         self._held: dict[int, Any] = {}
 
     def view(self, loc: p.Loc, meta: p.Meta) -> torch.Tensor:
         entry = self._held.get(loc.region)
         if entry is None:
-            entry = self._held[loc.region] = self.regions.acquire(loc.region)
+            entry = self._held[loc.region] = self.regions.acquire(self.owner, loc.region)
         return self.regions.view(entry, loc, meta)
 
     def __enter__(self) -> _Pinned:
@@ -301,6 +306,9 @@ class Server:
         self._ctx = zmq.Context()
         self._front = self._ctx.socket(zmq.ROUTER)
         self._front.setsockopt(zmq.LINGER, 2000)
+        # A client keeps its (random, unguessable) routing id across reconnects so that its shared-memory regions
+        # stay its own; handover lets the new connection take the id over from the one it replaces.
+        self._front.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # A frame beyond this is dropped by libzmq with the connection, before it is buffered whole; messages up to
         # max_message_bytes are read and answered (an error when too large), so this is only the hard backstop.
         self._front.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_message_bytes + p.MAX_HEADER_BYTES)
@@ -347,7 +355,7 @@ class Server:
                 if task is None:
                     return
                 identity, frames = task
-                reply = self.handler.handle(frames)
+                reply = self.handler.handle(frames, identity.bytes)
                 push.send_multipart([identity, *reply], copy=False)
         finally:
             push.close(linger=-1)

@@ -26,6 +26,9 @@ import torch
 from kvtier.server.protocol import ALIGN, Loc, Meta, ProtocolError
 
 TOKEN_BYTES = 16
+#: Clients name their memfds so; the server maps nothing else (``/proc/.../fd`` links read ``/memfd:NAME``).
+MEMFD_NAME = "kvtier-client"
+MEMFD_PREFIX = f"/memfd:{MEMFD_NAME}"
 #: Where data starts in a region: the first page holds the token.
 DATA_OFFSET = 4096
 
@@ -41,7 +44,7 @@ class ClientRegion:
         if size <= DATA_OFFSET:
             raise ValueError(f"region size must exceed {DATA_OFFSET} bytes, got {size}")
         self.size = size
-        self.fd = os.memfd_create("kvtier-client", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, size)
             self.mmap = mmap.mmap(self.fd, size)
@@ -82,6 +85,7 @@ class _Mapped:
     tensor: torch.Tensor
     size: int
     pid: int
+    owner: bytes
     users: int = 0
     dead: bool = field(default=False)
 
@@ -92,18 +96,24 @@ class RegionTable:
     def __init__(self, max_regions: int = 1024) -> None:
         self._regions: OrderedDict[int, _Mapped] = OrderedDict()
         self._lock = threading.Lock()
-        self._next_id = 1
         self.max_regions = max_regions
 
-    def register(self, pid: int, fd: int, size: int, token: bytes) -> tuple[int, str]:
-        """Map a client's region; returns ``(region id, "")`` or ``(-1, reason)`` when it cannot be mapped."""
+    def register(self, owner: bytes, pid: int, fd: int, size: int, token: bytes) -> tuple[int, str]:
+        """Map a client's region for connection ``owner``; returns ``(region id, "")`` or ``(-1, reason)``.
+
+        Only a kvtier client's memfd is accepted (checked on the opened file, so the check and the mapping see the
+        same file): a request naming any other file of any process is refused, never mapped. Region ids are
+        random, and only ``owner`` can use or unregister its regions.
+        """
         if size <= DATA_OFFSET or len(token) != TOKEN_BYTES or pid <= 0 or fd < 0:
             return -1, "invalid registration"
         try:
-            handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+            handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             return -1, f"cannot open the client's memory ({exc.strerror}); not on the same host?"
         try:
+            if not os.readlink(f"/proc/self/fd/{handle}").startswith(MEMFD_PREFIX):
+                return -1, "not a kvtier client memory region"
             if os.fstat(handle).st_size < size:
                 return -1, "region is smaller than announced"
             mapped = mmap.mmap(handle, size)
@@ -114,11 +124,12 @@ class RegionTable:
         if mapped[:TOKEN_BYTES] != token:
             mapped.close()
             return -1, "token mismatch: another process's memory, not the client's"
-        entry = _Mapped(mapped, torch.frombuffer(mapped, dtype=torch.uint8), size, pid)
+        entry = _Mapped(mapped, torch.frombuffer(mapped, dtype=torch.uint8), size, pid, owner)
         evicted: list[_Mapped] = []
         with self._lock:
-            region_id = self._next_id
-            self._next_id += 1
+            region_id = secrets.randbits(62) + 1
+            while region_id in self._regions:
+                region_id = secrets.randbits(62) + 1
             self._regions[region_id] = entry
             while len(self._regions) > self.max_regions:
                 _, old = self._regions.popitem(last=False)
@@ -127,9 +138,11 @@ class RegionTable:
             self._retire(old)
         return region_id, ""
 
-    def unregister(self, region_ids: list[int]) -> None:
+    def unregister(self, owner: bytes, region_ids: list[int]) -> None:
+        """Unmap ``owner``'s regions among ``region_ids`` (others' ids and unknown ids are ignored)."""
         with self._lock:
-            entries = [self._regions.pop(r) for r in region_ids if r in self._regions]
+            mine = [r for r in region_ids if r in self._regions and self._regions[r].owner == owner]
+            entries = [self._regions.pop(r) for r in mine]
         for entry in entries:
             self._retire(entry)
 
@@ -146,12 +159,15 @@ class RegionTable:
         with contextlib.suppress(BufferError):  # a view escaped (should not happen); freed with it
             entry.mmap.close()
 
-    def acquire(self, region_id: int) -> _Mapped:
-        """Pin a region for the duration of a request; raises ProtocolError for an unknown id."""
+    def acquire(self, owner: bytes, region_id: int) -> _Mapped:
+        """Pin ``owner``'s region for the duration of a request; an unknown id, or another connection's, raises
+        ProtocolError of kind ``region`` (the client registers its regions again and retries)."""
         with self._lock:
             entry = self._regions.get(region_id)
-            if entry is None:
-                raise ProtocolError(f"unknown shared-memory region {region_id} (server restarted? register again)")
+            if entry is None or entry.owner != owner:
+                err = ProtocolError(f"unknown shared-memory region {region_id} (server restarted? register again)")
+                err.kind = "region"
+                raise err
             self._regions.move_to_end(region_id)
             entry.users += 1
             return entry
