@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serde.add_arguments(p)
     p.set_defaults(func=lambda a: bench_serde.run(a).print(a.json))
 
+    from kvtier.bench import l2 as bench_l2
+
+    p = bench_sub.add_parser(
+        "l2",
+        help="store / hot load / cold load through the fs adapter vs plain files",
+        description="Store, hot load and cold load KV chunks through the fs L2 adapter, beside a plain-file "
+        "write+fsync / cold read of the same bytes and a memcpy, measured in the same run.",
+    )
+    bench_l2.add_arguments(p)
+    p.set_defaults(func=lambda a: bench_l2.run(a).print(a.json))
+
     from kvtier.bench import server as bench_server
 
     p = bench_sub.add_parser(

@@ -102,39 +102,11 @@ def write_header(buf: Buffer, meta: RecordMeta, payload_len: int) -> int:
     The payload must already sit at ``buf[header_size(meta):][:payload_len]``.
     """
     mv = _memoryview(buf)
-    name, key = _encoded(meta)
     hlen = header_size(meta)
     total = hlen + payload_len
     if len(mv) < total:
         raise ValueError(f"record buffer holds {len(mv)} bytes, {total} needed")
-    flags = _FLAG_KV_LAYOUT if meta.layout.kv_format is KVFormat.KV_LAYER_TOKEN_HIDDEN else 0
-    ndim = len(meta.layout.shape)
-    _FIXED.pack_into(
-        mv,
-        0,
-        MAGIC,
-        FORMAT_VERSION,
-        hlen,
-        payload_len,
-        0,
-        meta.serde.config_hash,
-        DTYPE_CODES[meta.layout.dtype],
-        ndim,
-        len(name),
-        flags,
-        len(key),
-        0,
-    )
-    off = FIXED_SIZE
-    struct.pack_into(f"<{ndim}Q", mv, off, *meta.layout.shape)
-    off += 8 * ndim
-    mv[off : off + len(name)] = name
-    off += len(name)
-    mv[off : off + len(key)] = key
-    off += len(key)
-    mv[off:hlen] = bytes(hlen - off)
-    struct.pack_into("<Q", mv, _CHECKSUM_AT, _checksum(mv, total))
-    return total
+    return write_header_parts(mv[:hlen], meta, mv[hlen:total])
 
 
 def write_header_parts(header: Buffer, meta: RecordMeta, payload: Buffer) -> int:

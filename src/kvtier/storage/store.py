@@ -41,6 +41,7 @@ GiB = 1 << 30
 class _Write:
     keys: list[ObjectKey]
     objs: list[L1Object]
+    nbytes: int
 
 
 class Store:
@@ -50,7 +51,8 @@ class Store:
     (default), ``LFU``, ``FIFO`` or ``S3-FIFO``. ``l2_adapters``: adapter configs, e.g. ``{"type": "fs",
     "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key.
     ``chunk_size``: tokens per chunk for :meth:`keys_for_tokens`. ``max_pending_l2_writes``: store batches that
-    may wait for their L2 write; beyond it, a store's L2 write is dropped (counted), never waited for.
+    may wait for their L2 write; beyond it, or while half of L1 is already pinned by waiting writes, a store's L2
+    write is dropped (counted as ``l2_writes_dropped``), never waited for.
 
     Every public method may be called from several threads.
     """
@@ -89,6 +91,7 @@ class Store:
             raise
         self._queue: queue.Queue[_Write | None] = queue.Queue(max_pending_l2_writes)
         self._writer: threading.Thread | None = None
+        self._pending_bytes = 0  # bytes of L1 objects pinned until their L2 write
         self._lock = threading.Lock()
         self._closed = False
         self.counts = {
@@ -144,8 +147,8 @@ class Store:
                 self._pool.view(obj).copy_(t.detach())
             except BaseException:
                 self._pool.release([obj])
-                for done in objs:
-                    self._pool.release([done])
+                if self._tiers:  # the objects already stored keep their pin for the L2 write: drop it
+                    self._pool.release(objs)
                 raise
             self._pool.commit(obj, keep_pin=bool(self._tiers))
             stored_keys.append(key)
@@ -155,11 +158,22 @@ class Store:
             self.counts["l1_store_refused"] += refused
         if self._tiers and objs:
             self._start_writer()
+            nbytes = sum(o.nbytes for o in objs)
+            with self._lock:
+                # Objects waiting for their L2 write stay pinned in L1. Past half the pool, new writes are
+                # dropped instead, so that L1 always has unpinned room to evict and stores are not refused.
+                room = self._pending_bytes < self._pool.capacity // 2
+                if room:
+                    self._pending_bytes += nbytes
             try:
-                self._queue.put_nowait(_Write(stored_keys, objs))
+                if not room:
+                    raise queue.Full
+                self._queue.put_nowait(_Write(stored_keys, objs, nbytes))
             except queue.Full:
                 self._pool.release(objs)
                 with self._lock:
+                    if room:
+                        self._pending_bytes -= nbytes
                     self.counts["l2_writes_dropped"] += len(objs)
 
     def _start_writer(self) -> None:
@@ -187,6 +201,8 @@ class Store:
                     with self._lock:
                         self.counts[written] += len(item.keys)
                 self._pool.release(item.objs)
+                with self._lock:
+                    self._pending_bytes -= item.nbytes
             finally:
                 self._queue.task_done()
 
@@ -349,6 +365,7 @@ class Store:
             "chunk_size": self.chunk_size,
             **counts,
             "l2_pending_writes": self._queue.qsize(),
+            "l2_pending_bytes": self._pending_bytes,
             "l1": self._pool.stats(),
             "l2": [tier.stats() for tier in self._tiers],
         }
