@@ -154,6 +154,7 @@ def test_eight_concurrent_clients_check_every_chunk(server: ServerProcess) -> No
 def test_shared_memory_buffer_store_and_retrieve_is_in_place(client: Client) -> None:
     key = ObjectKey("test/inplace", "1f")
     data = content(ObjectKey("x", "2f"))
+    regions_before = client.stats()["server"]["shm_regions"]
     buf = client.empty(data.shape, torch.bfloat16)
     buf.copy_(data)
     client.store([key], [buf])
@@ -161,8 +162,10 @@ def test_shared_memory_buffer_store_and_retrieve_is_in_place(client: Client) -> 
     ptr = out.data_ptr()
     assert client.retrieve_into([key], [out]) == 1
     assert out.data_ptr() == ptr and same_bytes(out, buf)
+    assert client.stats()["server"]["shm_regions"] == regions_before + 2
     del buf, out  # regions released with the tensors, unregistered with the next request
     assert client.lookup([key]) == 1
+    assert client.stats()["server"]["shm_regions"] == regions_before
 
 
 # -- robustness ---------------------------------------------------------------------------------------------

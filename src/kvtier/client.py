@@ -216,13 +216,15 @@ class Client:
     @staticmethod
     def _release_region(client_ref: weakref.ref[Client], region: ClientRegion) -> None:
         # Runs from the garbage collector, possibly inside another request: only record the id; the next request
-        # unregisters it (no socket I/O here).
+        # unregisters it (no socket I/O here). Closing the region frees its fd now and its memory once no view of
+        # it is left.
         client = client_ref()
         if client is None or client._closed:
             return
         client._released.append(region.region_id)
         with contextlib.suppress(ValueError):
             client._regions.remove(region)
+        region.close()
 
     # -- the Store API --------------------------------------------------------------------------------------
     def keys_for_tokens(
@@ -340,7 +342,8 @@ class Client:
         return out + [None] * (len(keys) - len(out))
 
     def retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor]) -> int:
-        """Fill ``outs[i]`` with the leading hits of ``keys``; returns how many. Outs past the hits are untouched.
+        """Fill ``outs[i]`` with the leading hits of ``keys``; returns how many (``outs`` past them: unspecified,
+        as with the Store).
 
         Tensors from :meth:`empty` are filled in place by the server (one copy); others through staging.
         """

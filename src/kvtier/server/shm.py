@@ -71,12 +71,15 @@ class ClientRegion:
         return None
 
     def close(self) -> None:
-        """Release the mapping and the fd; tensors viewing it must not be used afterwards."""
+        """Release the fd and, unless a tensor still views it, the mapping (which then lives as long as that
+        tensor: memory is never unmapped under a live view). Idempotent."""
+        if self.fd < 0:
+            return
         del self.tensor
-        # A caller may still hold a view (a tensor from Client.empty): the mapping then lives until it is freed.
         with contextlib.suppress(BufferError):
             self.mmap.close()
         os.close(self.fd)
+        self.fd = -1
 
 
 @dataclass
