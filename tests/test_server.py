@@ -432,3 +432,47 @@ def test_config_file_with_flag_overrides(tmp_path: Path) -> None:
     memory = json.dumps({"type": "memory"})
     config = config_from_args(parser.parse_args(["--config", str(cfg), "--l2-adapter", memory]))
     assert config.l2_adapters == [{"type": "memory"}]
+
+
+# -- the request handler under fuzzing (in process, real Store) ----------------------------------------------------
+def test_handler_never_raises_on_arbitrary_input() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from kvtier import Store
+    from kvtier.server.config import ServerConfig
+    from kvtier.server.metrics import ServerMetrics
+    from kvtier.server.server import RequestHandler
+    from kvtier.server.shm import RegionTable
+
+    store = Store(l1_size_gb=0.001, chunk_size=4)
+    regions = RegionTable()
+    metrics = ServerMetrics(store.stats, lambda: 0)
+    handler = RequestHandler(store, ServerConfig(l1_size_gb=0.001), metrics, regions, serialize_store=False)
+    ops = ["hello", "register", "unregister", "store", "lookup", "lookup_tokens", "keys_for_tokens", "retrieve", "x"]
+    leaf = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8)
+    value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+    bodies = st.tuples(st.sampled_from(ops), st.lists(value, max_size=4)).map(lambda t: [t[0], *t[1]])
+    headers = st.binary(max_size=64) | bodies.map(
+        lambda b: msgspec.msgpack.encode([p.PROTOCOL_VERSION, 1, msgspec.msgpack.encode(b)])
+    )
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(headers, st.lists(st.binary(max_size=32), max_size=3))
+    def check(header: bytes, data: list[bytes]) -> None:
+        reply = handler.handle([zmq.Frame(header), *(zmq.Frame(d) for d in data)], b"fuzz")
+        body = p.decode_reply(p.decode_envelope(reply[0]))
+        assert isinstance(body, p.Reply.__args__)  # type: ignore[attr-defined]
+        if isinstance(body, p.ErrorReply):
+            assert body.kind in p.ERROR_KINDS and body.kind != "internal", body
+
+    try:
+        check()
+        # Still serving after all of it.
+        key = ObjectKey("test/fuzz", "ab")
+        store.store([key], [torch.ones(4)])
+        reply = handler.handle([zmq.Frame(p.encode(2, p.Lookup([p.WireKey.of(key)])))], b"fuzz")
+        assert p.decode_reply(p.decode_envelope(reply[0])) == p.CountReply(1)
+    finally:
+        regions.close()
+        store.close()

@@ -2,8 +2,8 @@
 
 Two sources: counters and histograms the request loop updates (requests by op and outcome, latency by op, bytes
 in and out by path), and a collector that reads ``Store.stats()`` at scrape time and exposes every numeric leaf
-as ``kvtier_store_<path>`` (lists become an ``index`` label). Reading at scrape time keeps the hot path free of
-metric bookkeeping for the Store's own counters.
+as ``kvtier_store_<path>`` (a list, such as the L2 tiers, becomes ``index`` and ``type`` labels). Reading at
+scrape time keeps the hot path free of metric bookkeeping for the Store's own counters.
 """
 
 from __future__ import annotations
@@ -18,7 +18,21 @@ from prometheus_client.registry import Collector
 
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
 # Leaves whose names say they only grow are exposed as counters; everything else is a gauge.
-_COUNTER_SUFFIXES = ("hits", "misses", "evictions", "dropped", "errors", "stored", "loaded", "failed", "total")
+_COUNTER_SUFFIXES = (
+    "hits",
+    "misses",
+    "evictions",
+    "dropped",
+    "errors",
+    "stored",
+    "loaded",
+    "failed",
+    "failures",
+    "refused",
+    "written",
+    "prefetched",
+    "total",
+)
 
 
 def _metric_name(path: list[str]) -> str:
@@ -36,8 +50,12 @@ def flatten_stats(stats: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
             for key, value in node.items():
                 walk(value, [*path, str(key)], labels)
         elif isinstance(node, list | tuple):
+            # A list of tiers: each becomes a label set (its position, and its type when it names one).
             for i, value in enumerate(node):
-                walk(value, path, {**labels, f"index{len(labels) or ''}": str(i)})
+                item = {**labels, f"index{len(labels) or ''}": str(i)}
+                if isinstance(value, dict) and isinstance(value.get("type"), str):
+                    item["type"] = value["type"]
+                walk(value, path, item)
 
     walk(stats, [], {})
     return out

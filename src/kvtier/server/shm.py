@@ -110,8 +110,12 @@ class RegionTable:
         """
         if size <= DATA_OFFSET or len(token) != TOKEN_BYTES or pid <= 0 or fd < 0:
             return -1, "invalid registration"
+        path = f"/proc/{pid}/fd/{fd}"
         try:
-            handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+            # Checked before opening too, so that no device, FIFO or socket of another process is ever opened.
+            if not os.readlink(path).startswith(MEMFD_PREFIX):
+                return -1, "not a kvtier client memory region"
+            handle = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError as exc:
             return -1, f"cannot open the client's memory ({exc.strerror}); not on the same host?"
         try:
