@@ -206,6 +206,7 @@ def test_garbage_and_malformed_messages_get_error_replies(server: ServerProcess,
         ([p.encode(12, p.Lookup([p.WireKey("bad name with spaces", "ab")]))], "invalid"),
         ([p.encode(13, p.Health()), b"unexpected"], "protocol"),
         ([p.encode(14, p.Retrieve([key], [meta], None))], "protocol"),
+        ([p.encode(15, p.Retrieve([key])), b"data"], "protocol"),  # a retrieve carries no data
     ]
     for frames, kind in cases:
         err = _error_of(_raw_request(server.address, frames))

@@ -83,15 +83,19 @@ class Client:
         # no other connection can name this client's memory.
         self._identity = b"k" + secrets.token_bytes(15)
         self._connect()
-        hello = self._call(p.Hello(f"pid={os.getpid()}"), timeout_s=connect_timeout_s)
-        assert isinstance(hello, p.HelloReply)
+        try:
+            hello = _expect(self._call(p.Hello(f"pid={os.getpid()}"), timeout_s=connect_timeout_s), p.HelloReply)
+        except BaseException:
+            self._closed = True
+            self._drop_socket()
+            raise
         self.chunk_size: int = hello.chunk_size
         self.max_message_bytes: int = hello.max_message_bytes
         self.server_version: str = hello.server_version
         self.shm_enabled = False
         self.shm_reason = "disabled by the caller"
         if shm:
-            self._staging = self._register(ClientRegion(self._staging_bytes))
+            self._staging = self._register_new(self._staging_bytes)
             self.shm_enabled = self._staging is not None
 
     # -- transport ------------------------------------------------------------------------------------------
@@ -103,10 +107,14 @@ class Client:
         sock.connect(self.address)
         self._sock = sock
 
-    def _reset(self) -> None:
-        """Drop the socket after a timeout: a late reply must not be taken for the next request's."""
+    def _drop_socket(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
+            self._sock = None
+
+    def _reset(self) -> None:
+        """Drop the socket after a timeout: a late reply must not be taken for the next request's."""
+        self._drop_socket()
         self._connect()
 
     def _call(self, body: Any, frames: Sequence[Any] = (), timeout_s: float | None = None) -> Any:
@@ -155,9 +163,18 @@ class Client:
                 return reply, message[1:]
 
     # -- shared memory --------------------------------------------------------------------------------------
-    def _register(self, region: ClientRegion) -> ClientRegion | None:
-        reply = self._call(p.Register(os.getpid(), region.fd, region.size, region.token))
-        assert isinstance(reply, p.RegisterReply)
+    def _register_new(self, size: int) -> ClientRegion | None:
+        """A new region of ``size`` bytes registered with the server, or None (reason in ``shm_reason``)."""
+        try:
+            region = ClientRegion(size)
+        except OSError as exc:  # no memfd_create, or out of memory: frames still work
+            self.shm_reason = f"cannot create shared memory: {exc.strerror}"
+            return None
+        try:
+            reply = _expect(self._call(p.Register(os.getpid(), region.fd, region.size, region.token)), p.RegisterReply)
+        except BaseException:
+            region.close()
+            raise
         if reply.region < 0:
             self.shm_reason = reply.reason
             region.close()
@@ -174,7 +191,7 @@ class Client:
         if staging is not None and DATA_OFFSET + nbytes <= staging.size:
             return staging
         size = max(self._staging_bytes, 1 << (DATA_OFFSET + nbytes - 1).bit_length())
-        new = self._register(ClientRegion(size))
+        new = self._register_new(size)
         if new is None:
             return None
         if staging is not None:
@@ -204,7 +221,7 @@ class Client:
             return torch.empty(shape, dtype=dtype)
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         with self._lock:
-            region = self._register(ClientRegion(DATA_OFFSET + align_up(max(nbytes, 1), _PAGE)))
+            region = self._register_new(DATA_OFFSET + align_up(max(nbytes, 1), _PAGE))
             if region is None:
                 self.shm_enabled = False
                 return torch.empty(shape, dtype=dtype)
@@ -325,7 +342,7 @@ class Client:
             staging = self._staging if self.shm_enabled else None
             request = p.Retrieve(wire, staging=_staging_loc(staging))
             reply, frames = self._call_frames(request)
-            assert isinstance(reply, p.TensorsReply)
+            reply = _expect(reply, p.TensorsReply)
             out: list[torch.Tensor | None] = []
             for i, meta in enumerate(reply.metas):
                 t = torch.empty(meta.shape, dtype=meta.torch_dtype())
@@ -381,7 +398,7 @@ class Client:
                             outs[i].copy_(_in_region(staging, off, outs[i].shape, outs[i].dtype))
                     return hits
             reply, frames = self._call_frames(p.Retrieve(wire))
-            assert isinstance(reply, p.TensorsReply)
+            reply = _expect(reply, p.TensorsReply)
             for i, meta in enumerate(reply.metas):
                 if meta != metas[i]:
                     raise ConfigError(
@@ -436,6 +453,13 @@ class Client:
 
 
 _OP = {cls: str(cls.__struct_config__.tag) for cls in p.Request.__args__}
+
+
+def _expect(reply: Any, cls: type[T]) -> T:
+    """``reply`` if it is a ``cls``; a reply of another type is a protocol error, not an assertion."""
+    if not isinstance(reply, cls):
+        raise ProtocolError(f"expected a {cls.__name__} from the server, got {type(reply).__name__}")
+    return reply
 
 
 def _key(key: Any) -> ObjectKey:

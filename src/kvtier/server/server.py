@@ -123,11 +123,17 @@ class RequestHandler:
             else:
                 log.info("request rejected", extra=fields(op=op, kind=outcome, error=str(exc)))
             reply, data = p.ErrorReply(outcome, f"{type(exc).__name__}: {exc}"), []
+        try:
+            header = p.encode(request_id, reply)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a stats value msgpack cannot carry
+            log.exception("reply could not be encoded", extra=fields(op=op))
+            outcome, data = "internal", []
+            header = p.encode(request_id, p.ErrorReply("internal", f"reply could not be encoded: {exc}"))
         self.metrics.observe(op, time.perf_counter() - start, outcome)
-        return [p.encode(request_id, reply), *data]
+        return [header, *data]
 
     def _dispatch(self, request: Any, data: Sequence[zmq.Frame], owner: bytes) -> tuple[Any, list[Any]]:
-        if not isinstance(request, p.Store | p.Retrieve) and data:
+        if not isinstance(request, p.Store) and data:
             raise p.ProtocolError(f"{_OP_NAMES[type(request)]} takes no data frames, got {len(data)}")
         match request:
             case p.Hello():
@@ -355,7 +361,11 @@ class Server:
                 if task is None:
                     return
                 identity, frames = task
-                reply = self.handler.handle(frames, identity.bytes)
+                try:
+                    reply = self.handler.handle(frames, identity.bytes)
+                except Exception:  # handle() answers every error itself; this is the last line of defence
+                    log.exception("worker: unexpected failure")
+                    reply = [p.encode(0, p.ErrorReply("internal", "the server failed to answer this request"))]
                 push.send_multipart([identity, *reply], copy=False)
         finally:
             push.close(linger=-1)
