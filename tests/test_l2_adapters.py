@@ -150,11 +150,18 @@ def test_damage_on_the_way_back_is_a_miss_and_removes_the_record(serde: Any) -> 
     assert tier.stats()["integrity_misses"] == 2
 
 
-def test_load_error_propagates() -> None:
-    tier, faulty = _faulty()
+@pytest.mark.parametrize("serde", [None, [{"type": "raw"}, {"type": "kvtier-test-xor"}]])
+def test_load_error_propagates_and_the_tier_keeps_working(serde: Any) -> None:
+    tier, faulty = _faulty(serde)
+    ks = keys(5)
+    tier.store(ks, [chunk(i) for i in range(5)])
     faulty.load_error = OSError(errno.EIO, "I/O error")
+    outs = [torch.empty_like(chunk(0)) for _ in ks]
     with pytest.raises(OSError):
-        tier.load_into(keys(1), [torch.empty_like(chunk(0))])
+        tier.load_into(ks, outs)
+    faulty.load_error = None
+    assert tier.load_into(ks, outs) == [True] * 5
+    assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
 
 
 def test_batch_error_is_a_runtime_error() -> None:
@@ -166,3 +173,42 @@ class TestFSAdapter(L2AdapterTests):
     def adapter_config(self, tmp_path: Path, capacity_gb: float | None = None) -> dict[str, Any]:
         extra = {} if capacity_gb is None else {"max_capacity_gb": capacity_gb}
         return {"type": "fs", "base_path": str(tmp_path / "l2"), "durability": "none", **extra}
+
+
+def test_a_load_error_mid_pipeline_waits_for_running_decodes() -> None:
+    # rounds of 2 items: round 0 is read and handed to the serde's thread, round 1's read fails
+    tier, faulty = _faulty([{"type": "raw"}, {"type": "kvtier-test-xor"}])
+    ks = keys(4)
+    tier.store(ks, [chunk(i) for i in range(4)])
+    inner_load = faulty._load
+    calls = 0
+
+    def fail_second(k: Any, d: Any) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.EIO, "injected")
+        return inner_load(k, d)
+
+    faulty._load = fail_second  # type: ignore[method-assign]
+    outs = [torch.empty_like(chunk(0)) for _ in ks]
+    with pytest.raises(OSError):
+        tier.load_into(ks, outs)
+    assert calls == 2
+    faulty._load = inner_load  # type: ignore[method-assign]
+    assert tier.load_into(ks, outs) == [True] * 4
+    assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
+
+
+def test_max_workers_does_not_change_the_record_identity() -> None:
+    one = create_l2_adapter({"type": "memory", "serde": [{"type": "raw"}, {"type": "kvtier-test-xor"}]})
+    two = create_l2_adapter(
+        {"type": "memory", "serde": [{"type": "raw", "max_workers": 2}, {"type": "kvtier-test-xor"}]}
+    )
+    assert one.identity == two.identity
+    two.adapter = one.adapter  # same records, read with another thread count
+    one.store(keys(1), [chunk(0)])
+    out = torch.empty_like(chunk(0))
+    assert two.load_into(keys(1), [out]) == [True] and torch.equal(out, chunk(0))
+    other = create_l2_adapter({"type": "memory", "serde": {"type": "raw"}})
+    assert other.identity != one.identity

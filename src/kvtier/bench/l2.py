@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="serde type to measure, repeatable (default: raw, and fp8 when registered)",
     )
+    parser.add_argument("--workers", type=int, default=1, help="serde threads (max_workers) per adapter (default: 1)")
     parser.add_argument("--batch", type=int, default=4, help="chunks per store / load batch (default: 4)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default: 3)")
     parser.add_argument("--dir", default=None, help="directory for the files (default: the temp dir)")
@@ -61,8 +62,8 @@ def _drop_cache(paths: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    if args.chunks < 1 or args.rounds < 1 or args.batch < 1:
-        raise SystemExit("--chunks, --batch and --rounds must be >= 1")
+    if args.chunks < 1 or args.rounds < 1 or args.batch < 1 or args.workers < 1:
+        raise SystemExit("--chunks, --batch, --workers and --rounds must be >= 1")
     serdes = args.serde or ["raw", *(["fp8"] if "fp8" in registered_serdes() else [])]
     for name in serdes:
         if name not in registered_serdes():
@@ -80,7 +81,12 @@ def run(args: argparse.Namespace) -> Report:
     (root / "plain").mkdir()
     tiers = {
         name: create_l2_adapter(
-            {"type": "fs", "base_path": str(root / name), "durability": "fsync", "serde": {"type": name}}
+            {
+                "type": "fs",
+                "base_path": str(root / name),
+                "durability": "fsync",
+                "serde": {"type": name, "max_workers": args.workers},
+            }
         )
         for name in serdes
     }
@@ -160,6 +166,7 @@ def run(args: argparse.Namespace) -> Report:
             "dtype": str(src.dtype).removeprefix("torch."),
             "gib_per_round": round(total / (1 << 30), 3),
             "batch": batch,
+            "serde_workers": args.workers,
             "rounds": args.rounds,
             "data": args.data or "synthetic",
         },

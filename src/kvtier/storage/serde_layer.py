@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from kvtier.record import (
     write_header_parts,
 )
 from kvtier.serde.base import as_byte_view
-from kvtier.serde.processor import AsyncSerdeProcessor, SerdeIdentity
+from kvtier.serde.processor import AsyncSerdeProcessor, BatchResult, SerdeIdentity
 from kvtier.serde.raw import RawSerializer
 from kvtier.storage.adapters.base import MISS, L2Adapter
 from kvtier.types import KVFormat, LayoutDesc, ObjectKey
@@ -50,6 +51,20 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's memory as a writable flat memoryview (no copy); the tensor must be contiguous on the CPU."""
     array: Any = as_byte_view(tensor).numpy()
     return memoryview(array)
+
+
+def record_identity(serde: AsyncSerdeProcessor | None) -> SerdeIdentity:
+    """The serde identity written into records: the processor's, minus ``max_workers``. The thread count does
+    not change a single byte of output, so changing it must not turn every stored record into a foreign one."""
+    if serde is None:
+        return SerdeIdentity.of_config(None)
+    config = serde.config
+    if isinstance(config, dict):
+        return SerdeIdentity.of_config({k: v for k, v in config.items() if k != "max_workers"})
+    if isinstance(config, list):
+        stages = [{k: v for k, v in c.items() if k != "max_workers"} if isinstance(c, dict) else c for c in config]
+        return SerdeIdentity.of_config(stages)
+    return serde.identity
 
 
 class _Scratch:
@@ -81,7 +96,7 @@ class L2Tier:
         self.adapter = adapter
         self.serde = serde
         self.config = config
-        self.identity = serde.identity if serde is not None else SerdeIdentity.of_config(None)
+        self.identity = record_identity(serde)
         # raw's payload is exactly the tensor's bytes, so the direct path writes the same record with no copy.
         self._direct = serde is None or type(serde.serializer) is RawSerializer
         # Items per serde round: enough to keep every worker busy, few enough to bound the scratch memory.
@@ -158,13 +173,11 @@ class L2Tier:
         for d in dsts:
             if not d.is_contiguous() or d.device.type != "cpu":
                 raise ValueError("load destinations must be contiguous CPU tensors")
+        if len(keys) > 1:
+            self.adapter.will_load([k.to_str() for k in keys])
         if self._direct:
             return self._load_direct(keys, dsts)
-        hits: list[bool] = []
-        for start in range(0, len(keys), self._round):
-            end = start + self._round
-            hits += self._load_serde(keys[start:end], dsts[start:end])
-        return hits
+        return self._load_serde(keys, dsts)
 
     def _load_direct(self, keys: Sequence[ObjectKey], dsts: Sequence[torch.Tensor]) -> list[bool]:
         metas = [self._meta(k, layout_of(d)) for k, d in zip(keys, dsts, strict=True)]
@@ -191,44 +204,65 @@ class L2Tier:
         return self._tally(hits, bad)
 
     def _load_serde(self, keys: Sequence[ObjectKey], dsts: Sequence[torch.Tensor]) -> list[bool]:
+        """Rounds of ``_round`` records, pipelined: round r+1 is read while round r decodes on the serde's
+        threads. Two sets of scratch buffers alternate; a set is reused only after its decode has finished."""
         assert self.serde is not None
+        hits = [False] * len(keys)
+        bad: list[str] = []
+        pending: list[tuple[Future[BatchResult], list[int], list[RecordMeta]]] = []
+
+        def finish(fut: Future[BatchResult], targets: list[int], metas: list[RecordMeta]) -> None:
+            result = fut.result()
+            for j, i in enumerate(targets):
+                if j in result.errors:
+                    # The record passed its checksum, yet the serde rejects it (an authentication tag, a decoder
+                    # check): still a miss, and the record is of no use to anyone.
+                    log.warning("L2 %s: deserialize of %s failed: %r", self.name, metas[j].key, result.errors[j])
+                    bad.append(metas[j].key)
+                else:
+                    hits[i] = True
+
         with self._load_scratch.lock:
-            metas = [self._meta(k, layout_of(d)) for k, d in zip(keys, dsts, strict=True)]
-            bufs = [
-                self._load_scratch.get(i, header_size(m) + self.serde.estimate_serialized_size(m.layout))
-                for i, m in enumerate(metas)
-            ]
-            lengths = self.adapter.load_records([m.key for m in metas], [[byte_view(b)] for b in bufs])
-            hits = [False] * len(keys)
-            bad: list[str] = []
-            payloads: list[torch.Tensor] = []
-            targets: list[int] = []
-            for i, (meta, buf, length) in enumerate(zip(metas, bufs, lengths, strict=True)):
-                if length == MISS:
-                    continue
-                try:
-                    if length > buf.numel():
-                        raise IntegrityError(f"record is {length} bytes, at most {buf.numel()} expected")
-                    _, payload = read_record(
-                        byte_view(buf[:length]), serde=self.identity, key=meta.key, layout=meta.layout
-                    )
-                except IntegrityError as exc:
-                    log.warning("L2 %s: record %s is unusable, removed: %s", self.name, meta.key, exc)
-                    bad.append(meta.key)
-                    continue
-                payloads.append(buf[length - len(payload) : length])
-                targets.append(i)
-            if payloads:
-                result = self.serde.submit_deserialize(payloads, [dsts[i] for i in targets]).result()
-                for j, i in enumerate(targets):
-                    if j in result.errors:
-                        # The record passed its checksum, yet the serde rejects it (an authentication tag, a
-                        # decoder check): still a miss, and the record is of no use to anyone.
-                        log.warning("L2 %s: deserialize of %s failed: %r", self.name, metas[i].key, result.errors[j])
-                        bad.append(metas[i].key)
-                    else:
-                        hits[i] = True
-            return self._tally(hits, bad)
+            try:
+                for r, start in enumerate(range(0, len(keys), self._round)):
+                    if len(pending) >= 2:  # the decode that used this round's scratch set must be done
+                        finish(*pending.pop(0))
+                    base = (r % 2) * self._round
+                    idx = list(range(start, min(len(keys), start + self._round)))
+                    metas = [self._meta(keys[i], layout_of(dsts[i])) for i in idx]
+                    bufs = [
+                        self._load_scratch.get(base + j, header_size(m) + self.serde.estimate_serialized_size(m.layout))
+                        for j, m in enumerate(metas)
+                    ]
+                    lengths = self.adapter.load_records([m.key for m in metas], [[byte_view(b)] for b in bufs])
+                    payloads: list[torch.Tensor] = []
+                    targets: list[int] = []
+                    target_metas: list[RecordMeta] = []
+                    for i, meta, buf, length in zip(idx, metas, bufs, lengths, strict=True):
+                        if length == MISS:
+                            continue
+                        try:
+                            if length > buf.numel():
+                                raise IntegrityError(f"record is {length} bytes, at most {buf.numel()} expected")
+                            _, payload = read_record(
+                                byte_view(buf[:length]), serde=self.identity, key=meta.key, layout=meta.layout
+                            )
+                        except IntegrityError as exc:
+                            log.warning("L2 %s: record %s is unusable, removed: %s", self.name, meta.key, exc)
+                            bad.append(meta.key)
+                            continue
+                        payloads.append(buf[length - len(payload) : length])
+                        targets.append(i)
+                        target_metas.append(meta)
+                    if payloads:
+                        fut = self.serde.submit_deserialize(payloads, [dsts[i] for i in targets])
+                        pending.append((fut, targets, target_metas))
+                while pending:
+                    finish(*pending.pop(0))
+            finally:
+                for fut, _, _ in pending:  # an error mid-way: workers must be done with the scratch first
+                    fut.result()
+        return self._tally(hits, bad)
 
     def _tally(self, hits: list[bool], bad: list[str]) -> list[bool]:
         n_hit = sum(hits)

@@ -130,6 +130,7 @@ class L2AdapterTests:
             assert adapter.load_records(["a", "b"], [[bytearray(4)], [bytearray(4)]]) == [MISS, MISS]
             assert adapter.contains(["a"]) == [False]
             adapter.delete(["a"])  # absent keys are ignored
+            adapter.will_load(["a", "b"])  # a read-ahead hint for absent keys is not an error
             assert adapter.load_records([], []) == []
 
     def test_overwrite_and_delete(self, tmp_path: Path) -> None:

@@ -84,6 +84,9 @@ class L2Adapter(ABC):
     def _delete(self, keys: Sequence[str]) -> None:
         """Remove the records of ``keys``; absent keys are ignored."""
 
+    def _will_load(self, keys: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """Optional: start fetching these records (read-ahead); the default does nothing."""
+
     @property
     @abstractmethod
     def capacity_bytes(self) -> int | None:
@@ -115,6 +118,13 @@ class L2Adapter(ABC):
             return []
         self._ensure_started()
         return self._load(keys, dsts)
+
+    def will_load(self, keys: Sequence[str]) -> None:
+        """A hint that ``keys`` are about to be loaded, so a backend can start reading them (the fs adapter
+        issues read-ahead) while the caller decodes earlier records. Best effort: never raises for a miss."""
+        if keys:
+            self._ensure_started()
+            self._will_load(keys)
 
     def read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
         """The first ``size`` bytes of each record (all of it when shorter), ``None`` when absent: enough to

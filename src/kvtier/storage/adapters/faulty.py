@@ -64,6 +64,9 @@ class FaultyAdapter(L2Adapter):
                     _flip_middle_bit(dst, length)
         return lengths
 
+    def _will_load(self, keys: Sequence[str]) -> None:
+        self.inner.will_load(keys)
+
     def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
         if self.load_error is not None:
             raise self.load_error
