@@ -392,9 +392,11 @@ def test_config_errors_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixt
         busy.listen()
         taken = str(busy.getsockname()[1])
         err = _config_error(["--l1-size-gb", "0.0625", "--port", taken, "--http-port", str(http)], capsys)
-        assert "port:" in err and "expected a free TCP port" in err
+        assert "host/port:" in err and "Address already in use" in err and "a free TCP port" in err
         err = _config_error(["--l1-size-gb", "0.0625", "--port", str(port), "--http-port", taken], capsys)
         assert "http_port:" in err and "expected a free TCP port" in err
+    err = _config_error([*base, "--host", "203.0.113.7"], capsys)  # not an address of this host
+    assert "host/port:" in err and "expected an address of this host" in err
 
 
 def test_config_error_exits_nonzero_before_serving(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ Keys (file) and flags (command line) are the same names, ``_`` in files and ``-`
 =====================  ===========================  ========================================================
 key                    flag                         meaning
 =====================  ===========================  ========================================================
-``l1_size_gb``         ``--l1-size-gb``             L1 pool size in GB (required, > 0)
+``l1_size_gb``         ``--l1-size-gb``             L1 pool size in GiB (required, > 0)
 ``eviction_policy``    ``--eviction-policy``        L1 eviction policy name (default ``LRU``)
 ``l2_adapters``        ``--l2-adapter JSON``        list of L2 adapter configs, in order; the flag repeats
 ``chunk_size``         ``--chunk-size``             tokens per chunk (default 256)
@@ -129,7 +129,9 @@ _FLAG_KEYS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``kvtier server``. Defaults are None so that only given flags override the file."""
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with the same keys as the flags")
-    parser.add_argument("--l1-size-gb", type=float, metavar="GB", help="L1 memory pool size in GB (required)")
+    parser.add_argument(
+        "--l1-size-gb", type=float, metavar="GB", help="L1 memory pool size in GiB (2**30 bytes; required)"
+    )
     parser.add_argument("--eviction-policy", metavar="NAME", help="L1 eviction policy (default: LRU)")
     parser.add_argument(
         "--l2-adapter",

@@ -323,8 +323,8 @@ class Server:
         except zmq.ZMQError as exc:
             self._ctx.destroy(linger=0)
             raise ConfigError(
-                f"port: cannot listen on {config.host}:{config.port} ({exc.strerror}); expected a free TCP port "
-                "and a local address"
+                f"host/port: cannot listen on {config.host}:{config.port} ({exc.strerror}); expected an address of "
+                "this host and a free TCP port"
             ) from exc
         self._replies_addr = f"inproc://kvtier-replies-{id(self)}"
         self._replies = self._ctx.socket(zmq.PULL)
