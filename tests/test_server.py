@@ -207,6 +207,8 @@ def test_garbage_and_malformed_messages_get_error_replies(server: ServerProcess,
         ([p.encode(13, p.Health()), b"unexpected"], "protocol"),
         ([p.encode(14, p.Retrieve([key], [meta], None))], "protocol"),
         ([p.encode(15, p.Retrieve([key])), b"data"], "protocol"),  # a retrieve carries no data
+        ([p.encode(16, p.Store([key], [p.Meta((1,) * 70, "uint8")], None)), b"x"], "protocol"),  # too many dims
+        ([p.encode(17, p.Store([key], [p.Meta((-1, 2), "uint8")], None)), b"x"], "protocol"),  # negative dim
     ]
     for frames, kind in cases:
         err = _error_of(_raw_request(server.address, frames))

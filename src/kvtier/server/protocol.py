@@ -39,6 +39,8 @@ from kvtier.types import DTYPE_CODES, ObjectKey, dtype_name, parse_dtype
 PROTOCOL_VERSION = 1
 #: The largest header frame a server decodes (token ids of a 1M-token prompt fit with room to spare).
 MAX_HEADER_BYTES = 16 << 20
+#: Tensors have at most this many dimensions (torch allows 64; KV chunks have 4).
+MAX_DIMS = 16
 #: Data in shared memory is placed at offsets that are multiples of this (every dtype's itemsize divides it).
 ALIGN = 64
 
@@ -73,6 +75,8 @@ class Meta(msgspec.Struct, array_like=True, frozen=True):
         return parse_dtype(self.dtype, "meta.dtype")
 
     def nbytes(self) -> int:
+        if len(self.shape) > MAX_DIMS:
+            raise ProtocolError(f"meta.shape: at most {MAX_DIMS} dimensions, got {len(self.shape)}")
         if any(d < 0 for d in self.shape):
             raise ProtocolError(f"meta.shape: dimensions must be >= 0, got {list(self.shape)}")
         dtype = self.torch_dtype()
