@@ -4,6 +4,7 @@ L1 is a bounded memory pool with eviction; L2 adapters (local disk, Redis/Valkey
 optional serde pipeline (fp8, lz4/zstd, AES-GCM, checksums, or a user's own registered transform).
 """
 
+from kvtier.client import Client
 from kvtier.errors import (
     BatchError,
     CapacityError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchError",
     "CapacityError",
+    "Client",
     "ConfigError",
     "IntegrityError",
     "KVFormat",

@@ -44,7 +44,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_l2.add_arguments(p)
     p.set_defaults(func=lambda a: bench_l2.run(a).print(a.json))
+
+    from kvtier.bench import server as bench_server
+
+    p = bench_sub.add_parser(
+        "server",
+        help="kvtier server: shared-memory retrieve vs memcpy, lookup latency, ops/s with 1/4/8 clients",
+        description="Start a kvtier server in a subprocess and measure: retrieve of an L1-resident chunk through "
+        "shared memory beside a memcpy in the same run, lookup round-trip p50/p99, ops/s with 1, 4 and 8 clients.",
+    )
+    bench_server.add_arguments(p)
+    p.set_defaults(func=lambda a: bench_server.run(a).print(a.json))
+
+    from kvtier.server import config as server_config
+
+    p = sub.add_parser(
+        "server",
+        help="run the kvtier server that several engine processes share",
+        description="Serve one kvtier Store over ZeroMQ (same-host clients exchange KV through shared memory) "
+        "with an admin HTTP endpoint: GET /health, GET /stats, GET /metrics (Prometheus), POST /clear. "
+        "SIGTERM / SIGINT drain pending L2 writes, then exit 0. Every flag can also be given in --config "
+        "(YAML or JSON, keys with '_': l1_size_gb, eviction_policy, l2_adapters (a list), chunk_size, host, port, "
+        "http_port, workers, max_message_mb, log_level, log_format); flags override the file.",
+    )
+    server_config.add_arguments(p)
+    p.set_defaults(func=_run_server)
     return parser
+
+
+def _run_server(args: argparse.Namespace) -> None:
+    from kvtier.server.main import run_server
+
+    run_server(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

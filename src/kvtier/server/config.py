@@ -1,0 +1,215 @@
+"""The server's configuration: a YAML or JSON file, then command-line flags on top, checked once at start-up.
+
+Keys (file) and flags (command line) are the same names, ``_`` in files and ``-`` on the command line:
+
+=====================  ===========================  ========================================================
+key                    flag                         meaning
+=====================  ===========================  ========================================================
+``l1_size_gb``         ``--l1-size-gb``             L1 pool size in GiB (required, > 0)
+``eviction_policy``    ``--eviction-policy``        L1 eviction policy name (default ``LRU``)
+``l2_adapters``        ``--l2-adapter JSON``        list of L2 adapter configs, in order; the flag repeats
+``chunk_size``         ``--chunk-size``             tokens per chunk (default 256)
+``host``               ``--host``                   address to listen on (default ``127.0.0.1``)
+``port``               ``--port``                   ZeroMQ port (default 5555)
+``http_port``          ``--http-port``              admin HTTP port (default 8555)
+``workers``            ``--workers``                request worker threads (default 4)
+``max_message_mb``     ``--max-message-mb``         largest accepted request in MB (default 2048)
+``log_level``          ``--log-level``              ``debug`` | ``info`` | ``warning`` | ``error``
+``log_format``         ``--log-format``             ``json`` (one object per line) | ``text``
+=====================  ===========================  ========================================================
+
+A flag given on the command line replaces the file's value; ``--l2-adapter`` given at least once replaces the
+file's whole ``l2_adapters`` list. Every error is a :class:`~kvtier.errors.ConfigError` naming the field and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvtier.config import ConfigReader
+from kvtier.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The checked configuration of ``kvtier server``."""
+
+    l1_size_gb: float
+    eviction_policy: str = "LRU"
+    l2_adapters: list[dict[str, Any]] = field(default_factory=list)
+    chunk_size: int = 256
+    host: str = "127.0.0.1"
+    port: int = 5555
+    http_port: int = 8555
+    workers: int = 4
+    max_message_mb: float = 2048.0
+    log_level: str = "info"
+    log_format: str = "json"
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1e6)
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    def store_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``kvtier.Store`` (the same keys as the flags)."""
+        return {
+            "l1_size_gb": self.l1_size_gb,
+            "eviction_policy": self.eviction_policy,
+            "l2_adapters": [dict(a) for a in self.l2_adapters],
+            "chunk_size": self.chunk_size,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "config") -> ServerConfig:
+        """Check every field of ``data`` (a dict as read from a file, with flags already merged in)."""
+        r = ConfigReader(data, where)
+        adapters = r.raw("l2_adapters", [])
+        if not isinstance(adapters, list):
+            raise ConfigError(f"{where}.l2_adapters: expected a list of JSON objects, got {adapters!r}")
+        for i, adapter in enumerate(adapters):
+            if not isinstance(adapter, dict):
+                raise ConfigError(f"l2_adapters[{i}]: expected a JSON object, got {adapter!r}")
+            if not isinstance(adapter.get("type"), str):
+                raise ConfigError(
+                    f"l2_adapters[{i}].type: expected an adapter type name (a string), got {adapter.get('type')!r}"
+                )
+        config = cls(
+            l1_size_gb=r.number("l1_size_gb", min=1e-6),
+            eviction_policy=r.string("eviction_policy", "LRU"),
+            l2_adapters=adapters,
+            chunk_size=r.integer("chunk_size", 256, min=1, max=1 << 20),
+            host=r.string("host", "127.0.0.1"),
+            port=r.integer("port", 5555, min=1, max=65535),
+            http_port=r.integer("http_port", 8555, min=1, max=65535),
+            workers=r.integer("workers", 4, min=1, max=256),
+            max_message_mb=r.number("max_message_mb", 2048.0, min=0.001),
+            log_level=r.string("log_level", "info", choices=LOG_LEVELS),
+            log_format=r.string("log_format", "json", choices=LOG_FORMATS),
+        )
+        r.finish()
+        if config.port == config.http_port:
+            raise ConfigError(f"http_port: expected a port other than port ({config.port})")
+        return config
+
+
+# The flags that map onto config keys; argparse dests equal the keys.
+_FLAG_KEYS = (
+    "l1_size_gb",
+    "eviction_policy",
+    "chunk_size",
+    "host",
+    "port",
+    "http_port",
+    "workers",
+    "max_message_mb",
+    "log_level",
+    "log_format",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``kvtier server``. Defaults are None so that only given flags override the file."""
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with the same keys as the flags")
+    parser.add_argument(
+        "--l1-size-gb", type=float, metavar="GB", help="L1 memory pool size in GiB (2**30 bytes; required)"
+    )
+    parser.add_argument("--eviction-policy", metavar="NAME", help="L1 eviction policy (default: LRU)")
+    parser.add_argument(
+        "--l2-adapter",
+        action="append",
+        metavar="JSON",
+        help='an L2 adapter config, e.g. \'{"type": "fs", "base_path": "/data/kvtier"}\'; repeat for more '
+        "tiers, in order (replaces the file's l2_adapters)",
+    )
+    parser.add_argument("--chunk-size", type=int, metavar="TOKENS", help="tokens per chunk (default: 256)")
+    parser.add_argument("--host", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, help="ZeroMQ request port (default: 5555)")
+    parser.add_argument("--http-port", type=int, help="admin HTTP port: /health /stats /metrics /clear (default: 8555)")
+    parser.add_argument("--workers", type=int, help="request worker threads (default: 4)")
+    parser.add_argument("--max-message-mb", type=float, metavar="MB", help="largest accepted request (default: 2048)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default: info)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, help="json lines or plain text (default: json)")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A config file as a dict: JSON when it ends in ``.json``, YAML otherwise (YAML also reads JSON)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path!r} ({exc.strerror}); expected a readable file") from exc
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.endswith(".json") else "YAML"
+        raise ConfigError(f"--config: {path!r} is not valid {kind} ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path!r} must hold a mapping of keys to values, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_adapter_flag(text: str, index: int) -> dict[str, Any]:
+    """One ``--l2-adapter`` value: a JSON object with a ``type``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"--l2-adapter #{index + 1}: invalid JSON ({exc.msg} at character {exc.pos}); expected an object "
+            f'like \'{{"type": "fs", "base_path": "/data/kvtier"}}\', got {text!r}'
+        ) from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"--l2-adapter #{index + 1}: expected a JSON object, got {text!r}")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Merge ``--config FILE`` and the flags (flags win) and check the result."""
+    data: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    for key in _FLAG_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    if args.l2_adapter:
+        data["l2_adapters"] = [parse_adapter_flag(text, i) for i, text in enumerate(args.l2_adapter)]
+    config = ServerConfig.from_dict(data)
+    check_base_paths(config)
+    return config
+
+
+def check_base_paths(config: ServerConfig) -> None:
+    """Every adapter's ``base_path`` must be a directory the server can create and write (checked now, since
+    adapters create their resources lazily and the first write would fail long after start-up)."""
+    for i, adapter in enumerate(config.l2_adapters):
+        if "base_path" not in adapter:
+            continue
+        path = adapter["base_path"]
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"l2_adapters[{i}].base_path: expected a directory path (a string), got {path!r}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".kvtier-probe-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"l2_adapters[{i}].base_path: cannot write to {path!r} ({exc.strerror}); expected a writable directory"
+            ) from exc

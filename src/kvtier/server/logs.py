@@ -1,0 +1,66 @@
+"""Structured logs for the server: one JSON object per line on stderr (or plain text), with levels.
+
+Every record carries ``ts`` (UTC, ISO 8601), ``level``, ``logger`` and ``msg``; fields passed as
+``log.info("...", extra={"fields": {...}})`` are merged into the object, so that log pipelines can filter on them
+(``op``, ``port``, ``pending_l2``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+LOGGER_NAME = "kvtier"
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        doc: dict[str, Any] = {
+            "ts": ts,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            doc.update(fields)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``ts level logger: msg key=value ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        fields = getattr(record, "fields", None)
+        extra = "".join(f" {k}={v}" for k, v in fields.items()) if isinstance(fields, dict) else ""
+        line = f"{ts} {record.levelname.lower():7s} {record.name}: {record.getMessage()}{extra}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str = "info", fmt: str = "json") -> logging.Logger:
+    """Configure the ``kvtier`` logger tree to write to stderr; returns it. Safe to call again."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    return logger
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """``extra=`` for a log call: ``log.info("bound", extra=fields(port=5555))``."""
+    return {"fields": values}

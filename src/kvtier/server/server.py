@@ -1,0 +1,476 @@
+"""The kvtier server: a ZeroMQ ROUTER in front of worker threads that call one embedded Store.
+
+Threads and sockets::
+
+    clients (DEALER) ──tcp──> ROUTER ── I/O thread ── tasks queue ──> worker threads ──> Store
+                                 ^                                         |
+                                 └──── I/O thread <── inproc PULL <── PUSH (one per worker)
+
+* The **I/O thread** (the thread that calls :meth:`Server.serve_forever`, normally the main thread) owns the
+  ROUTER: it reads requests, rejects oversized ones at once, queues the rest and sends the replies workers hand
+  back. ZeroMQ sockets are not thread-safe, so only this thread touches the ROUTER. When the task queue is full it
+  stops reading, and ZeroMQ's buffers push back on clients.
+* **Workers** decode, validate and serve requests (:class:`RequestHandler`). A malformed, truncated, oversized
+  or wrong-version message gets an :class:`~kvtier.server.protocol.ErrorReply`; no exception escapes a worker.
+* **Shutdown** (SIGTERM / SIGINT or :meth:`Server.stop`): stop reading requests, let workers finish the ones
+  queued and send their replies, then ``Store.close()`` flushes pending L2 writes, so nothing acknowledged is
+  lost, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext, suppress
+from typing import Any, Protocol
+
+import torch
+import zmq
+
+from kvtier import __version__
+from kvtier.errors import ConfigError
+from kvtier.server import protocol as p
+from kvtier.server.admin import AdminHooks, AdminServer
+from kvtier.server.config import ServerConfig
+from kvtier.server.logs import fields
+from kvtier.server.metrics import ServerMetrics
+from kvtier.server.shm import RegionTable, align_up
+from kvtier.types import ObjectKey
+
+log = logging.getLogger("kvtier.server")
+#: The GIL switch interval the server runs with (CPython's default is 5 ms).
+SWITCH_INTERVAL_S = 0.0005
+
+
+class StoreLike(Protocol):
+    """The part of ``kvtier.Store`` the server uses."""
+
+    def keys_for_tokens(self, model_name: str, token_ids: Sequence[int], cache_salt: str = "") -> list[ObjectKey]: ...
+    def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None: ...
+    def lookup(self, keys: Sequence[ObjectKey]) -> int: ...
+    def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]: ...
+    def retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor]) -> int: ...
+    def clear_l1(self) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+_OP_NAMES = {cls: str(cls.__struct_config__.tag) for cls in p.Request.__args__}
+
+
+def _frame_tensor(frame: zmq.Frame, meta: p.Meta) -> torch.Tensor:
+    """A tensor viewing a received frame's bytes (no copy); checked against the announced size."""
+    nbytes = meta.nbytes()
+    if len(frame) != nbytes:
+        raise p.ProtocolError(f"data frame has {len(frame)} bytes, its meta {meta} needs {nbytes}")
+    dtype = meta.torch_dtype()
+    if nbytes == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    return torch.frombuffer(frame.buffer, dtype=torch.uint8).view(dtype).view(meta.shape)
+
+
+def _tensor_frame(tensor: torch.Tensor) -> Any:
+    """The bytes of a tensor as a buffer ZeroMQ can send without copying (kept alive by pyzmq until sent)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+class RequestHandler:
+    """Serves one decoded request at a time per calling thread; shared by all workers.
+
+    ``serialize_store``: when True every Store call runs under one lock (for a Store that is not thread-safe).
+    """
+
+    def __init__(
+        self,
+        store: StoreLike,
+        config: ServerConfig,
+        metrics: ServerMetrics,
+        regions: RegionTable,
+        serialize_store: bool,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.regions = regions
+        self._store_lock: AbstractContextManager[Any] = threading.Lock() if serialize_store else nullcontext()
+        self.started = time.time()
+
+    # -- entry point --------------------------------------------------------------------------------------------
+    def handle(self, frames: Sequence[zmq.Frame], owner: bytes = b"") -> list[Any]:
+        """Reply frames for the request ``frames`` (header first) from connection ``owner``. Never raises.
+
+        ``owner`` is the client's ZeroMQ routing id: shared-memory regions belong to the connection that
+        registered them, and no other connection can name them.
+        """
+        start = time.perf_counter()
+        request_id, op, outcome = 0, "invalid", "ok"
+        try:
+            env = p.decode_envelope(frames[0].buffer)
+            request_id = env.id
+            request = p.decode_request(env)
+            op = _OP_NAMES[type(request)]
+            reply, data = self._dispatch(request, frames[1:], owner)
+        except Exception as exc:
+            outcome = p.error_kind(exc)
+            if outcome == "internal":
+                log.exception("request failed", extra=fields(op=op, request_id=request_id))
+            else:
+                log.info("request rejected", extra=fields(op=op, kind=outcome, error=str(exc)))
+            reply, data = p.ErrorReply(outcome, f"{type(exc).__name__}: {exc}"), []
+        try:
+            header = p.encode(request_id, reply)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a stats value msgpack cannot carry
+            log.exception("reply could not be encoded", extra=fields(op=op))
+            outcome, data = "internal", []
+            header = p.encode(request_id, p.ErrorReply("internal", f"reply could not be encoded: {exc}"))
+        self.metrics.observe(op, time.perf_counter() - start, outcome)
+        return [header, *data]
+
+    def _dispatch(self, request: Any, data: Sequence[zmq.Frame], owner: bytes) -> tuple[Any, list[Any]]:
+        if not isinstance(request, p.Store) and data:
+            raise p.ProtocolError(f"{_OP_NAMES[type(request)]} takes no data frames, got {len(data)}")
+        match request:
+            case p.Hello():
+                return p.HelloReply(__version__, self.config.chunk_size, self.config.max_message_bytes, os.getpid()), []
+            case p.Register(pid=pid, fd=fd, size=size, token=token):
+                region, reason = self.regions.register(owner, pid, fd, size, token)
+                if region < 0:
+                    log.info("shared memory refused", extra=fields(pid=pid, reason=reason))
+                return p.RegisterReply(region, reason), []
+            case p.Unregister(regions=ids):
+                self.regions.unregister(owner, ids)
+                return p.OkReply(), []
+            case p.Store():
+                return self._store(request, data, owner), []
+            case p.Lookup(keys=wire_keys):
+                keys = [k.to_key() for k in wire_keys]
+                with self._store_lock:
+                    return p.CountReply(self.store.lookup(keys)), []
+            case p.LookupTokens() | p.KeysForTokens():
+                keys = self._token_keys(request)
+                if isinstance(request, p.KeysForTokens):
+                    return p.KeysReply([p.WireKey.of(k) for k in keys]), []
+                with self._store_lock:
+                    return p.CountReply(self.store.lookup(keys) * self.config.chunk_size), []
+            case p.Retrieve():
+                return self._retrieve(request, owner)
+            case p.ClearL1():
+                with self._store_lock:
+                    self.store.clear_l1()
+                log.info("L1 cleared", extra=fields(via="protocol"))
+                return p.OkReply(), []
+            case p.Stats():
+                return p.StatsReply(self.stats()), []
+            case p.Health():
+                return p.StatsReply(self.health()), []
+        raise p.ProtocolError(f"unhandled request {type(request).__name__}")  # pragma: no cover - union is closed
+
+    # -- operations ---------------------------------------------------------------------------------------------
+    def _token_keys(self, request: p.LookupTokens | p.KeysForTokens) -> list[ObjectKey]:
+        keys = self.store.keys_for_tokens(request.model_name, request.token_ids, cache_salt=request.cache_salt)
+        if request.kv_rank:
+            keys = [ObjectKey(k.model_name, k.chunk_hash, request.kv_rank, k.cache_salt) for k in keys]
+        return keys
+
+    def _store(self, request: p.Store, data: Sequence[zmq.Frame], owner: bytes) -> p.OkReply:
+        keys = [k.to_key() for k in request.keys]
+        if len(request.metas) != len(keys):
+            raise p.ProtocolError(f"store: {len(keys)} keys but {len(request.metas)} metas")
+        if request.locs is None:
+            if len(data) != len(keys):
+                raise p.ProtocolError(f"store: {len(keys)} keys but {len(data)} data frames")
+            tensors = [_frame_tensor(f, m) for f, m in zip(data, request.metas, strict=True)]
+            with self._store_lock:
+                self.store.store(keys, tensors)
+            self.metrics.bytes.labels("in", "frames").inc(sum(len(f) for f in data))
+            return p.OkReply()
+        if data or len(request.locs) != len(keys):
+            raise p.ProtocolError(f"store: {len(keys)} keys, {len(request.locs)} locs and {len(data)} data frames")
+        with _Pinned(self.regions, owner) as pinned:
+            tensors = [pinned.view(loc, meta) for loc, meta in zip(request.locs, request.metas, strict=True)]
+            with self._store_lock:
+                self.store.store(keys, tensors)
+        self.metrics.bytes.labels("in", "shm").inc(sum(loc.nbytes for loc in request.locs))
+        return p.OkReply()
+
+    def _retrieve(self, request: p.Retrieve, owner: bytes) -> tuple[Any, list[Any]]:
+        keys = [k.to_key() for k in request.keys]
+        if request.locs is not None or request.metas is not None:
+            # retrieve_into: the client's regions are the destinations; the Store writes straight into them.
+            if (
+                request.locs is None
+                or request.metas is None
+                or not len(request.locs) == len(request.metas) == len(keys)
+            ):
+                raise p.ProtocolError("retrieve into: keys, metas and locs must all be given, of one length")
+            with _Pinned(self.regions, owner) as pinned:
+                outs = [pinned.view(loc, meta) for loc, meta in zip(request.locs, request.metas, strict=True)]
+                with self._store_lock:
+                    hits = self.store.retrieve_into(keys, outs)
+            self.metrics.bytes.labels("out", "shm").inc(sum(loc.nbytes for loc in request.locs[:hits]))
+            return p.CountReply(hits), []
+        with self._store_lock:
+            found = self.store.retrieve(keys)
+        tensors: list[torch.Tensor] = []
+        for t in found:
+            if t is None:
+                break
+            tensors.append(t)
+        metas = [p.Meta.of(t) for t in tensors]
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        staging = request.staging
+        if staging is not None and sum(align_up(n) for n in sizes) <= staging.nbytes:
+            locs: list[p.Loc] = []
+            offset = staging.offset
+            with _Pinned(self.regions, owner) as pinned:
+                for t, meta, n in zip(tensors, metas, sizes, strict=True):
+                    loc = p.Loc(staging.region, offset, n)
+                    pinned.view(loc, meta).copy_(t)
+                    locs.append(loc)
+                    offset += align_up(n)
+            self.metrics.bytes.labels("out", "shm").inc(sum(sizes))
+            return p.TensorsReply(metas, locs), []
+        self.metrics.bytes.labels("out", "frames").inc(sum(sizes))
+        return p.TensorsReply(metas, None), [_tensor_frame(t) for t in tensors]
+
+    # -- documents ------------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "protocol": p.PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        with self._store_lock:
+            store_stats = self.store.stats()
+        return {
+            "store": store_stats,
+            "server": {
+                "uptime_s": round(time.time() - self.started, 3),
+                "shm_regions": len(self.regions),
+                "workers": self.config.workers,
+            },
+        }
+
+    def clear(self) -> dict[str, Any]:
+        with self._store_lock:
+            self.store.clear_l1()
+        log.info("L1 cleared", extra=fields(via="http"))
+        return {"cleared": "l1"}
+
+
+class _Pinned:
+    """Regions a request uses, pinned until it ends so that an unregister cannot unmap them mid-copy."""
+
+    def __init__(self, regions: RegionTable, owner: bytes) -> None:
+        self.regions = regions
+        self.owner = owner
+        self._held: dict[int, Any] = {}
+
+    def view(self, loc: p.Loc, meta: p.Meta) -> torch.Tensor:
+        entry = self._held.get(loc.region)
+        if entry is None:
+            entry = self._held[loc.region] = self.regions.acquire(self.owner, loc.region)
+        return self.regions.view(entry, loc, meta)
+
+    def __enter__(self) -> _Pinned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for entry in self._held.values():
+            self.regions.release(entry)
+        self._held.clear()
+
+
+class Server:
+    """Binds its ports at construction (a port in use is a :class:`ConfigError`), serves until stopped.
+
+    ``store`` is any object with the methods of ``kvtier.Store``; the server does not close a store it did not
+    build unless ``close_store`` is set (the CLI builds it and sets it).
+    """
+
+    def __init__(
+        self, config: ServerConfig, store: StoreLike, *, serialize_store: bool = False, close_store: bool = True
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.close_store = close_store
+        self.regions = RegionTable()
+        self.metrics = ServerMetrics(self._store_stats, lambda: len(self.regions))
+        self.handler = RequestHandler(store, config, self.metrics, self.regions, serialize_store)
+        self._stop = threading.Event()
+        self._tasks: queue.Queue[tuple[zmq.Frame, list[zmq.Frame]] | None] = queue.Queue(maxsize=4 * config.workers)
+        self._ctx = zmq.Context()
+        self._front = self._ctx.socket(zmq.ROUTER)
+        self._front.setsockopt(zmq.LINGER, 2000)
+        # A client keeps its (random, unguessable) routing id across reconnects so that its shared-memory regions
+        # stay its own; handover lets the new connection take the id over from the one it replaces.
+        self._front.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A frame beyond this is dropped by libzmq with the connection, before it is buffered whole; messages up to
+        # max_message_bytes are read and answered (an error when too large), so this is only the hard backstop.
+        self._front.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_message_bytes + p.MAX_HEADER_BYTES)
+        try:
+            self._front.bind(config.address)
+        except zmq.ZMQError as exc:
+            self._ctx.destroy(linger=0)
+            raise ConfigError(
+                f"host/port: cannot listen on {config.host}:{config.port} ({exc.strerror}); expected an address of "
+                "this host and a free TCP port"
+            ) from exc
+        self._replies_addr = f"inproc://kvtier-replies-{id(self)}"
+        self._replies = self._ctx.socket(zmq.PULL)
+        self._replies.bind(self._replies_addr)
+        try:
+            self.admin = AdminServer(
+                config.host,
+                config.http_port,
+                AdminHooks(self.handler.health, self.handler.stats, self.metrics.render, self.handler.clear),
+            )
+        except ConfigError:
+            self._ctx.destroy(linger=0)
+            raise
+        self._workers = [
+            threading.Thread(target=self._work, name=f"kvtier-worker-{i}", daemon=True) for i in range(config.workers)
+        ]
+        self._inflight = itertools.count()
+
+    def _store_stats(self) -> dict[str, Any]:
+        store_stats: dict[str, Any] = self.handler.stats()["store"]
+        return store_stats
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to drain and return (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    # -- threads ------------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        push = self._ctx.socket(zmq.PUSH)
+        push.connect(self._replies_addr)
+        try:
+            while True:
+                task = self._tasks.get()
+                if task is None:
+                    return
+                identity, frames = task
+                try:
+                    reply = self.handler.handle(frames, identity.bytes)
+                except Exception:  # handle() answers every error itself; this is the last line of defence
+                    log.exception("worker: unexpected failure")
+                    reply = [p.encode(0, p.ErrorReply("internal", "the server failed to answer this request"))]
+                push.send_multipart([identity, *reply], copy=False)
+        finally:
+            push.close(linger=-1)
+
+    def _reject(self, identity: zmq.Frame, frames: list[zmq.Frame], kind: str, message: str) -> None:
+        """Answer a request the I/O thread refuses before queueing (its id is read when the header allows)."""
+        request_id = 0
+        if frames and len(frames[0]) <= p.MAX_HEADER_BYTES:
+            with suppress(p.ProtocolError):
+                request_id = p.decode_envelope(frames[0].buffer).id
+        self.metrics.observe("invalid", 0.0, kind)
+        log.info("request rejected", extra=fields(kind=kind, error=message))
+        self._front.send_multipart([identity, p.encode(request_id, p.ErrorReply(kind, message))])
+
+    def _accept(self, message: list[zmq.Frame]) -> None:
+        identity, frames = message[0], message[1:]
+        if not frames:
+            self._reject(identity, frames, "protocol", "empty message")
+            return
+        header = len(frames[0])
+        total = sum(len(f) for f in frames)
+        if header > p.MAX_HEADER_BYTES:
+            self._reject(identity, frames, "too_large", f"header of {header} bytes exceeds {p.MAX_HEADER_BYTES}")
+            return
+        if total > self.config.max_message_bytes:
+            self._reject(
+                identity,
+                frames,
+                "too_large",
+                f"message of {total} bytes exceeds max_message_bytes {self.config.max_message_bytes}",
+            )
+            return
+        self.metrics.inflight.inc()
+        self._tasks.put((identity, frames))
+
+    def _forward_replies(self, timeout_ms: int) -> int:
+        """Send every reply workers have handed back (waiting up to ``timeout_ms`` for the first)."""
+        sent = 0
+        if not self._replies.poll(timeout_ms):
+            return 0
+        while True:
+            try:
+                reply = self._replies.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return sent
+            self._front.send_multipart(reply, copy=False)
+            self.metrics.inflight.dec()
+            sent += 1
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`stop`; then drain requests in flight, flush L2 writes and release everything."""
+        # Every request crosses three threads (I/O -> worker -> I/O); with CPython's default 5 ms GIL switch
+        # interval a hand-off can wait that long behind a busy thread, which is what a lookup's p99 would show.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        for worker in self._workers:
+            worker.start()
+        self.admin.start()
+        log.info(
+            "serving",
+            extra=fields(
+                address=self.config.address,
+                http_port=self.config.http_port,
+                workers=self.config.workers,
+                pid=os.getpid(),
+                config=self.config.to_json(),
+            ),
+        )
+        poller = zmq.Poller()
+        poller.register(self._front, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                # Stop reading requests while the queue is full: ZeroMQ's buffers then push back on clients.
+                reading = not self._tasks.full()
+                poller.modify(self._front, zmq.POLLIN if reading else 0)
+                events = dict(poller.poll(100))
+                if events.get(self._replies):
+                    self._forward_replies(0)
+                if reading and events.get(self._front):
+                    for _ in range(64):  # bounded, so replies are never starved by a flood of requests
+                        try:
+                            message = self._front.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._accept(message)
+                        if self._tasks.full():
+                            break
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        log.info("stopping: finishing requests in flight", extra=fields(queued=self._tasks.qsize()))
+        for _ in self._workers:
+            self._tasks.put(None)
+        while any(w.is_alive() for w in self._workers):
+            self._forward_replies(50)
+        self._forward_replies(0)
+        self.admin.close()
+        if self.close_store:
+            start = time.perf_counter()
+            log.info("flushing pending L2 writes")
+            self.store.close()
+            log.info("store closed", extra=fields(seconds=round(time.perf_counter() - start, 3)))
+        self.regions.close()
+        self._front.close(linger=2000)
+        self._replies.close(linger=0)
+        self._ctx.term()
+        log.info("stopped")
