@@ -1,8 +1,6 @@
 """Two ``kvtier server`` processes pointed at one Redis: a chunk stored through server A is a hit through server B,
-another ``cache_salt`` is not, and killing Redis leaves both servers serving their L1.
-
-Runs once the kvtier server (issue 6) is on the branch; until then ``tests/test_redis_store.py`` shows the same
-sharing with two processes that embed a Store each."""
+another ``cache_salt`` is not, killing Redis leaves both servers serving their L1, and they write through again
+once Redis is back, without a restart."""
 
 from __future__ import annotations
 
@@ -14,10 +12,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from kvtier import client as client_module
 from kvtier.bench.redis_server import LocalRedis, find_redis_server
-
-process = pytest.importorskip("kvtier.server.process", reason="the kvtier server (issue 6) is not on this branch")
-client_module = pytest.importorskip("kvtier.client")
+from kvtier.server import process
 
 pytestmark = pytest.mark.skipif(find_redis_server() is None, reason="redis-server is not installed")
 

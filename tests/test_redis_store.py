@@ -1,6 +1,6 @@
 """kvtier.Store with a redis L2 against a real ``redis-server``: L1 keeps serving while Redis is down, recovery
-after a restart without restarting kvtier, and two kvtier processes sharing one Redis (a chunk stored by one is a
-hit in the other; another ``cache_salt`` is not)."""
+after a restart without restarting kvtier, and two embedding processes sharing one Redis (a chunk stored by one is
+a hit in the other; another ``cache_salt`` is not)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def _process(mode: str, l2: dict[str, object], salts: str) -> dict[str, object]:
 
 
 def test_two_kvtier_processes_share_one_redis(server: LocalRedis) -> None:
-    # The kvtier server (issue 6) is not on this branch yet: two processes each embed their own Store.
+    # Two processes that embed a Store each (tests/test_redis_servers.py does the same with two kvtier servers).
     l2 = redis_l2(server.url, uuid.uuid4().hex, serde={"type": "raw"})
     assert _process("store", l2, "tenant-a") == {"tenant-a": 2}
     assert _process("load", l2, "tenant-a,tenant-b") == {
