@@ -32,7 +32,7 @@ system-deps:
 	    || echo "warning: could not install redis-server; Redis tests will be skipped"; }
 
 demo: $(STAMP)
-	$(VENV)/bin/kvtier bench serde --serde raw --rounds 5
+	$(VENV)/bin/kvtier demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
