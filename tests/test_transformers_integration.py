@@ -28,6 +28,7 @@ from transformers import (
 
 import kvtier
 from kvtier.integrations.transformers import KVStore, TransformersKV, UnsupportedModelError
+from kvtier.serde import registered_serdes
 
 CHUNK = 16
 
@@ -204,3 +205,36 @@ def test_smollm2_real_kv_exact_and_negative_control(tmp_path: object) -> None:
         bad = kv.forward(ids)
         assert bad.reused_tokens == 128
         assert (bad.output.logits[0, -1] - reference_logits(model, ids, 128)).abs().max().item() > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    "fp8" not in registered_serdes(),
+    reason='the "fp8" serde is not registered in this build (it lands with the codecs branch)',
+)
+def test_smollm2_fp8_l2_greedy_matches_recompute(tmp_path: object) -> None:
+    from kvtier.integrations.models import load_smollm2
+
+    model, tokenizer = load_smollm2(os.environ.get("KVTIER_CACHE_DIR"))
+    import argparse
+
+    with open(argparse.__file__) as f:
+        text = f.read()
+    adapters = [{"type": "fs", "base_path": str(tmp_path), "serde": {"type": "fp8"}}]
+    args = {"max_new_tokens": 32, "do_sample": False}
+    for start in (0, 5000):  # two test prompts from the same real text
+        ids = tokenizer(text[start:], return_tensors="pt").input_ids[:, : 4 * 64 + 1]
+        with torch.no_grad():
+            plain = model.generate(ids, attention_mask=torch.ones_like(ids), **args)
+            full = model(ids).logits[0, -1]
+        with kvtier.Store(l1_size_gb=0.1, chunk_size=64, l2_adapters=adapters) as s:
+            TransformersKV(model, s, "smollm2-135m").forward(ids)
+            s.flush()
+            s.clear_l1()  # the next request gets its KV from L2, through fp8
+            kv = TransformersKV(model, s, "smollm2-135m")
+            result = kv.forward(ids)
+            assert result.reused_tokens == 4 * 64
+            diff = (result.output.logits[0, -1] - full).abs().max().item()
+            print(f"fp8 reuse, prompt at {start}: max abs logits diff vs recompute {diff:.4g}")
+            out = kv.generate(ids, **args)
+        assert torch.equal(out.output.sequences, plain)
