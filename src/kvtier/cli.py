@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server_config.add_arguments(p)
     p.set_defaults(func=_run_server)
+    from kvtier.integrations import demo
+
+    d = sub.add_parser(
+        "demo",
+        help="SmolLM2 reuses a long prompt's KV: recompute vs L1 hit vs L2 hit, TTFT and output compared",
+        description="Embedded Store with an fs L2 adapter under the cache dir; no server, no flags needed.",
+    )
+    demo.add_arguments(d)
+    d.set_defaults(func=lambda a: demo.print_report(demo.run(a), a.json))
     return parser
 
 
