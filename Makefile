@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest venv system-deps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
