@@ -238,3 +238,39 @@ def test_smollm2_fp8_l2_greedy_matches_recompute(tmp_path: object) -> None:
             print(f"fp8 reuse, prompt at {start}: max abs logits diff vs recompute {diff:.4g}")
             out = kv.generate(ids, **args)
         assert torch.equal(out.output.sequences, plain)
+
+
+def test_reuse_through_the_server_is_exact(tmp_path: object) -> None:
+    """The same integration over ``kvtier.Client``: a real ``kvtier server`` subprocess with an fs L2 adapter.
+    L1 hit, then L1 cleared so the KV comes back through L2 prefetch; logits equal the reference exactly."""
+    import json
+    import time
+    from pathlib import Path
+
+    from kvtier.server.process import ServerProcess
+
+    l2 = {"type": "fs", "base_path": str(Path(str(tmp_path)) / "l2"), "serde": {"type": "raw"}}
+    args = ["--l1-size-gb", "0.05", "--chunk-size", str(CHUNK), "--l2-adapter", json.dumps(l2)]
+    server = ServerProcess(args).start()
+    try:
+        with kvtier.Client(server.address) as client:
+            assert isinstance(client, KVStore)
+            model = tiny_llama()
+            kv = TransformersKV(model, client, "tiny")
+            ids = prompt(2 * CHUNK + 7)
+            assert kv.forward(ids).stored_chunks == 2
+            expect = reference_logits(model, ids, 2 * CHUNK)
+            l1_hit = kv.forward(ids)
+            assert l1_hit.reused_tokens == 2 * CHUNK
+            assert torch.equal(l1_hit.output.logits[0, -1], expect)
+            deadline = time.monotonic() + 30
+            while client.stats()["store"]["l2_pending_bytes"] and time.monotonic() < deadline:
+                time.sleep(0.05)  # the write-through to the fs adapter is asynchronous
+            client.clear_l1()
+            l2_hit = kv.forward(ids)
+            assert l2_hit.reused_tokens == 2 * CHUNK
+            assert torch.equal(l2_hit.output.logits[0, -1], expect)
+            salted = TransformersKV(model, client, "tiny", cache_salt="other")
+            assert salted.forward(ids).reused_tokens == 0
+    finally:
+        server.stop()
