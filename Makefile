@@ -35,8 +35,8 @@ demo: $(STAMP)
 	$(VENV)/bin/kvtier demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
-def _greedy(model: Any, output: Any, steps: int) -> list[int]:
+def greedy_tokens(model: Any, output: Any, steps: int) -> list[int]:
     """Greedy tokens continuing from a forward's output (its logits and cache)."""
     tokens = [int(output.logits[0, -1].argmax())]
     cache = output.past_key_values
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             with console.status("running the story"):
                 base = step("recompute", kvs[0])
-                ref_tokens = _greedy(model, base.output, args.generate)
+                ref_tokens = greedy_tokens(model, base.output, args.generate)
                 ref_logits = base.output.logits[0, -1]
                 for other in kvs[1:]:  # the other L2 tiers get the same chunks, without a recompute
                     other.save(other.keys(ids), base.output.past_key_values)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result = step(name, kv)
                     row = rows[-1]
                     row["max_abs_logit_diff"] = float((result.output.logits[0, -1] - ref_logits).abs().max())
-                    row["greedy_match"] = _greedy(model, result.output, args.generate) == ref_tokens
+                    row["greedy_match"] = greedy_tokens(model, result.output, args.generate) == ref_tokens
         finally:
             for s in stores:
                 s.close()
