@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_server.add_arguments(p)
     p.set_defaults(func=lambda a: bench_server.run(a).print(a.json))
 
+    from kvtier.bench import kv_quality as bench_kv_quality
+
+    p = bench_sub.add_parser(
+        "kv-quality",
+        help="what each serde does to SmolLM2's output: logits and perplexity vs raw KV",
+        description="Round-trip SmolLM2's KV of a real text through raw and fp8 (scaled, unscaled) and compare "
+        "the continuation's logits and perplexity with raw KV.",
+    )
+    bench_kv_quality.add_arguments(p)
+    p.set_defaults(func=lambda a: bench_kv_quality.run(a).print(a.json))
+
     from kvtier.server import config as server_config
 
     p = sub.add_parser(
