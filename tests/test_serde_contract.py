@@ -222,3 +222,16 @@ def test_identity_ignores_max_workers() -> None:
         create_serde_processor([{"type": "raw", "max_workers": 2}]).identity
         == create_serde_processor([{"type": "raw"}]).identity
     )
+
+
+def test_processor_counts_busy_time_items_and_failures() -> None:
+    processor = create_serde_processor({"type": "raw"})
+    src = kv_like((4, 64), torch.float32)
+    dst = torch.empty(src.numel() * 4, dtype=torch.uint8)
+    processor.serialize_batch([src, src], [dst, dst.clone()])
+    with pytest.raises(BatchError):
+        processor.deserialize_batch([dst[:-1]], [torch.empty_like(src)])
+    stats = processor.stats()
+    assert stats["serialize_items_total"] == 2 and stats["serialize_failures_total"] == 0
+    assert stats["deserialize_items_total"] == 1 and stats["deserialize_failures_total"] == 1
+    assert stats["serialize_seconds_total"] > 0.0

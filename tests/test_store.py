@@ -248,3 +248,19 @@ def test_a_failed_copy_leaks_no_pin(tmp_path: Path, with_l2: bool) -> None:
             store.store(ks, [kv(0), torch.empty(16, device="meta")])
         store.clear_l1()
         assert store.stats()["l1"]["used_bytes"] == 0, "every pin was released, so clear freed everything"
+
+
+def test_stats_report_serde_time_per_adapter(tmp_path: Path) -> None:
+    """/stats needs the serde time of each adapter with a serde; an adapter without one reports none."""
+    raw_dir, serde_dir = tmp_path / "plain", tmp_path / "serde"
+    adapters = [
+        {"type": "fs", "base_path": str(raw_dir)},
+        {"type": "fs", "base_path": str(serde_dir), "serde": [{"type": "raw"}, {"type": "checksum"}]},
+    ]
+    with Store(l1_size_gb=MB, l2_adapters=adapters) as store:
+        store.store([ObjectKey("m", "a")], [kv(0)])
+        store.flush()
+        plain, with_serde = store.stats()["l2"]
+    assert "serde_time" not in plain
+    assert with_serde["serde_time"]["serialize_items_total"] == 1
+    assert with_serde["serde_time"]["serialize_seconds_total"] > 0.0

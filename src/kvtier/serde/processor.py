@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ class AsyncSerdeProcessor:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
+        # Busy time and item counts per op, for /stats and /metrics (one lock per item: microseconds against the
+        # milliseconds of a chunk).
+        self._timing_lock = threading.Lock()
+        self._timing = {op: [0.0, 0, 0] for op in ("serialize", "deserialize")}  # seconds, items, failures
 
     # -- identity -------------------------------------------------------------------------------------------
     @property
@@ -110,7 +115,7 @@ class AsyncSerdeProcessor:
     # -- batches --------------------------------------------------------------------------------------------
     def submit_serialize(self, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> Future[BatchResult]:
         """Serialize ``srcs[i]`` into ``dsts[i]`` on the pool; the future never raises, it holds a BatchResult."""
-        return self._submit(self.serializer.serialize, srcs, dsts)
+        return self._submit(self._timed("serialize", self.serializer.serialize), srcs, dsts)
 
     def submit_deserialize(self, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> Future[BatchResult]:
         """Deserialize ``srcs[i]`` into ``dsts[i]`` on the pool; the future holds a BatchResult."""
@@ -119,7 +124,36 @@ class AsyncSerdeProcessor:
             self.deserializer.deserialize(src, dst)
             return 0
 
-        return self._submit(run, srcs, dsts)
+        return self._submit(self._timed("deserialize", run), srcs, dsts)
+
+    def _timed(self, op: str, fn: Any) -> Any:
+        def call(src: torch.Tensor, dst: torch.Tensor) -> int:
+            start = time.perf_counter()
+            ok = False
+            try:
+                result = fn(src, dst)
+                ok = True
+                return int(result)
+            finally:
+                elapsed = time.perf_counter() - start
+                with self._timing_lock:
+                    entry = self._timing[op]
+                    entry[0] += elapsed
+                    entry[1] += 1
+                    if not ok:
+                        entry[2] += 1
+
+        return call
+
+    def stats(self) -> dict[str, float | int]:
+        """Busy seconds, items and failed items of each op since the processor was built (summed over workers)."""
+        with self._timing_lock:
+            out: dict[str, float | int] = {}
+            for op, (seconds, items, failures) in self._timing.items():
+                out[f"{op}_seconds_total"] = round(seconds, 6)
+                out[f"{op}_items_total"] = items
+                out[f"{op}_failures_total"] = failures
+            return out
 
     def serialize_batch(self, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> list[int]:
         """Serialize a batch and wait; returns bytes written per item, raises BatchError if any item failed."""

@@ -310,6 +310,7 @@ class L2Tier:
             "serde": self.identity.name,
             **counts,
             "scratch_bytes": self._store_scratch.bytes_held + self._load_scratch.bytes_held,
+            **({"serde_time": self.serde.stats()} if self.serde is not None else {}),
         }
 
     def close(self) -> None:
