@@ -176,14 +176,7 @@ class FSAdapter(L2Adapter):
             views = [memoryview(b).cast("B") for b in record]
             views = [v for v in views if len(v)]
             while views:  # writev may write less than asked (signals, large sizes): continue where it stopped
-                n = os.writev(fd, views)
-                while n and views:
-                    if n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
+                _advance(views, os.writev(fd, views))
             if self.fsync:
                 os.fsync(fd)
         finally:
@@ -295,13 +288,18 @@ def _read_exact(fd: int, dst: Sequence[Buffer], size: int) -> None:
         if n == 0:
             raise OSError(errno.EIO, "record file shrank while being read")
         offset += n
-        while n and views:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
+        _advance(views, n)
+
+
+def _advance(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes from a list of I/O vectors, after a short writev / preadv."""
+    while n and views:
+        if n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][n:]
+            n = 0
 
 
 def _fsync_dir(path: Path) -> None:
