@@ -134,14 +134,18 @@ def _check_source(tensor: torch.Tensor, what: str) -> None:
         raise SerdeError(f"fp8 {what} must be contiguous")
 
 
-class Fp8Serializer(Serializer):
-    """Quantizes a bf16 / fp16 / fp32 tensor to fp8 bytes (plus group exponents when scaled)."""
+class _Fp8Params:
+    """The parameters both halves of the fp8 serde share: format, scaled or not, block length of flat tensors."""
 
     def __init__(self, fp8_dtype: torch.dtype, scaled: bool, block: int = DEFAULT_BLOCK) -> None:
         self.fp8 = fp8_dtype
         self.fmt = _FORMATS[fp8_dtype]
         self.scaled = scaled
         self.block = block
+
+
+class Fp8Serializer(_Fp8Params, Serializer):
+    """Quantizes a bf16 / fp16 / fp32 tensor to fp8 bytes (plus group exponents when scaled)."""
 
     def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
         extra = _group_count(layout_desc.shape, self.block) if self.scaled else 0
@@ -198,14 +202,8 @@ class Fp8Serializer(Serializer):
         return n + ngroups
 
 
-class Fp8Deserializer(Deserializer):
+class Fp8Deserializer(_Fp8Params, Deserializer):
     """Decodes fp8 bytes into the destination's dtype with a table lookup (plus an exponent add when scaled)."""
-
-    def __init__(self, fp8_dtype: torch.dtype, scaled: bool, block: int = DEFAULT_BLOCK) -> None:
-        self.fp8 = fp8_dtype
-        self.fmt = _FORMATS[fp8_dtype]
-        self.scaled = scaled
-        self.block = block
 
     def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         _check_source(dst, "destination")
