@@ -9,6 +9,11 @@ exception it refines, so callers that already catch ``ValueError`` or ``KeyError
   not installed; the message names the package.
 * :class:`IntegrityError` (``ValueError``): stored data failed a check (bad magic, foreign serde, truncated,
   flipped bits, wrong key). Storage layers turn it into a *miss*, never into wrong KV.
+* :class:`ForeignRecordError` (``IntegrityError``): an intact record that is not ours (another serde identity,
+  another key, a key we cannot decrypt). A miss left in place: it may belong to another deployment.
+* :class:`L2Error` (``OSError``): an L2 backend failed (I/O, timeout, outage). Adapters translate whatever their
+  backend raised into this one error at their boundary; the Store turns only it (and integrity failures) into
+  misses or failed writes.
 * :class:`NotFoundError` (``KeyError``): a requested object is in no tier.
 * :class:`CapacityError` (``MemoryError``): an object cannot fit (larger than the pool, disk full).
 * :class:`SerdeError` (``RuntimeError``): a serialize or deserialize step failed (e.g. non-finite input to fp8).
@@ -38,6 +43,14 @@ class MissingDependencyError(ConfigError, ImportError):
 
 class IntegrityError(KVTierError, ValueError):
     """Stored data failed a check; callers treat it as a miss."""
+
+
+class ForeignRecordError(IntegrityError):
+    """An intact record that is not ours (another serde identity, key, or encryption key): a miss, left in place."""
+
+
+class L2Error(KVTierError, OSError):
+    """An L2 backend failed (I/O, timeout, outage); the one error adapters raise for backend failures."""
 
 
 class NotFoundError(KVTierError, KeyError):

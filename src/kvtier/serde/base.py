@@ -31,6 +31,7 @@ Contract for every implementation:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -39,6 +40,25 @@ from kvtier.errors import SerdeError
 from kvtier.types import LayoutDesc
 
 StageInput = Literal["tensor", "bytes"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordContext:
+    """What the L2 tier tells a serde stage about the record being encoded or decoded.
+
+    Most stages ignore it (the seed's ``serialize(src, dst)`` stays their whole contract). Stages that bind their
+    output to the record use it: an authenticated stage (AES-GCM) derives its key from ``cache_salt`` and takes
+    ``associated_data`` (the header fields fixed before encoding: key, layout, serde identity) as AEAD associated
+    data, so a record moved under another key, salt or layout fails authentication.
+
+    ``cache_salt`` is the tenant's raw salt: a secret, held in memory only, never written, logged or counted.
+    """
+
+    cache_salt: str
+    associated_data: bytes
+
+    def __repr__(self) -> str:  # never show the salt
+        return f"RecordContext(associated_data={len(self.associated_data)} bytes)"
 
 
 class Serializer(ABC):
