@@ -28,7 +28,7 @@ import torch
 from kvtier.errors import CapacityError, ConfigError, KVTierError
 from kvtier.storage.adapters import create_l2_adapter
 from kvtier.storage.keys import keys_for_tokens
-from kvtier.storage.l1 import L1Object, L1Pool
+from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
 from kvtier.storage.policies import POLICIES
 from kvtier.storage.serde_layer import L2Tier
 from kvtier.types import ObjectKey
@@ -47,12 +47,17 @@ class _Write:
 class Store:
     """A tiered KV store in this process.
 
-    ``l1_size_gb``: size of the L1 pool (GiB, shared memory, pages touched lazily). ``eviction_policy``: ``LRU``
+    ``l1_size_gb``: size of the L1 pool (GiB, pages touched lazily). ``eviction_policy``: ``LRU``
     (default), ``LFU``, ``FIFO`` or ``S3-FIFO``. ``l2_adapters``: adapter configs, e.g. ``{"type": "fs",
     "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key.
     ``chunk_size``: tokens per chunk for :meth:`keys_for_tokens`. ``max_pending_l2_writes``: store batches that
     may wait for their L2 write; beyond it, or while half of L1 is already pinned by waiting writes, a store's L2
     write is dropped (counted as ``l2_writes_dropped``), never waited for.
+
+    L1 (keyword-only ``l1_backing``): ``anonymous`` (default: private memory, nothing in ``/dev/shm``, gone with
+    the process), ``memfd``, or ``hugepages`` (falls back to transparent huge pages with a warning). Pages are
+    touched lazily, and the pool grows only as far as the cgroup or host memory allows minus a headroom (its
+    effective capacity, ``stats()["l1"]["effective_capacity_bytes"]``); past that it evicts or refuses a store.
 
     Every public method may be called from several threads.
     """
@@ -64,11 +69,15 @@ class Store:
         l2_adapters: Sequence[dict[str, Any]] | None = None,
         chunk_size: int = 256,
         max_pending_l2_writes: int = 64,
+        *,
+        l1_backing: str = "anonymous",
     ) -> None:
         if isinstance(l1_size_gb, bool) or not isinstance(l1_size_gb, int | float) or not l1_size_gb > 0:
             raise ConfigError(f"l1_size_gb: expected a number > 0, got {l1_size_gb!r}")
         if not isinstance(eviction_policy, str) or eviction_policy.upper() not in POLICIES:
             raise ConfigError(f"eviction_policy: expected one of {list(POLICIES)}, got {eviction_policy!r}")
+        if not isinstance(l1_backing, str) or l1_backing not in BACKINGS:
+            raise ConfigError(f"l1_backing: expected one of {list(BACKINGS)}, got {l1_backing!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ConfigError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
         if isinstance(max_pending_l2_writes, bool) or not isinstance(max_pending_l2_writes, int):
@@ -84,7 +93,7 @@ class Store:
         try:
             for i, config in enumerate(l2_adapters):
                 self._tiers.append(create_l2_adapter(config, f"l2_adapters[{i}]"))
-            self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper())
+            self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper(), l1_backing)
         except BaseException:
             for tier in self._tiers:
                 tier.close()
@@ -395,6 +404,6 @@ class Store:
         self.close()
 
     def __del__(self) -> None:
-        # A Store dropped without close() must not leave its shared-memory file behind.
+        # A Store dropped without close() gives its L1 mapping back at once, not at process exit.
         if not getattr(self, "_closed", True) and hasattr(self, "_pool"):
             self._pool.arena.close()

@@ -27,10 +27,14 @@ class Allocator:
     def rounded(self, nbytes: int) -> int:
         return max(self.align, -(-nbytes // self.align) * self.align)
 
-    def alloc(self, nbytes: int) -> int | None:
-        """Offset of a new block of at least ``nbytes``, or ``None`` when no free block is large enough."""
+    def alloc(self, nbytes: int, limit: int | None = None) -> int | None:
+        """Offset of a new block of at least ``nbytes`` ending at or below ``limit`` (default: the arena's end),
+        or ``None`` when no free block is large enough."""
         need = self.rounded(nbytes)
+        end = self.size if limit is None else min(limit, self.size)
         for i, start in enumerate(self._starts):  # first fit: keeps the low end dense, the top free
+            if start + need > end:
+                return None  # sorted by offset: every later block starts higher still
             length = self._free[start]
             if length >= need:
                 del self._free[start]
@@ -57,6 +61,20 @@ class Allocator:
             return
         self._starts.insert(i, offset)
         self._free[offset] = length
+
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """Every free block as ``(start, end)``, by offset."""
+        return [(start, start + self._free[start]) for start in self._starts]
+
+    @property
+    def used_end(self) -> int:
+        """The end of the highest allocated block (0 when nothing is allocated)."""
+        return max((off + n for off, n in self._used.items()), default=0)
+
+    @property
+    def used_blocks(self) -> dict[int, int]:
+        """Allocated blocks, offset -> aligned length (a copy)."""
+        return dict(self._used)
 
     @property
     def largest_free(self) -> int:

@@ -5,6 +5,12 @@ the object pinned and invisible; the caller fills :meth:`L1Pool.view`; :meth:`L1
 (replacing an older object of the same key) or :meth:`L1Pool.release` drops it. Readers :meth:`acquire` (pin)
 objects, copy out, and :meth:`release` them. A pinned object is never evicted and its memory never reused; an
 object replaced, cleared or evicted while pinned is freed when its last pin goes (vLLM's ``ref_cnt`` habit).
+Every block is freed exactly once: when it is evicted, replaced or cleared unpinned, or else with its last pin,
+so ``used_bytes`` is always the sum of the blocks of indexed and pinned objects.
+
+The pool grows into its arena only as far as :class:`~kvtier.storage.l1.arena.MemoryBudget` allows (the
+effective capacity, ``min(l1_size_gb, what the cgroup or host can give minus a headroom)``); past it a reserve
+evicts, or raises :class:`CapacityError`, rather than touch pages the host cannot back.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 
 from kvtier.errors import CapacityError
 from kvtier.storage.l1.allocator import Allocator
-from kvtier.storage.l1.arena import Arena
+from kvtier.storage.l1.arena import Arena, MemoryBudget
 from kvtier.storage.policies import create_policy
 from kvtier.types import ObjectKey
 
@@ -38,12 +44,16 @@ class L1Object:
 
 
 class L1Pool:
-    """``size`` bytes of shared memory holding objects under ``policy`` (a name from :mod:`..policies`)."""
+    """``size`` bytes of memory (``backing``: ``anonymous``, ``memfd`` or ``hugepages``, see
+    :class:`~kvtier.storage.l1.arena.Arena`) holding objects under ``policy`` (a name from :mod:`..policies`).
+    ``headroom``: bytes the pool leaves to the rest of the host (default: 5 % of the memory limit, >= 256 MiB)."""
 
-    def __init__(self, size: int, policy: str = "LRU") -> None:
+    def __init__(self, size: int, policy: str = "LRU", backing: str = "anonymous", headroom: int | None = None) -> None:
         self._policy = create_policy(policy)
-        self.arena = Arena(size)
+        self.arena = Arena(size, backing)
         self._alloc = Allocator(self.arena.size)
+        self._budget = MemoryBudget(self._alloc.size, headroom)
+        self._high_water = 0  # [0, high_water) may be resident; growth past it costs the host memory
         self._index: dict[ObjectKey, L1Object] = {}
         self._lock = threading.Lock()
         self.counts = {"evictions": 0, "hits": 0, "misses": 0, "refused": 0}
@@ -68,32 +78,48 @@ class L1Pool:
                 self.counts["refused"] += 1
             raise CapacityError(f"object {key.to_str()} of {nbytes} bytes is larger than the L1 pool ({self.capacity})")
         with self._lock:
-            offset = self._alloc.alloc(nbytes)
+            offset = self._alloc_locked(nbytes)
             if offset is None:
                 for victim in self._policy.victims():
                     obj = self._index[victim]
                     if obj.pins:
                         continue
                     self._evict_locked(obj)
-                    offset = self._alloc.alloc(nbytes)
+                    offset = self._alloc_locked(nbytes)
                     if offset is not None:
                         break
             if offset is None:
                 self.counts["refused"] += 1
+                limit = self._budget.limit(self._high_water)
+                why = "the rest pinned by reads and writes in flight"
+                if limit < self.capacity:
+                    why += f"; the host's free memory caps the pool at {limit} of its {self.capacity} bytes"
                 raise CapacityError(
                     f"L1 pool cannot fit {nbytes} bytes: {self._alloc.free_bytes} free in {self._alloc.free_blocks} "
-                    "block(s), the rest pinned by reads and writes in flight"
+                    f"block(s), {why}"
                 )
             self._used += self._alloc.rounded(nbytes)
         return L1Object(key, offset, nbytes, shape, dtype)
+
+    def _alloc_locked(self, nbytes: int) -> int | None:
+        """A block inside the resident part, else one that grows it as far as the memory budget allows."""
+        need = self._alloc.rounded(nbytes)
+        offset = self._alloc.alloc(nbytes, self._high_water)
+        if offset is None:
+            offset = self._alloc.alloc(nbytes, self._budget.limit(self._high_water))
+            if offset is not None:
+                self._high_water = max(self._high_water, offset + need)
+        return offset
 
     def commit(self, obj: L1Object, keep_pin: bool = False) -> None:
         """Make a reserved object visible, replacing an older one of its key; drop the reserve pin unless
         ``keep_pin`` (the caller then releases it later, e.g. after the L2 write)."""
         with self._lock:
             old = self._index.pop(obj.key, None)
-            if old is not None:
+            if old is not None and old is not obj:
                 self._unindex_locked(old)
+                if not old.pins:  # a pinned one goes with its last pin
+                    self._free_locked(old)
             obj.live = True
             self._index[obj.key] = obj
             self._policy.insert(obj.key)
@@ -127,13 +153,23 @@ class L1Pool:
             return [k in self._index for k in keys]
 
     def clear(self) -> None:
-        """Drop every object; pinned ones are freed when their pins go."""
+        """Drop every object and give the free memory's pages back to the kernel; pinned objects are freed when
+        their pins go."""
         with self._lock:
             for obj in list(self._index.values()):
                 self._unindex_locked(obj)
                 if not obj.pins:
                     self._free_locked(obj)
             self._index.clear()
+            self._trim_locked()
+
+    def _trim_locked(self) -> None:
+        """Release the pages of every free block and lower the high-water mark to the highest live block."""
+        for start, end in self._alloc.free_ranges():
+            if start < self._high_water:
+                self.arena.release_pages(start, min(end, self._high_water))
+        self._high_water = self._alloc.used_end
+        self._budget.refresh()
 
     def _evict_locked(self, obj: L1Object) -> None:
         del self._index[obj.key]
@@ -160,11 +196,12 @@ class L1Pool:
         with self._lock:
             return {
                 "capacity_bytes": self.capacity,
+                "effective_capacity_bytes": self._budget.limit(self._high_water),
+                "backing": self.arena.backing,
                 "used_bytes": self._used,
                 "objects": len(self._index),
                 "free_blocks": self._alloc.free_blocks,
                 "largest_free_block": self._alloc.largest_free,
-                "shm_path": str(self.arena.path),
                 **self.counts,
             }
 
