@@ -16,6 +16,7 @@ dtype (bf16, fp16 or fp32). Non-finite input (NaN, inf) fails the item with :cla
 
 from __future__ import annotations
 
+import atexit
 import math
 import threading
 from dataclasses import dataclass
@@ -251,30 +252,58 @@ class Fp8Deserializer(_Fp8Params, Deserializer):
 
 _warmed: set[tuple[torch.dtype, bool]] = set()
 _warm_lock = threading.Lock()
+_warm_threads: list[threading.Thread] = []
+_warm_stop = threading.Event()  # set at interpreter exit: the warm-up stops after the kernel it is on
 
 
 def _warm_up(fp8: torch.dtype, scaled: bool) -> None:
     """Run every kernel once on tiny tensors of each source dtype, so that numba loads (or, on a machine's first
-    run, compiles) them before the first request instead of during it."""
+    run, compiles) them before the first request instead of during it. Stops early once exit has begun."""
     for dtype in _SOURCES:
+        if _warm_stop.is_set():
+            return
         src = torch.ones((2, 1, 2, 2), dtype=dtype)
         ser, deser = Fp8Serializer(fp8, scaled), Fp8Deserializer(fp8, scaled)
         dst = torch.empty(ser.estimate_serialized_size(LayoutDesc.of(src)), dtype=torch.uint8)
-        deser.deserialize(dst[: ser.serialize(src, dst)], torch.empty_like(src))
+        n = ser.serialize(src, dst)
+        if _warm_stop.is_set():
+            return
+        deser.deserialize(dst[:n], torch.empty_like(src))
+
+
+def _join_warm_ups() -> None:
+    """At interpreter exit (atexit, before finalization): let a warm-up finish the kernel it is compiling.
+
+    A daemon thread still inside numba/LLVM when the interpreter finalizes aborts the whole process
+    ("terminate called without an active exception", status 134); joined here, no thread is left in numba by
+    then. The wait is at most one kernel's compile (about a second; nothing on a machine with the cache)."""
+    _warm_stop.set()
+    with _warm_lock:
+        threads = list(_warm_threads)
+    for thread in threads:
+        thread.join()
+
+
+atexit.register(_join_warm_ups)
 
 
 def start_warm_up(fp8: torch.dtype, scaled: bool) -> None:
-    """Warm the kernels of one configuration in a daemon thread, once per process.
+    """Warm the kernels of one configuration in a background thread, once per process.
 
     Measured on the 2-core dev machine: numba's import plus loading the cached kernels takes ~2 s (~3 s when
     it compiles them the first time on a machine); done when the serde is configured, the first request only
     waits for what is left of it (numba's dispatcher lock makes a concurrent first call wait, not compile twice).
+    The thread is a daemon so that it never delays a normal exit by more than :func:`_join_warm_ups` allows,
+    and it is joined at exit so that it is never inside numba while the interpreter finalizes.
     """
     with _warm_lock:
-        if (fp8, scaled) in _warmed:
+        if (fp8, scaled) in _warmed or _warm_stop.is_set():
             return
         _warmed.add((fp8, scaled))
-    threading.Thread(target=_warm_up, args=(fp8, scaled), name="kvtier-fp8-warm-up", daemon=True).start()
+        _warm_threads[:] = [t for t in _warm_threads if t.is_alive()]
+        thread = threading.Thread(target=_warm_up, args=(fp8, scaled), name="kvtier-fp8-warm-up", daemon=True)
+        _warm_threads.append(thread)
+        thread.start()
 
 
 def fp8_factory(config: dict[str, Any]) -> AsyncSerdeProcessor:

@@ -12,16 +12,62 @@ A tensor is seen as ``[B, T, C]``: one group per ``(b, c)`` (a KV channel, amax 
 flat tensor ``C = 1`` and ``T`` = the block length. Each group has a power-of-two scale ``2**e`` (one ``int8``
 exponent, as in OCP MXFP8), so decoding is a 256-entry table lookup plus an integer add to the exponent field.
 
-Compilation is cached on disk (``cache=True``): numba writes next to this file, or to a per-user cache
-directory when site-packages is read-only, so only the very first process on a machine pays the compile.
+Compilation is cached on disk (``cache=True``) in a named directory, ``$KVTIER_CACHE_DIR/numba`` (default
+``~/.cache/kvtier/numba``), so it works when site-packages is read-only and only the first process on a machine
+pays the compile. ``NUMBA_CACHE_DIR``, when set, wins; when the kvtier directory is not writable either, numba
+falls back to its own locations (next to this file, then its per-user directory).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import numba
 import numpy as np
 from numba import njit
+
+
+def cache_dir() -> Path | None:
+    """Where the compiled kernels are cached: ``$KVTIER_CACHE_DIR/numba`` or ``~/.cache/kvtier/numba``."""
+    env = os.environ.get("KVTIER_CACHE_DIR")
+    try:
+        root = Path(env).expanduser() if env else Path.home() / ".cache" / "kvtier"
+    except RuntimeError:  # no home directory to expand
+        return None
+    return root / "numba"
+
+
+@contextlib.contextmanager
+def _kvtier_cache_dir() -> Iterator[None]:
+    # numba picks a function's cache directory when it is decorated, from numba.config.CACHE_DIR (the documented
+    # NUMBA_CACHE_DIR setting); set it for our kernels only, and put back what was there.
+    config: Any = numba.config  # its settings are set at run time; mypy cannot see them
+    previous = config.CACHE_DIR
+    path = cache_dir()
+    if previous or path is None:
+        yield
+        return
+    config.CACHE_DIR = str(path)
+    try:
+        yield
+    finally:
+        config.CACHE_DIR = previous
+
+
+def _kernel(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``numba.njit(nogil=True, cache=True, **options)`` with the cache in :func:`cache_dir`."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        with _kvtier_cache_dir():
+            return njit(nogil=True, cache=True, **options)(fn)
+
+    return wrap
+
 
 # source kinds
 BF16 = 0
@@ -29,7 +75,7 @@ FP16 = 1
 FP32 = 2
 
 
-@njit(nogil=True, cache=True, inline="always")
+@_kernel(inline="always")
 def _f32_bits_of(x: int, kind: int) -> int:
     """float32 bit pattern of a bf16 / fp16 bit pattern (fp16 subnormals handled exactly)."""
     if kind == BF16:
@@ -51,7 +97,7 @@ def _f32_bits_of(x: int, kind: int) -> int:
     return sign | ((exp + 112) << 23) | (mant << 13)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@_kernel(inline="always")
 def _encode_abs(a: int, mbits: int, bias: int, maxcode: int, saturate: bool) -> int:
     """fp8 magnitude code of a finite float32 magnitude given as bits ``a`` (round to nearest even)."""
     e = (a >> 23) - 127
@@ -70,7 +116,7 @@ def _encode_abs(a: int, mbits: int, bias: int, maxcode: int, saturate: bool) -> 
     return code
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def encode_plain(  # noqa: PLR0917 (numba kernels take positional scalars)
     src: np.ndarray, dst: np.ndarray, kind: int, mbits: int, bias: int, maxcode: int, saturate: bool
 ) -> int:
@@ -84,7 +130,7 @@ def encode_plain(  # noqa: PLR0917 (numba kernels take positional scalars)
     return -1
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def group_amax(src: np.ndarray, B: int, T: int, C: int, kind: int, amax: np.ndarray) -> int:  # noqa: PLR0917
     """Per-group amax as float32 magnitude bits (monotonic for finite floats) into ``amax`` (zeroed, uint32);
     returns the index of the first non-finite input, or -1."""
@@ -101,7 +147,7 @@ def group_amax(src: np.ndarray, B: int, T: int, C: int, kind: int, amax: np.ndar
     return -1
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def group_amax_bf16(src: np.ndarray, B: int, T: int, C: int, amax: np.ndarray) -> int:
     """:func:`group_amax` for bfloat16 bits into a zeroed ``uint16`` ``amax``: a branch-free max over rows that
     LLVM vectorizes (5x the generic loop here). Returns the first non-finite group, or -1."""
@@ -117,7 +163,7 @@ def group_amax_bf16(src: np.ndarray, B: int, T: int, C: int, amax: np.ndarray) -
     return -1
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def exponents_from_amax(  # noqa: PLR0917 (numba kernels take positional scalars)
     amax: np.ndarray,
     fp8_max: float,
@@ -144,7 +190,7 @@ def exponents_from_amax(  # noqa: PLR0917 (numba kernels take positional scalars
         caps[g] = cap
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def encode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
     src: np.ndarray,
     dst: np.ndarray,
@@ -179,7 +225,7 @@ def encode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
                 dst[base + c] = np.uint8(((bits >> 24) & 0x80) | code)
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def encode_scaled_bf16(  # noqa: PLR0917 (numba kernels take positional scalars)
     src: np.ndarray,
     dst: np.ndarray,
@@ -209,14 +255,14 @@ def encode_scaled_bf16(  # noqa: PLR0917 (numba kernels take positional scalars)
                 dst[base + c] = np.uint8(((x >> 8) & 0x80) | mag)
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def decode_plain(src: np.ndarray, dst: np.ndarray, lut: np.ndarray) -> None:
     """``dst[i] = lut[src[i]]``: the exact value of every fp8 code in the output dtype's bits."""
     for i in range(src.size):
         dst[i] = lut[src[i]]
 
 
-@njit(nogil=True, cache=True)
+@_kernel()
 def decode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
     src: np.ndarray,
     dst: np.ndarray,
