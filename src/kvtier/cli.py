@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_kv_quality.add_arguments(p)
     p.set_defaults(func=lambda a: bench_kv_quality.run(a).print(a.json))
 
+    from kvtier.bench import soak as bench_soak
+
+    p = bench_sub.add_parser(
+        "soak",
+        help="a server under N clients for minutes, Redis killed mid-run: mismatches, leaks, RSS, latency",
+        description="Run a kvtier server with fs (and Redis) L2 under N client processes re-storing and retrieving "
+        "overlapping prefixes, every chunk checked byte for byte; exit 1 when a pass criterion fails.",
+    )
+    bench_soak.add_arguments(p)
+    p.set_defaults(func=bench_soak.main)
+
     from kvtier.server import config as server_config
 
     p = sub.add_parser(
