@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with an admin HTTP endpoint: GET /health, GET /stats, GET /metrics (Prometheus), POST /clear. "
         "SIGTERM / SIGINT drain pending L2 writes, then exit 0. Every flag can also be given in --config "
         "(YAML or JSON, keys with '_': l1_size_gb, eviction_policy, l2_adapters (a list), chunk_size, host, port, "
-        "http_port, workers, max_message_mb, log_level, log_format); flags override the file.",
+        "http_port, workers, max_message_mb, log_level, log_format, l1_backing); flags override the file.",
     )
     server_config.add_arguments(p)
     p.set_defaults(func=_run_server)

@@ -290,7 +290,8 @@ def _drive(
     # drain the L2 writes, then clear L1: nothing may stay behind
     deadline = time.monotonic() + 300
     stats = admin.stats()["store"]
-    while stats["l2_pending_writes"] and time.monotonic() < deadline:
+    # a write being done is out of the queue but still pins its objects: wait for the pinned bytes too
+    while (stats["l2_pending_writes"] or stats["l2_pending_bytes"]) and time.monotonic() < deadline:
         time.sleep(0.2)
         stats = admin.stats()["store"]
     admin.clear_l1()

@@ -6,6 +6,7 @@ Keys (file) and flags (command line) are the same names, ``_`` in files and ``-`
 key                    flag                         meaning
 =====================  ===========================  ========================================================
 ``l1_size_gb``         ``--l1-size-gb``             L1 pool size in GiB (required, > 0)
+``l1_backing``         ``--l1-backing``             ``anonymous`` (default) | ``memfd`` | ``hugepages``
 ``eviction_policy``    ``--eviction-policy``        L1 eviction policy name (default ``LRU``)
 ``l2_adapters``        ``--l2-adapter JSON``        list of L2 adapter configs, in order; the flag repeats
 ``chunk_size``         ``--chunk-size``             tokens per chunk (default 256)
@@ -40,6 +41,7 @@ from kvtier.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+L1_BACKINGS = ("anonymous", "memfd", "hugepages")  # kvtier.storage.l1.BACKINGS, without importing torch here
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class ServerConfig:
     max_message_mb: float = 2048.0
     log_level: str = "info"
     log_format: str = "json"
+    l1_backing: str = "anonymous"
 
     @property
     def max_message_bytes(self) -> int:
@@ -73,6 +76,7 @@ class ServerConfig:
             "eviction_policy": self.eviction_policy,
             "l2_adapters": [dict(a) for a in self.l2_adapters],
             "chunk_size": self.chunk_size,
+            "l1_backing": self.l1_backing,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -104,6 +108,7 @@ class ServerConfig:
             max_message_mb=r.number("max_message_mb", 2048.0, min=0.001),
             log_level=r.string("log_level", "info", choices=LOG_LEVELS),
             log_format=r.string("log_format", "json", choices=LOG_FORMATS),
+            l1_backing=r.string("l1_backing", "anonymous", choices=L1_BACKINGS),
         )
         r.finish()
         if config.port == config.http_port:
@@ -123,6 +128,7 @@ _FLAG_KEYS = (
     "max_message_mb",
     "log_level",
     "log_format",
+    "l1_backing",
 )
 
 
@@ -133,6 +139,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--l1-size-gb", type=float, metavar="GB", help="L1 memory pool size in GiB (2**30 bytes; required)"
     )
     parser.add_argument("--eviction-policy", metavar="NAME", help="L1 eviction policy (default: LRU)")
+    parser.add_argument(
+        "--l1-backing",
+        choices=L1_BACKINGS,
+        help="L1 memory: anonymous (default; nothing in /dev/shm, gone with the process), memfd, or hugepages "
+        "(falls back to transparent huge pages with a warning when none are reserved)",
+    )
     parser.add_argument(
         "--l2-adapter",
         action="append",
