@@ -257,3 +257,24 @@ def test_effective_capacity_follows_host_memory(monkeypatch: pytest.MonkeyPatch)
         assert pool.stats()["objects"] == 32
     finally:
         pool.close()
+
+
+def test_waiting_l2_writes_pin_at_most_half_the_effective_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 100 MiB configured, but the host (faked) leaves the pool 512 KiB: writes waiting for a stalled L2 may pin
+    # half of that, not half of 100 MiB, so stores keep finding unpinned room to evict.
+    monkeypatch.setattr(arena_mod, "available_memory", lambda: ((256 << 20) + (512 << 10), 1 << 30))
+    gate = threading.Event()
+    with Store(l1_size_gb=100 * MB, l2_adapters=[{"type": "faulty", "inner": {"type": "memory"}}]) as store:
+        faulty = store._tiers[0].adapter
+        inner_store = faulty._store  # type: ignore[attr-defined]
+        faulty._store = lambda k, r: (gate.wait(), inner_store(k, r))  # type: ignore[attr-defined]
+        try:
+            assert l1(store)["effective_capacity_bytes"] == 512 << 10
+            for i in range(64):  # 64 x 16 KiB through 512 KiB while the L2 writer is stuck
+                store.store([key(i)], [torch.full((4096,), float(i))])
+            stats = store.stats()
+            assert stats["l1_store_refused"] == 0
+            assert stats["l2_pending_bytes"] <= 256 << 10
+            assert stats["l1"]["used_bytes"] <= 512 << 10
+        finally:
+            gate.set()

@@ -171,7 +171,7 @@ class Store:
             with self._lock:
                 # Objects waiting for their L2 write stay pinned in L1. Past half the pool, new writes are
                 # dropped instead, so that L1 always has unpinned room to evict and stores are not refused.
-                room = self._pending_bytes < self._pool.capacity // 2
+                room = self._pending_bytes < self._pool.effective_capacity // 2
                 if room:
                     self._pending_bytes += nbytes
             try:

@@ -61,7 +61,14 @@ class L1Pool:
 
     @property
     def capacity(self) -> int:
+        """The configured size in bytes (aligned)."""
         return self._alloc.size
+
+    @property
+    def effective_capacity(self) -> int:
+        """The bytes the pool may use now: the configured size, or less when the host or cgroup is short."""
+        with self._lock:
+            return self._budget.limit(self._high_water)
 
     def view(self, obj: L1Object) -> torch.Tensor:
         """The object's memory as a tensor of its shape and dtype (valid while the caller holds a pin)."""
