@@ -278,3 +278,10 @@ def test_waiting_l2_writes_pin_at_most_half_the_effective_capacity(monkeypatch: 
             assert stats["l1"]["used_bytes"] <= 512 << 10
         finally:
             gate.set()
+
+
+def test_reserved_huge_pages_are_not_capped_by_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # hugetlbfs pages are reserved for the whole pool at mmap and are not part of MemAvailable
+    monkeypatch.setattr(arena_mod, "available_memory", lambda: (0, 1 << 30))
+    assert arena_mod.MemoryBudget(1 << 30, headroom=0, reserved=True).limit(0) == 1 << 30
+    assert arena_mod.MemoryBudget(1 << 30, headroom=0).limit(0) == 0

@@ -167,9 +167,10 @@ class MemoryBudget:
     step = 64 << 20
     interval = 1.0
 
-    def __init__(self, size: int, headroom: int | None = None) -> None:
+    def __init__(self, size: int, headroom: int | None = None, reserved: bool = False) -> None:
         self.size = size
         self._headroom = headroom
+        self._reserved = reserved  # hugetlbfs pages were reserved for all of it at mmap: nothing to check
         self._limit = size
         self._checked_at = -1e9
         self._checked_hw = -(1 << 62)
@@ -180,6 +181,8 @@ class MemoryBudget:
 
     def limit(self, high_water: int) -> int:
         """The highest arena offset the pool may use now, given that ``[0, high_water)`` is already resident."""
+        if self._reserved:
+            return self.size
         now = time.monotonic()
         if now - self._checked_at < self.interval and high_water - self._checked_hw < self.step:
             return self._limit

@@ -52,7 +52,7 @@ class L1Pool:
         self._policy = create_policy(policy)
         self.arena = Arena(size, backing)
         self._alloc = Allocator(self.arena.size)
-        self._budget = MemoryBudget(self._alloc.size, headroom)
+        self._budget = MemoryBudget(self._alloc.size, headroom, reserved=self.arena.backing == "hugepages")
         self._high_water = 0  # [0, high_water) may be resident; growth past it costs the host memory
         self._index: dict[ObjectKey, L1Object] = {}
         self._lock = threading.Lock()
