@@ -262,7 +262,10 @@ def _read_int(path: str) -> int | None:
 
 def remove_stale_shm_files(directory: Path = SHM_DIR) -> int:
     """Remove ``kvtier-l1-<pid>-<id>`` files that older kvtier versions left in ``directory`` when their process
-    died; returns how many bytes of memory that gave back. A file whose process still runs is kept."""
+    died; returns how many bytes of memory that gave back. A file whose process still runs is kept.
+
+    Removing the name of a file that is in fact still mapped (a process in another PID namespace sharing this
+    ``/dev/shm``) is harmless: its mapping stays valid, and the memory goes when that process unmaps it."""
     freed = 0
     try:
         names = os.listdir(directory)
