@@ -46,6 +46,41 @@ from kvtier.types import ObjectKey
 log = logging.getLogger("kvtier.server")
 #: The GIL switch interval the server runs with (CPython's default is 5 ms).
 SWITCH_INTERVAL_S = 0.0005
+#: Refused and failed requests are logged at most once per kind per this many seconds (with a count of the rest).
+ERROR_LOG_INTERVAL_S = 60.0
+#: ZeroMQ heartbeats on the server's connections: a client that stops answering for this long is dropped, so a
+#: vanished host's connection (and its routing state) does not live forever.
+HEARTBEAT_IVL_MS = 5000
+HEARTBEAT_TIMEOUT_MS = 15000
+
+
+class RateLimitedLog:
+    """Logs a kind of event at most once per ``interval_s``; the next report says how many were left out.
+
+    A client that sends garbage in a loop must not turn the server's log into a copy of its traffic.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = ERROR_LOG_INTERVAL_S) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, level: int, kind: str, msg: str, exc_info: bool = False, **values: Any) -> bool:
+        """Log ``msg`` with ``values`` unless ``kind`` was logged within the interval; True when logged."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return False
+            self._last[kind] = now
+            suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            values["suppressed_since_last"] = suppressed
+        self._log.log(level, msg, exc_info=exc_info, extra=fields(kind=kind, **values))
+        return True
 
 
 class StoreLike(Protocol):
@@ -100,6 +135,7 @@ class RequestHandler:
         self.regions = regions
         self._store_lock: AbstractContextManager[Any] = threading.Lock() if serialize_store else nullcontext()
         self.started = time.time()
+        self.log_error = RateLimitedLog(log)
 
     # -- entry point --------------------------------------------------------------------------------------------
     def handle(self, frames: Sequence[zmq.Frame], owner: bytes = b"") -> list[Any]:
@@ -119,14 +155,16 @@ class RequestHandler:
         except Exception as exc:
             outcome = p.error_kind(exc)
             if outcome == "internal":
-                log.exception("request failed", extra=fields(op=op, request_id=request_id))
+                self.log_error(logging.ERROR, f"internal:{type(exc).__name__}", "request failed", exc_info=True, op=op)
+                message = f"{type(exc).__name__}: the server failed to serve this request (see its log)"
             else:
-                log.info("request rejected", extra=fields(op=op, kind=outcome, error=str(exc)))
-            reply, data = p.ErrorReply(outcome, f"{type(exc).__name__}: {exc}"), []
+                message = f"{type(exc).__name__}: {exc}"
+                self.log_error(logging.INFO, outcome, "request rejected", op=op, error=message)
+            reply, data = p.ErrorReply(outcome, message), []
         try:
             header = p.encode(request_id, reply)
         except (TypeError, ValueError, OverflowError) as exc:  # e.g. a stats value msgpack cannot carry
-            log.exception("reply could not be encoded", extra=fields(op=op))
+            self.log_error(logging.ERROR, "encode", "reply could not be encoded", exc_info=True, op=op)
             outcome, data = "internal", []
             header = p.encode(request_id, p.ErrorReply("internal", f"reply could not be encoded: {exc}"))
         self.metrics.observe(op, time.perf_counter() - start, outcome)
@@ -315,6 +353,8 @@ class Server:
         # A client keeps its (random, unguessable) routing id across reconnects so that its shared-memory regions
         # stay its own; handover lets the new connection take the id over from the one it replaces.
         self._front.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._front.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._front.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         # A frame beyond this is dropped by libzmq with the connection, before it is buffered whole; messages up to
         # max_message_bytes are read and answered (an error when too large), so this is only the hard backstop.
         self._front.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_message_bytes + p.MAX_HEADER_BYTES)
@@ -363,8 +403,10 @@ class Server:
                 identity, frames = task
                 try:
                     reply = self.handler.handle(frames, identity.bytes)
-                except Exception:  # handle() answers every error itself; this is the last line of defence
-                    log.exception("worker: unexpected failure")
+                except Exception as exc:  # handle() answers every error itself; this is the last line of defence
+                    self.handler.log_error(
+                        logging.ERROR, f"worker:{type(exc).__name__}", "worker: unexpected failure", exc_info=True
+                    )
                     reply = [p.encode(0, p.ErrorReply("internal", "the server failed to answer this request"))]
                 push.send_multipart([identity, *reply], copy=False)
         finally:
@@ -377,7 +419,8 @@ class Server:
             with suppress(p.ProtocolError):
                 request_id = p.decode_envelope(frames[0].buffer).id
         self.metrics.observe("invalid", 0.0, kind)
-        log.info("request rejected", extra=fields(kind=kind, error=message))
+        if kind != "shutting_down":
+            self.handler.log_error(logging.INFO, kind, "request rejected", error=message)
         self._front.send_multipart([identity, p.encode(request_id, p.ErrorReply(kind, message))])
 
     def _accept(self, message: list[zmq.Frame]) -> None:
@@ -456,19 +499,43 @@ class Server:
         finally:
             self._shutdown()
 
+    def _close_store(self) -> None:
+        try:
+            self.store.close()
+        except Exception:
+            log.exception("store close failed")
+
+    def _refuse_new_requests(self, timeout_ms: int) -> None:
+        """During shutdown: answer every request that arrives with a ``shutting_down`` error (so its client fails
+        over at once instead of waiting out its timeout), for up to ``timeout_ms``."""
+        if not self._front.poll(timeout_ms, zmq.POLLIN):
+            return
+        while True:
+            try:
+                message = self._front.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._reject(message[0], message[1:], "shutting_down", "the server is shutting down")
+
     def _shutdown(self) -> None:
         log.info("stopping: finishing requests in flight", extra=fields(queued=self._tasks.qsize()))
         for _ in self._workers:
             self._tasks.put(None)
         while any(w.is_alive() for w in self._workers):
-            self._forward_replies(50)
+            self._forward_replies(0)
+            self._refuse_new_requests(20)
         self._forward_replies(0)
         self.admin.close()
         if self.close_store:
             start = time.perf_counter()
             log.info("flushing pending L2 writes")
-            self.store.close()
+            # Flushing can take a while; the I/O thread keeps answering "shutting down" meanwhile.
+            closer = threading.Thread(target=self._close_store, name="kvtier-close", daemon=True)
+            closer.start()
+            while closer.is_alive():
+                self._refuse_new_requests(20)
             log.info("store closed", extra=fields(seconds=round(time.perf_counter() - start, 3)))
+        self._refuse_new_requests(0)
         self.regions.close()
         self._front.close(linger=2000)
         self._replies.close(linger=0)
