@@ -3,6 +3,9 @@
 Every record carries ``ts`` (UTC, ISO 8601), ``level``, ``logger`` and ``msg``; fields passed as
 ``log.info("...", extra={"fields": {...}})`` are merged into the object, so that log pipelines can filter on them
 (``op``, ``port``, ``pending_l2``, ...).
+
+Every line goes through :func:`kvtier.config.scrub` with the config's secrets before it is written: whatever a
+message quotes (an exception from a backend, a config value), a password, token or key never reaches the log.
 """
 
 from __future__ import annotations
@@ -11,15 +14,30 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
+
+from kvtier.config import scrub
 
 LOGGER_NAME = "kvtier"
 
 
-class JsonFormatter(logging.Formatter):
-    """A log record as one JSON object."""
+class _Scrubbing(logging.Formatter):
+    """Scrubs secrets from every formatted line."""
+
+    secrets: Sequence[str] = ()
 
     def format(self, record: logging.LogRecord) -> str:
+        return scrub(self.render(record), self.secrets)
+
+    def render(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(_Scrubbing):
+    """A log record as one JSON object."""
+
+    def render(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         doc: dict[str, Any] = {
             "ts": ts,
@@ -35,10 +53,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Scrubbing):
     """``ts level logger: msg key=value ...``."""
 
-    def format(self, record: logging.LogRecord) -> str:
+    def render(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         fields = getattr(record, "fields", None)
         extra = "".join(f" {k}={v}" for k, v in fields.items()) if isinstance(fields, dict) else ""
@@ -48,13 +66,16 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "info", fmt: str = "json") -> logging.Logger:
-    """Configure the ``kvtier`` logger tree to write to stderr; returns it. Safe to call again."""
+def setup_logging(level: str = "info", fmt: str = "json", secrets: Sequence[str] = ()) -> logging.Logger:
+    """Configure the ``kvtier`` logger tree to write to stderr, ``secrets`` scrubbed from every line; returns it.
+    Safe to call again."""
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter: _Scrubbing = JsonFormatter() if fmt == "json" else TextFormatter()
+    formatter.secrets = tuple(secrets)
+    handler.setFormatter(formatter)
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False

@@ -19,7 +19,9 @@ Threads and sockets::
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import json
 import logging
 import os
 import queue
@@ -34,6 +36,7 @@ import torch
 import zmq
 
 from kvtier import __version__
+from kvtier.config import scrub
 from kvtier.errors import ConfigError
 from kvtier.server import protocol as p
 from kvtier.server.admin import AdminHooks, AdminServer
@@ -52,6 +55,13 @@ ERROR_LOG_INTERVAL_S = 60.0
 #: vanished host's connection (and its routing state) does not live forever.
 HEARTBEAT_IVL_MS = 5000
 HEARTBEAT_TIMEOUT_MS = 15000
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class RateLimitedLog:
@@ -128,8 +138,11 @@ class RequestHandler:
         metrics: ServerMetrics,
         regions: RegionTable,
         serialize_store: bool,
+        *,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.store = store
+        self.secrets = tuple(secrets)
         self.config = config
         self.metrics = metrics
         self.regions = regions
@@ -158,7 +171,7 @@ class RequestHandler:
                 self.log_error(logging.ERROR, f"internal:{type(exc).__name__}", "request failed", exc_info=True, op=op)
                 message = f"{type(exc).__name__}: the server failed to serve this request (see its log)"
             else:
-                message = f"{type(exc).__name__}: {exc}"
+                message = scrub(f"{type(exc).__name__}: {exc}", self.secrets)
                 self.log_error(logging.INFO, outcome, "request rejected", op=op, error=message)
             reply, data = p.ErrorReply(outcome, message), []
         try:
@@ -287,7 +300,22 @@ class RequestHandler:
             "uptime_s": round(time.time() - self.started, 3),
         }
 
+    def scrub_doc(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` without any secret of the config (a stats value may quote a URL or an error message)."""
+        if not self.secrets:
+            return doc
+        text = json.dumps(doc, default=str)
+        clean = scrub(text, self.secrets)
+        if clean == text:
+            return doc
+        scrubbed: dict[str, Any] = json.loads(clean)
+        return scrubbed
+
     def stats(self) -> dict[str, Any]:
+        """The ``/stats`` document (secrets scrubbed)."""
+        return self.scrub_doc(self._stats())
+
+    def _stats(self) -> dict[str, Any]:
         with self._store_lock:
             store_stats = self.store.stats()
         return {
@@ -337,14 +365,21 @@ class Server:
     """
 
     def __init__(
-        self, config: ServerConfig, store: StoreLike, *, serialize_store: bool = False, close_store: bool = True
+        self,
+        config: ServerConfig,
+        store: StoreLike,
+        *,
+        serialize_store: bool = False,
+        close_store: bool = True,
+        secrets: Sequence[str] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.close_store = close_store
+        self.secrets = tuple(config.secrets() if secrets is None else secrets)
         self.regions = RegionTable()
-        self.metrics = ServerMetrics(self._store_stats, lambda: len(self.regions))
-        self.handler = RequestHandler(store, config, self.metrics, self.regions, serialize_store)
+        self.metrics = ServerMetrics(self._store_stats, lambda: len(self.regions), self.secrets)
+        self.handler = RequestHandler(store, config, self.metrics, self.regions, serialize_store, secrets=self.secrets)
         self._stop = threading.Event()
         self._tasks: queue.Queue[tuple[zmq.Frame, list[zmq.Frame]] | None] = queue.Queue(maxsize=4 * config.workers)
         self._ctx = zmq.Context()
@@ -374,6 +409,7 @@ class Server:
                 config.host,
                 config.http_port,
                 AdminHooks(self.handler.health, self.handler.stats, self.metrics.render, self.handler.clear),
+                token=config.admin_token,
             )
         except ConfigError:
             self._ctx.destroy(linger=0)
@@ -476,6 +512,12 @@ class Server:
                 config=self.config.to_json(),
             ),
         )
+        if self.config.admin_token is None and not _is_loopback(self.config.host):
+            log.warning(
+                "admin HTTP: POST /clear needs no token and the port listens beyond loopback; set --admin-token "
+                "(or KVTIER_ADMIN_TOKEN)",
+                extra=fields(host=self.config.host, http_port=self.config.http_port),
+            )
         poller = zmq.Poller()
         poller.register(self._front, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
