@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -34,8 +35,11 @@ def build_store(store_kwargs: dict[str, Any]) -> Any:
 def _given_secrets(args: argparse.Namespace) -> list[str]:
     """Secrets in what the operator gave, before any check (an error may quote a value that fails one)."""
     given: dict[str, Any] = {"admin_token": getattr(args, "admin_token", None)}
-    if getattr(args, "l2_adapter", None):
-        given["l2_adapter"] = list(args.l2_adapter)
+    for i, text in enumerate(getattr(args, "l2_adapter", None) or []):
+        try:
+            given[f"l2_adapter{i}"] = json.loads(text)
+        except ValueError:
+            given[f"l2_adapter{i}"] = text  # invalid JSON: URL passwords in it are still found
     if getattr(args, "config", None):
         with contextlib.suppress(ConfigError):  # reported by config_from_args
             given["file"] = read_config_file(args.config)
