@@ -272,3 +272,18 @@ def test_requests_during_shutdown_get_a_shutting_down_reply() -> None:
         server.stop()
         thread.join(20)
     assert not thread.is_alive()
+
+
+def test_rejected_requests_log_salts_only_as_digests(server: ServerProcess) -> None:
+    salt = "tenant secret!"  # not a valid salt: the error quotes it back to its client, the log must not
+    before = server.stderr()
+    raw = RawClient(server.address)
+    try:
+        err = raw.send_raw([p.encode(3, p.Lookup([p.WireKey("test/salt", "ab", 0, salt)]))])
+    finally:
+        raw.close()
+    assert err.kind == "invalid" and salt in err.message
+    time.sleep(0.2)
+    log = server.stderr()[len(before) :]
+    assert '"request rejected"' in log and "salt#" in log, log
+    assert salt not in log

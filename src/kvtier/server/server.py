@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any, Protocol
 
+import blake3
 import torch
 import zmq
 
@@ -55,6 +57,32 @@ ERROR_LOG_INTERVAL_S = 60.0
 #: vanished host's connection (and its routing state) does not live forever.
 HEARTBEAT_IVL_MS = 5000
 HEARTBEAT_TIMEOUT_MS = 15000
+
+
+_SALT_CHARS = r"A-Za-z0-9._+:=\-"
+
+
+def _request_salts(request: Any) -> set[str]:
+    """The ``cache_salt`` values a decoded request carries (none when it did not decode)."""
+    salts: set[str] = set()
+    salt = getattr(request, "cache_salt", None)
+    if isinstance(salt, str):
+        salts.add(salt)
+    for key in getattr(request, "keys", None) or ():
+        if isinstance(getattr(key, "cache_salt", None), str):
+            salts.add(key.cache_salt)
+    return {s for s in salts if s}
+
+
+def hide_salts(text: str, salts: set[str]) -> str:
+    """``text`` with each salt of ``salts`` (as written, or as ``repr`` quotes it) replaced by a short digest, so
+    that logs can still tell tenants apart without holding their raw salts."""
+    for salt in sorted(salts, key=len, reverse=True):
+        digest = "salt#" + blake3.blake3(salt.encode()).hexdigest(length=6)
+        for form in {salt, repr(salt)[1:-1]}:
+            pattern = rf"(?<![{_SALT_CHARS}]){re.escape(form)}(?![{_SALT_CHARS}])"
+            text = re.sub(pattern, digest, text)
+    return text
 
 
 def _is_loopback(host: str) -> bool:
@@ -159,6 +187,7 @@ class RequestHandler:
         """
         start = time.perf_counter()
         request_id, op, outcome = 0, "invalid", "ok"
+        request: Any = None
         try:
             env = p.decode_envelope(frames[0].buffer)
             request_id = env.id
@@ -172,7 +201,10 @@ class RequestHandler:
                 message = f"{type(exc).__name__}: the server failed to serve this request (see its log)"
             else:
                 message = scrub(f"{type(exc).__name__}: {exc}", self.secrets)
-                self.log_error(logging.INFO, outcome, "request rejected", op=op, error=message)
+                # The reply goes to the client that sent the request; the log is for the operator, who sees
+                # tenants' salts only as digests.
+                logged = hide_salts(message, _request_salts(request))
+                self.log_error(logging.INFO, outcome, "request rejected", op=op, error=logged)
             reply, data = p.ErrorReply(outcome, message), []
         try:
             header = p.encode(request_id, reply)
