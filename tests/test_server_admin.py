@@ -66,6 +66,7 @@ def test_clear_needs_the_token_and_the_same_origin(guarded: ServerProcess) -> No
     auth = {"Authorization": f"Bearer {TOKEN}"}
     status, _, body = _http(guarded, "POST", "/clear", auth)
     assert status == 200 and json.loads(body) == {"cleared": "l1"}
+    assert guarded.post("/clear", token=TOKEN) == {"cleared": "l1"}
     # A page on another origin cannot make a browser clear the cache, even with the token.
     assert _http(guarded, "POST", "/clear", {**auth, "Origin": "http://evil.example"})[0] == 403
     assert _http(guarded, "POST", "/clear", {**auth, "Origin": "null"})[0] == 403
