@@ -88,6 +88,9 @@ def test_unsealed_memfd_is_refused_and_shrinking_cannot_crash_the_server(server:
             raw.sock.send_multipart([p.encode(99, p.Store([key], [meta], [p.Loc(reply.region, 1 << 19, 4096)]))])
             raw.sock.poll(5000)
         assert reply.region == -1 and "sealed" in reply.reason, reply
+        for _ in range(20):  # again and again: refused each time, logged once a minute
+            again = raw.call(p.Register(os.getpid(), fd, size, token))
+            assert isinstance(again, p.RegisterReply) and again.region == -1
     finally:
         raw.close()
         if not mem.closed:
@@ -95,6 +98,7 @@ def test_unsealed_memfd_is_refused_and_shrinking_cannot_crash_the_server(server:
         os.close(fd)
     assert server.proc is not None and server.proc.poll() is None, server.stderr()
     assert server.get("/health")["status"] == "ok"
+    assert server.stderr().count('"shared memory refused"') == 1, server.stderr()
 
 
 def test_client_regions_are_sealed_and_cannot_shrink(server: ServerProcess) -> None:

@@ -224,7 +224,7 @@ class RequestHandler:
             case p.Register(pid=pid, fd=fd, size=size, token=token):
                 region, reason = self.regions.register(owner, pid, fd, size, token)
                 if region < 0:
-                    log.info("shared memory refused", extra=fields(pid=pid, reason=reason))
+                    self.log_error(logging.INFO, "shm_refused", "shared memory refused", pid=pid, reason=reason)
                 return p.RegisterReply(region, reason), []
             case p.Unregister(regions=ids):
                 self.regions.unregister(owner, ids)
