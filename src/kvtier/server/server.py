@@ -573,11 +573,11 @@ class Server:
         finally:
             self._shutdown()
 
-    def _close_store(self) -> None:
+    def _close_store(self, failed: list[BaseException]) -> None:
         try:
             self.store.close()
-        except Exception:
-            log.exception("store close failed")
+        except BaseException as exc:  # handed to the I/O thread, which raises it once the drain is over
+            failed.append(exc)
 
     def _refuse_new_requests(self, timeout_ms: int) -> None:
         """During shutdown: answer every request that arrives with a ``shutting_down`` error (so its client fails
@@ -600,18 +600,23 @@ class Server:
             self._refuse_new_requests(20)
         self._forward_replies(0)
         self.admin.close()
-        if self.close_store:
-            start = time.perf_counter()
-            log.info("flushing pending L2 writes")
-            # Flushing can take a while; the I/O thread keeps answering "shutting down" meanwhile.
-            closer = threading.Thread(target=self._close_store, name="kvtier-close", daemon=True)
-            closer.start()
-            while closer.is_alive():
-                self._refuse_new_requests(20)
-            log.info("store closed", extra=fields(seconds=round(time.perf_counter() - start, 3)))
-        self._refuse_new_requests(0)
-        self.regions.close()
-        self._front.close(linger=2000)
-        self._replies.close(linger=0)
-        self._ctx.term()
+        try:
+            if self.close_store:
+                start = time.perf_counter()
+                log.info("flushing pending L2 writes")
+                # Flushing can take a while; the I/O thread keeps answering "shutting down" meanwhile.
+                failed: list[BaseException] = []
+                closer = threading.Thread(target=self._close_store, args=(failed,), name="kvtier-close", daemon=True)
+                closer.start()
+                while closer.is_alive():
+                    self._refuse_new_requests(20)
+                if failed:
+                    raise failed[0]
+                log.info("store closed", extra=fields(seconds=round(time.perf_counter() - start, 3)))
+            self._refuse_new_requests(0)
+        finally:
+            self.regions.close()
+            self._front.close(linger=2000)
+            self._replies.close(linger=0)
+            self._ctx.term()
         log.info("stopped")
