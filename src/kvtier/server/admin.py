@@ -10,19 +10,20 @@ stats and calls ``clear_l1``; it never touches tensor data. What keeps it safe o
 * **No cross-origin writes.** A browser on any web page can send a ``POST`` to a local port; such a request
   carries ``Origin`` (and ``Sec-Fetch-Site``), so a ``POST`` whose origin is not this server is refused (403),
   token or not.
-* **Bounded threads.** Connections are served by a fixed pool of ``threads`` workers from a bounded queue; when
-  both are full a new connection gets ``503`` from the accept thread at once. One request per connection
-  (``Connection: close``), each socket read waits at most ``IO_TIMEOUT_S`` and a whole request at most
-  ``REQUEST_DEADLINE_S``, so an idle or slow-dripping client holds a worker for seconds, not forever.
+* **Bounded threads.** One accept thread waits (``selectors``) for each new connection's first bytes, so an idle
+  connection holds no thread (it is closed after ``IO_TIMEOUT_S``); a connection with data goes to a fixed pool
+  of ``threads`` workers through a bounded queue, and when both are full it gets ``503`` at once. One request
+  per connection (``Connection: close``); each socket read waits at most ``IO_TIMEOUT_S`` and a whole request at
+  most ``REQUEST_DEADLINE_S``, so a slow-dripping client holds a worker for seconds, not forever.
 * **Input limits.** ``Content-Length`` must be digits (a negative or malformed value: 400 at once), a body at most
   ``MAX_BODY_BYTES`` (else 413, nothing read), no chunked bodies (411); the request line and headers are bounded
   by :mod:`http.server` (64 KiB a line, 100 headers).
 * ``HEAD`` answers the headers a ``GET`` would (load-balancer probes), without a body.
 
-Why the standard library and not a WSGI server such as waitress (evaluated: it keeps idle connections off its
-thread pool entirely and parses HTTP strictly): stopping it from another thread, as a drain must, goes through its
-private loop map, and it would be a dependency for four tiny endpoints; the limits above give the same guarantees
-that matter here (a bounded number of threads, nothing held forever).
+Why the standard library and not a WSGI server such as waitress (evaluated: it too keeps idle connections off
+its thread pool and parses HTTP strictly): stopping it from another thread, as a drain must, goes through its
+private loop map, and it would be a dependency for four tiny endpoints; the accept loop above gives the same
+guarantees that matter here (a fixed number of threads, idle connections on none, nothing held forever).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import ipaddress
 import json
 import logging
 import queue
+import selectors
 import socket
 import socketserver
 import threading
@@ -54,6 +56,8 @@ BACKLOG = 16
 IO_TIMEOUT_S = 5.0
 #: A whole request (from accept to the last byte of the answer) takes at most this long.
 REQUEST_DEADLINE_S = 15.0
+#: Connections accepted and waiting for their first bytes (they hold no thread); beyond this: 503.
+MAX_WAITING = 256
 #: The largest request body accepted (the endpoints take none; a small one is read and ignored).
 MAX_BODY_BYTES = 64 << 10
 
@@ -232,6 +236,7 @@ class _AdminHTTPServer(socketserver.TCPServer):
         ]
         self._reaper = threading.Thread(target=self._reap, name="kvtier-admin-reaper", daemon=True)
         self._closed = threading.Event()
+        self._stopped = threading.Event()
         super().__init__(address, _Handler)  # binds; on failure it calls server_close(), which needs the above
 
     def start_workers(self) -> None:
@@ -239,18 +244,65 @@ class _AdminHTTPServer(socketserver.TCPServer):
             worker.start()
         self._reaper.start()
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Called by the accept loop: hand the connection to a worker, or answer 503 when all are busy."""
+    def run(self) -> None:
+        """The accept loop (until :meth:`stop`): a connection waits here, holding no thread, until its first bytes
+        arrive (at most ``IO_TIMEOUT_S``); only then is it handed to a worker. Idle connections therefore cost a
+        file descriptor each (at most ``MAX_WAITING``), never a thread."""
+        waiting: dict[Any, tuple[float, Any]] = {}
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ, None)
+            try:
+                while not self._closed.is_set():
+                    for key, _ in selector.select(0.2):
+                        if key.data is None:
+                            self._accept(selector, waiting)
+                            continue
+                        conn = key.fileobj
+                        assert isinstance(conn, socket.socket)  # only accepted sockets are registered with data
+                        selector.unregister(conn)
+                        _, address = waiting.pop(conn)
+                        self._dispatch(conn, address)
+                    now = time.monotonic()
+                    for conn, (since, _) in list(waiting.items()):
+                        if now - since > IO_TIMEOUT_S:
+                            selector.unregister(conn)
+                            del waiting[conn]
+                            self.shutdown_request(conn)
+            finally:
+                for conn in waiting:
+                    self.shutdown_request(conn)
+                self._stopped.set()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return and wait until it has (it polls every 0.2 s)."""
+        self._closed.set()
+        self._stopped.wait(5.0)
+
+    def _accept(self, selector: selectors.BaseSelector, waiting: dict[Any, tuple[float, Any]]) -> None:
         try:
-            self._queue.put_nowait((request, client_address))
+            conn, address = self.socket.accept()
+        except OSError:
+            return
+        if len(waiting) >= MAX_WAITING:
+            self._busy(conn)
+            return
+        waiting[conn] = (time.monotonic(), address)
+        selector.register(conn, selectors.EVENT_READ, address)
+
+    def _dispatch(self, conn: socket.socket, address: Any) -> None:
+        """Hand a connection with data to a worker, or answer 503 when every worker and queue slot is taken."""
+        try:
+            self._queue.put_nowait((conn, address))
         except queue.Full:
-            with contextlib.suppress(OSError):
-                request.settimeout(1.0)
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n"
-                    b"Retry-After: 1\r\n\r\n"
-                )
-            self.shutdown_request(request)
+            self._busy(conn)
+
+    def _busy(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.settimeout(1.0)
+            conn.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+            )
+        self.shutdown_request(conn)
 
     def _work(self) -> None:
         while True:
@@ -307,7 +359,7 @@ class AdminServer:
             raise ConfigError(
                 f"http_port: cannot listen on {host}:{port} ({exc.strerror}); expected a free TCP port"
             ) from exc
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="kvtier-admin", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.run, name="kvtier-admin", daemon=True)
 
     @property
     def port(self) -> int:
@@ -319,5 +371,5 @@ class AdminServer:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._httpd.shutdown()
+            self._httpd.stop()
         self._httpd.server_close()
