@@ -298,3 +298,36 @@ def test_admin_token_from_flag_file_or_environment(tmp_path: Path, monkeypatch: 
     cfg.write_text("l1_size_gb: 1\nadmin_token: file-token-0123456789abcdef\n")
     assert config_from_args(parser.parse_args(["--config", str(cfg)])).admin_token == "file-token-0123456789abcdef"
     os.environ.pop("KVTIER_ADMIN_TOKEN", None)
+
+
+def test_scrub_removes_any_secret_from_any_text() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kvtier.config import REDACTED, scrub, scrub_tree
+    from kvtier.server.logs import JsonFormatter
+
+    secret_text = st.text(min_size=4, max_size=24).filter(
+        lambda s: s not in REDACTED and s not in "***"
+    ) | st.sampled_from(["d>ab", "cted>x", "ed><r"])
+
+    @settings(max_examples=200, deadline=None)
+    @given(secret_text, st.text(max_size=30), st.text(max_size=30))
+    def check(secret: str, before: str, after: str) -> None:
+        text = before + secret + after
+        assert secret not in scrub(text, [secret])
+        assert json.dumps(secret)[1:-1] not in scrub(json.dumps(text), [secret])
+        doc = scrub_tree({"l2": [{"url": text, text: 1}], "n": 3}, [secret])
+        assert secret not in json.dumps(doc, ensure_ascii=False) and doc["n"] == 3
+        # A log line stays one valid JSON object, without the secret, whatever the secret looks like.
+        import logging
+
+        formatter = JsonFormatter()
+        formatter.secrets = (secret,)
+        record = logging.LogRecord("kvtier.test", logging.INFO, __file__, 1, "failed: %s", (text,), None)
+        record.fields = {"error": text}
+        line = formatter.format(record)
+        parsed = json.loads(line)
+        assert secret not in parsed["msg"] and secret not in parsed["error"]
+
+    check()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -187,10 +187,36 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     """``text`` with every occurrence of each secret (as is, and as JSON or ``repr`` would escape it) replaced by
     :data:`REDACTED`, and URL passwords by ``***``: the last line of defence for logs, stats, metrics and
     error messages, which may quote a value from anywhere."""
-    for secret in secrets:
-        if len(secret) < _MIN_SCRUB_LEN:
-            continue
-        for form in {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]}:
+    forms = {
+        form
+        for secret in secrets
+        if len(secret) >= _MIN_SCRUB_LEN
+        for form in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1])
+    }
+    # Again until nothing changes: a replacement next to the text around it could spell a secret anew (a secret
+    # that begins with the end of "<redacted>"). Each pass that changes something shortens what is left of the
+    # secrets' own characters, so this ends; the bound is a guard.
+    for _ in range(8):
+        before = text
+        for form in sorted(forms, key=len, reverse=True):
             if form in text:
                 text = text.replace(form, REDACTED)
+        if text == before:
+            break
     return redact_url(text)
+
+
+def scrub_tree(value: Any, secrets: Sequence[str]) -> Any:
+    """A copy of a JSON-like document (a stats document, a log record's fields) with :func:`scrub` applied to every
+    string in it, keys included; other values are kept as they are (``str()`` of an unknown object is scrubbed)."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        return scrub(value, secrets)
+    if isinstance(value, dict):
+        return {scrub_tree(k, secrets) if isinstance(k, str) else k: scrub_tree(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_tree(v, secrets) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return scrub(str(value), secrets)

@@ -17,13 +17,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvtier.config import scrub
+from kvtier.config import scrub, scrub_tree
 
 LOGGER_NAME = "kvtier"
 
 
 class _Scrubbing(logging.Formatter):
-    """Scrubs secrets from every formatted line."""
+    """A formatter that keeps the config's secrets out of what it writes."""
 
     secrets: Sequence[str] = ()
 
@@ -37,7 +37,11 @@ class _Scrubbing(logging.Formatter):
 class JsonFormatter(_Scrubbing):
     """A log record as one JSON object."""
 
-    def render(self, record: logging.LogRecord) -> str:
+    def format(self, record: logging.LogRecord) -> str:
+        # Scrubbed value by value, before encoding: scrubbing the encoded line could cut a JSON escape in two.
+        return json.dumps(scrub_tree(self.document(record), self.secrets), default=str)
+
+    def document(self, record: logging.LogRecord) -> dict[str, Any]:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         doc: dict[str, Any] = {
             "ts": ts,
@@ -50,7 +54,10 @@ class JsonFormatter(_Scrubbing):
             doc.update(fields)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return doc
+
+    def render(self, record: logging.LogRecord) -> str:
+        return json.dumps(self.document(record), default=str)
 
 
 class TextFormatter(_Scrubbing):

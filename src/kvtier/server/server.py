@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import json
 import logging
 import os
 import queue
@@ -38,7 +37,7 @@ import torch
 import zmq
 
 from kvtier import __version__
-from kvtier.config import scrub
+from kvtier.config import scrub, scrub_tree
 from kvtier.errors import ConfigError
 from kvtier.server import protocol as p
 from kvtier.server.admin import AdminHooks, AdminServer
@@ -334,13 +333,7 @@ class RequestHandler:
 
     def scrub_doc(self, doc: dict[str, Any]) -> dict[str, Any]:
         """``doc`` without any secret of the config (a stats value may quote a URL or an error message)."""
-        if not self.secrets:
-            return doc
-        text = json.dumps(doc, default=str)
-        clean = scrub(text, self.secrets)
-        if clean == text:
-            return doc
-        scrubbed: dict[str, Any] = json.loads(clean)
+        scrubbed: dict[str, Any] = scrub_tree(doc, self.secrets)
         return scrubbed
 
     def stats(self) -> dict[str, Any]:
