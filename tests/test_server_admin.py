@@ -116,7 +116,7 @@ def test_idle_connections_do_not_each_hold_a_thread(guarded: ServerProcess) -> N
         idle[0].settimeout(15)
         assert idle[0].recv(1) == b""
         # One that starts a request and then stalls holds a worker only until its read times out.
-        stalled = [socket.create_connection((guarded.host, guarded.http_port), timeout=30) for _ in range(8)]
+        stalled = [socket.create_connection((guarded.host, guarded.http_port), timeout=30) for _ in range(4)]
         for s in stalled:
             s.sendall(b"GET /health HTTP/1.1\r\n")
         idle.extend(stalled)
