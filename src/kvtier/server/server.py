@@ -12,9 +12,15 @@ Threads and sockets::
   stops reading, and ZeroMQ's buffers push back on clients.
 * **Workers** decode, validate and serve requests (:class:`RequestHandler`). A malformed, truncated, oversized
   or wrong-version message gets an :class:`~kvtier.server.protocol.ErrorReply`; no exception escapes a worker.
-* **Shutdown** (SIGTERM / SIGINT or :meth:`Server.stop`): stop reading requests, let workers finish the ones
+* **Shutdown** (SIGTERM / SIGINT or :meth:`Server.stop`): stop queueing requests, let workers finish the ones
   queued and send their replies, then ``Store.close()`` flushes pending L2 writes, so nothing acknowledged is
-  lost, and the process exits 0.
+  lost, and the process exits 0. Requests that arrive meanwhile are answered ``shutting_down`` at once (the
+  client raises ServerUnavailableError and can fail over) instead of being left to time out.
+* **Errors** never leave a traceback per message: refused requests (``protocol``, ``too_large``, ...) and
+  internal failures are logged at most once per kind per minute (:class:`RateLimitedLog`); salts appear in these
+  logs only as digests and the config's secrets not at all.
+* **Heartbeats** on the ROUTER drop connections whose client stopped answering (a host gone); clients set their
+  own, so they notice a server that has gone (see :mod:`kvtier.client`).
 """
 
 from __future__ import annotations
