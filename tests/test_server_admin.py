@@ -259,6 +259,8 @@ def test_help_version_and_config_errors_do_not_import_torch(tmp_path: Path) -> N
         ([*base, "--l2-adapter", json.dumps({"type": "fs", "base_path": str(a_file / "x")})], 2),
         ([*base, "--admin-token", "short"], 2),
         ([*base, "--l2-adapter", json.dumps({"type": "redis", "url": "redis://no-such-host.invalid:1/0"})], 2),
+        ([*base, "--l2-adapter", json.dumps({"type": "nosuch"})], 2),
+        ([*base, "--l2-adapter", json.dumps({"type": "memory", "serde": [{"type": "fp8"}, {"type": "zstdd"}]})], 2),
     ]
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, json.dumps([argv for argv, _ in cases])],
@@ -331,3 +333,12 @@ def test_scrub_removes_any_secret_from_any_text() -> None:
         assert secret not in parsed["msg"] and secret not in parsed["error"]
 
     check()
+
+
+def test_builtin_type_names_of_the_early_check_match_the_registries() -> None:
+    from kvtier.serde.builtin import BUILTIN_SERDES
+    from kvtier.server.config import BUILTIN_ADAPTER_TYPES, BUILTIN_SERDE_TYPES
+    from kvtier.storage.adapters import BUILTIN_ADAPTERS
+
+    assert set(BUILTIN_ADAPTERS) == BUILTIN_ADAPTER_TYPES
+    assert set(BUILTIN_SERDES) == BUILTIN_SERDE_TYPES

@@ -236,9 +236,55 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if "admin_token" not in data and os.environ.get(ADMIN_TOKEN_ENV):
         data["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
     config = ServerConfig.from_dict(data)
+    check_types(config)
     check_base_paths(config)
     check_redis_hosts(config)
     return config
+
+
+#: The adapter and serde types that ship with kvtier, so that a misspelt ``type`` is found before torch loads
+#: (the registries live beside torch-importing code). A test holds them equal to the registries' built-ins.
+BUILTIN_ADAPTER_TYPES = frozenset({"fs", "memory", "faulty", "redis"})
+BUILTIN_SERDE_TYPES = frozenset({"raw", "fp8", "lz4", "zstd", "aesgcm", "checksum"})
+
+
+def _plugin_names() -> set[str]:
+    """Names that packages register in any ``kvtier.*`` entry-point group (plugins may add adapters or serdes)."""
+    import importlib.metadata
+
+    groups = [g for g in importlib.metadata.entry_points().groups if g.startswith("kvtier")]
+    return {ep.name for g in groups for ep in importlib.metadata.entry_points(group=g)}
+
+
+def check_types(config: ServerConfig) -> None:
+    """Every adapter's and serde stage's ``type`` names a built-in or a plugin (the rest of their fields is
+    checked by their factories when the Store is built)."""
+    plugins: set[str] | None = None
+
+    def known(name: Any, builtins: frozenset[str]) -> bool:
+        nonlocal plugins
+        if not isinstance(name, str) or name in builtins:
+            return True  # not a string: the registry names the problem
+        if plugins is None:
+            plugins = _plugin_names()
+        return name in plugins
+
+    for i, adapter in enumerate(config.l2_adapters):
+        if not known(adapter["type"], BUILTIN_ADAPTER_TYPES):
+            raise ConfigError(
+                f"l2_adapters[{i}].type: unknown L2 adapter {redact_config(adapter['type'])!r}; known adapters are "
+                f"{sorted(BUILTIN_ADAPTER_TYPES | (plugins or set()))}"
+            )
+        serde = adapter.get("serde")
+        stages = serde if isinstance(serde, list) else [serde] if isinstance(serde, dict) else []
+        for j, stage in enumerate(stages):
+            name = stage.get("type") if isinstance(stage, dict) else None
+            if not known(name, BUILTIN_SERDE_TYPES):
+                where = f"l2_adapters[{i}].serde" + (f"[{j}]" if isinstance(serde, list) else "")
+                raise ConfigError(
+                    f"{where}.type: unknown serde {redact_config(name)!r}; known serdes are "
+                    f"{sorted(BUILTIN_SERDE_TYPES | (plugins or set()))}"
+                )
 
 
 def check_redis_hosts(config: ServerConfig) -> None:
