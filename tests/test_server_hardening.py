@@ -291,3 +291,50 @@ def test_rejected_requests_log_salts_only_as_digests(server: ServerProcess) -> N
     log = server.stderr()[len(before) :]
     assert '"request rejected"' in log and "salt#" in log, log
     assert salt not in log
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_callers_through_sigterm_never_hang(tmp_path: Any) -> None:
+    # Four clients keep calling while the server drains and exits: every call ends (a reply, "shutting down" or
+    # "server gone") well before its 60 s timeout, and none gets anything else.
+    import json as _json
+
+    l2 = _json.dumps({"type": "fs", "base_path": str(tmp_path / "l2")})
+    s = ServerProcess(["--l1-size-gb", "0.0625", "--chunk-size", str(CHUNK), "--l2-adapter", l2]).start()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def caller(i: int) -> None:
+        with Client(s.address, timeout_s=60, heartbeat_s=0.2) as c:
+            key = ObjectKey("test/drain", format(0xA0 + i, "x"))
+            data = torch.full((2, 4, CHUNK, 64), float(i))
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    c.store([key], [data])
+                    got = c.retrieve([key])[0]
+                    assert got is not None and torch.equal(got, data)
+                    outcome = "ok"
+                except ServerUnavailableError as exc:
+                    outcome = "shutting down" if "shutting down" in str(exc) else "gone"
+                assert time.monotonic() - start < 10, outcome
+                with lock:
+                    outcomes.append(outcome)
+                if outcome != "ok":
+                    return
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        assert s.stop(signal.SIGTERM) == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        s.close()
+    assert not any(t.is_alive() for t in threads)
+    assert outcomes.count("ok") > 0 and set(outcomes) <= {"ok", "shutting down", "gone"}, outcomes
+    assert len([o for o in outcomes if o != "ok"]) == 4  # every caller learnt it, none hung
