@@ -128,6 +128,9 @@ class Client:
         sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
         sock.setsockopt(zmq.HEARTBEAT_TTL, min(6_553_500, 3 * ivl_ms))
+        # A connection attempt to a host that does not answer at all (powered off, partitioned) fails after this
+        # instead of the OS's minutes, so that such a server also reads as gone rather than as slow.
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1000, 3 * ivl_ms))
         self._link = _Link(sock)
         sock.connect(self.address)
         self._sock = sock
