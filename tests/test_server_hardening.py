@@ -148,7 +148,7 @@ def test_deeply_nested_msgpack_is_a_protocol_error_logged_once(server: ServerPro
 def test_rate_limited_log_counts_what_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from kvtier.server.server import RateLimitedLog
+    from kvtier.server.logs import RateLimitedLog
 
     logger = logging.getLogger("test.ratelimit")
     rl = RateLimitedLog(logger, interval_s=0.2)

@@ -46,8 +46,10 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvtier.errors import ConfigError
+from kvtier.server.logs import RateLimitedLog
 
 log = logging.getLogger("kvtier.server.admin")
+_log_refusal = RateLimitedLog(log)
 
 #: Worker threads serving admin connections, and connections that may wait for one.
 THREADS = 4
@@ -102,7 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(doc, default=str).encode() + b"\n", "application/json", headers)
 
     def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        log.info("admin request refused", extra={"fields": {"status": status, "path": self.path[:200]}})
+        # Once per status a minute: a client hammering the port with bad requests does not flood the log.
+        _log_refusal(logging.INFO, f"http_{status}", "admin request refused", status=status, path=self.path[:200])
         self._json(status, {"error": message}, headers)
 
     def _route(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from kvtier.config import scrub, scrub_tree
 
 LOGGER_NAME = "kvtier"
+#: Refused and failed requests are logged at most once per kind per this many seconds (with a count of the rest).
+ERROR_LOG_INTERVAL_S = 60.0
 
 
 class _Scrubbing(logging.Formatter):
@@ -92,3 +95,32 @@ def setup_logging(level: str = "info", fmt: str = "json", secrets: Sequence[str]
 def fields(**values: Any) -> dict[str, Any]:
     """``extra=`` for a log call: ``log.info("bound", extra=fields(port=5555))``."""
     return {"fields": values}
+
+
+class RateLimitedLog:
+    """Logs a kind of event at most once per ``interval_s``; the next report says how many were left out.
+
+    A client that sends garbage in a loop must not turn the server's log into a copy of its traffic.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = ERROR_LOG_INTERVAL_S) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, level: int, kind: str, msg: str, exc_info: bool = False, **values: Any) -> bool:
+        """Log ``msg`` with ``values`` unless ``kind`` was logged within the interval; True when logged."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return False
+            self._last[kind] = now
+            suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            values["suppressed_since_last"] = suppressed
+        self._log.log(level, msg, exc_info=exc_info, extra=fields(kind=kind, **values))
+        return True

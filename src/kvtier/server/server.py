@@ -48,7 +48,7 @@ from kvtier.errors import ConfigError
 from kvtier.server import protocol as p
 from kvtier.server.admin import AdminHooks, AdminServer
 from kvtier.server.config import ServerConfig
-from kvtier.server.logs import fields
+from kvtier.server.logs import RateLimitedLog, fields
 from kvtier.server.metrics import ServerMetrics
 from kvtier.server.shm import RegionTable, align_up
 from kvtier.types import ObjectKey
@@ -56,8 +56,6 @@ from kvtier.types import ObjectKey
 log = logging.getLogger("kvtier.server")
 #: The GIL switch interval the server runs with (CPython's default is 5 ms).
 SWITCH_INTERVAL_S = 0.0005
-#: Refused and failed requests are logged at most once per kind per this many seconds (with a count of the rest).
-ERROR_LOG_INTERVAL_S = 60.0
 #: ZeroMQ heartbeats on the server's connections: a client that stops answering for this long is dropped, so a
 #: vanished host's connection (and its routing state) does not live forever.
 HEARTBEAT_IVL_MS = 5000
@@ -95,35 +93,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-class RateLimitedLog:
-    """Logs a kind of event at most once per ``interval_s``; the next report says how many were left out.
-
-    A client that sends garbage in a loop must not turn the server's log into a copy of its traffic.
-    """
-
-    def __init__(self, logger: logging.Logger, interval_s: float = ERROR_LOG_INTERVAL_S) -> None:
-        self._log = logger
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def __call__(self, level: int, kind: str, msg: str, exc_info: bool = False, **values: Any) -> bool:
-        """Log ``msg`` with ``values`` unless ``kind`` was logged within the interval; True when logged."""
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(kind)
-            if last is not None and now - last < self.interval_s:
-                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-                return False
-            self._last[kind] = now
-            suppressed = self._suppressed.pop(kind, 0)
-        if suppressed:
-            values["suppressed_since_last"] = suppressed
-        self._log.log(level, msg, exc_info=exc_info, extra=fields(kind=kind, **values))
-        return True
 
 
 class StoreLike(Protocol):
