@@ -212,6 +212,10 @@ def test_redact_config_and_scrub() -> None:
     assert red["l2_adapters"][1]["serde"][0] == {"type": "aesgcm", "key_file": REDACTED, "key_env": "K"}
     found = secret_values(config, {"K": "material-of-the-key"})
     assert {"p%40ss-word", "p@ss-word", "/etc/k", "tok-tok-tok-tok-tok", "material-of-the-key"} <= set(found)
+    from kvtier.server.config import ServerConfig
+
+    shown = repr(ServerConfig(l1_size_gb=1.0, l2_adapters=config["l2_adapters"], admin_token="tok-tok-tok-tok-tok"))
+    assert "p%40ss-word" not in shown and "/etc/k" not in shown and "tok-tok" not in shown, shown
     text = json.dumps({"e": "failed: p@ss-word at /etc/k", "u": "redis://a:zz@b"})
     clean = scrub(text, found)
     assert "p@ss-word" not in clean and "/etc/k" not in clean and "a:***@b" in clean

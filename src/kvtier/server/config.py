@@ -55,7 +55,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ServerConfig:
     """The checked configuration of ``kvtier server``."""
 
@@ -93,6 +93,11 @@ class ServerConfig:
         """The config as JSON data, secrets redacted: the only form that is logged or reported."""
         doc: dict[str, Any] = redact_config(asdict(self))
         return doc
+
+    def __repr__(self) -> str:
+        # A config in a traceback or a debug line must not carry its secrets either.
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_json().items())
+        return f"ServerConfig({fields})"
 
     def secrets(self) -> list[str]:
         """Every secret string of this config (and the key material its ``key_env`` fields name)."""
