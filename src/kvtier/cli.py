@@ -1,19 +1,80 @@
-"""The ``kvtier`` command: ``kvtier bench serde``; later subcommands register here too."""
+"""The ``kvtier`` command: ``kvtier server``, ``kvtier bench ...``, ``kvtier demo``, ``kvtier --version``.
+
+Start-up cost matters here: ``kvtier --help``, ``--version`` and a configuration error of ``kvtier server`` must
+answer at once, so nothing on those paths imports torch (seconds). A subcommand's module (benchmarks and the demo
+import torch at the top) is imported only when that subcommand is the one being run, and ``kvtier server`` reads
+and checks its whole configuration before it builds the Store.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from kvtier.errors import KVTierError
 
+#: ``kvtier bench NAME``: (module under kvtier.bench, help, description). The module has ``add_arguments(parser)``
+#: and ``run(args)`` returning a report with ``print(as_json)``.
+BENCHES: dict[str, tuple[str, str, str]] = {
+    "serde": (
+        "kvtier.bench.serde",
+        "serialize / deserialize throughput of a serde vs memcpy",
+        "Serialize / deserialize a KV chunk through a serde, beside a memcpy into a reused buffer measured in the "
+        "same run.",
+    ),
+    "l2": (
+        "kvtier.bench.l2",
+        "store / hot load / cold load through the fs adapter vs plain files",
+        "Store, hot load and cold load KV chunks through the fs L2 adapter, beside a plain-file write+fsync / cold "
+        "read of the same bytes and a memcpy, measured in the same run.",
+    ),
+    "server": (
+        "kvtier.bench.server",
+        "kvtier server: shared-memory retrieve vs memcpy, lookup latency, ops/s with 1/4/8 clients",
+        "Start a kvtier server in a subprocess and measure: retrieve of an L1-resident chunk through shared memory "
+        "beside a memcpy in the same run, lookup round-trip p50/p99, ops/s with 1, 4 and 8 clients.",
+    ),
+    "kv-quality": (
+        "kvtier.bench.kv_quality",
+        "what each serde does to SmolLM2's output: logits and perplexity vs raw KV",
+        "Round-trip SmolLM2's KV of a real text through raw and fp8 (scaled, unscaled) and compare the "
+        "continuation's logits and perplexity with raw KV.",
+    ),
+    "soak": (
+        "kvtier.bench.soak",
+        "a server under N clients for minutes, Redis killed mid-run: mismatches, leaks, RSS, latency",
+        "Run a kvtier server with fs (and Redis) L2 under N client processes re-storing and retrieving overlapping "
+        "prefixes, every chunk checked byte for byte; exit 1 when a pass criterion fails.",
+    ),
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def _selected(argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """The command and bench name ``argv`` names (or None), read without parsing: only the chosen subcommand's
+    module is imported to add its flags."""
+    words = [a for a in argv if not a.startswith("-")]
+    command = words[0] if words else None
+    bench = words[1] if command == "bench" and len(words) > 1 else None
+    return command, bench
+
+
+def _version() -> str:
+    from kvtier import __version__
+
+    return __version__
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``kvtier`` parser; ``argv`` (default ``sys.argv[1:]``) picks which subcommand's flags are loaded."""
+    command, bench_name = _selected(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="kvtier",
         description="kvtier: a tiered KV-cache store for LLM inference (L1 memory, L2 disk / Redis, serde).",
     )
+    parser.add_argument("--version", action="version", version=f"kvtier {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     bench = sub.add_parser(
@@ -22,85 +83,50 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks; each prints GB/s beside a baseline measured in the same run.",
     )
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, (module_name, help_text, description) in BENCHES.items():
+        p = bench_sub.add_parser(name, help=help_text, description=description)
+        if command == "bench" and bench_name == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(func=_bench_runner(module))
 
-    from kvtier.bench import serde as bench_serde
-
-    p = bench_sub.add_parser(
-        "serde",
-        help="serialize / deserialize throughput of a serde vs memcpy",
-        description="Serialize / deserialize a KV chunk through a serde, beside a memcpy "
-        "into a reused buffer measured in the same run.",
-    )
-    bench_serde.add_arguments(p)
-    p.set_defaults(func=lambda a: bench_serde.run(a).print(a.json))
-
-    from kvtier.bench import l2 as bench_l2
-
-    p = bench_sub.add_parser(
-        "l2",
-        help="store / hot load / cold load through the fs adapter vs plain files",
-        description="Store, hot load and cold load KV chunks through the fs L2 adapter, beside a plain-file "
-        "write+fsync / cold read of the same bytes and a memcpy, measured in the same run.",
-    )
-    bench_l2.add_arguments(p)
-    p.set_defaults(func=lambda a: bench_l2.run(a).print(a.json))
-
-    from kvtier.bench import server as bench_server
-
-    p = bench_sub.add_parser(
-        "server",
-        help="kvtier server: shared-memory retrieve vs memcpy, lookup latency, ops/s with 1/4/8 clients",
-        description="Start a kvtier server in a subprocess and measure: retrieve of an L1-resident chunk through "
-        "shared memory beside a memcpy in the same run, lookup round-trip p50/p99, ops/s with 1, 4 and 8 clients.",
-    )
-    bench_server.add_arguments(p)
-    p.set_defaults(func=lambda a: bench_server.run(a).print(a.json))
-
-    from kvtier.bench import kv_quality as bench_kv_quality
-
-    p = bench_sub.add_parser(
-        "kv-quality",
-        help="what each serde does to SmolLM2's output: logits and perplexity vs raw KV",
-        description="Round-trip SmolLM2's KV of a real text through raw and fp8 (scaled, unscaled) and compare "
-        "the continuation's logits and perplexity with raw KV.",
-    )
-    bench_kv_quality.add_arguments(p)
-    p.set_defaults(func=lambda a: bench_kv_quality.run(a).print(a.json))
-
-    from kvtier.bench import soak as bench_soak
-
-    p = bench_sub.add_parser(
-        "soak",
-        help="a server under N clients for minutes, Redis killed mid-run: mismatches, leaks, RSS, latency",
-        description="Run a kvtier server with fs (and Redis) L2 under N client processes re-storing and retrieving "
-        "overlapping prefixes, every chunk checked byte for byte; exit 1 when a pass criterion fails.",
-    )
-    bench_soak.add_arguments(p)
-    p.set_defaults(func=bench_soak.main)
-
-    from kvtier.server import config as server_config
+    from kvtier.server import config as server_config  # torch-free: flags and config checks only
 
     p = sub.add_parser(
         "server",
         help="run the kvtier server that several engine processes share",
-        description="Serve one kvtier Store over ZeroMQ (same-host clients exchange KV through shared memory) "
-        "with an admin HTTP endpoint: GET /health, GET /stats, GET /metrics (Prometheus), POST /clear. "
-        "SIGTERM / SIGINT drain pending L2 writes, then exit 0. Every flag can also be given in --config "
-        "(YAML or JSON, keys with '_': l1_size_gb, eviction_policy, l2_adapters (a list), chunk_size, host, port, "
-        "http_port, workers, max_message_mb, log_level, log_format, l1_backing); flags override the file.",
+        description="Serve one kvtier Store over ZeroMQ (same-host clients exchange KV through sealed shared "
+        "memory) with an admin HTTP endpoint: GET/HEAD /health, /stats, /metrics (Prometheus), POST /clear (token "
+        "with --admin-token). SIGTERM / SIGINT drain pending L2 writes, then exit 0. Every flag can also be given "
+        "in --config (YAML or JSON, keys with '_': l1_size_gb, eviction_policy, l2_adapters (a list), chunk_size, "
+        "host, port, http_port, workers, max_message_mb, log_level, log_format, admin_token, l1_backing); flags "
+        "override the file.",
     )
     server_config.add_arguments(p)
     p.set_defaults(func=_run_server)
-    from kvtier.integrations import demo
 
     d = sub.add_parser(
         "demo",
         help="SmolLM2 reuses a long prompt's KV: recompute vs L1 hit vs L2 hit, TTFT and output compared",
         description="Embedded Store with an fs L2 adapter under the cache dir; no server, no flags needed.",
     )
-    demo.add_arguments(d)
-    d.set_defaults(func=lambda a: demo.print_report(demo.run(a), a.json))
+    if command == "demo":
+        from kvtier.integrations import demo
+
+        demo.add_arguments(d)
+        d.set_defaults(func=lambda a: demo.print_report(demo.run(a), a.json))
     return parser
+
+
+def _bench_runner(module: Any) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        main = getattr(module, "main", None)  # a bench with a verdict (soak) prints and sets the exit status
+        if main is not None:
+            main(args)
+            return
+        module.run(args).print(args.json)
+
+    return run
 
 
 def _run_server(args: argparse.Namespace) -> None:
@@ -110,7 +136,8 @@ def _run_server(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -15,8 +15,12 @@ Data path. On the same host the client registers shared memory with the server (
   with pyzmq ``copy=False``.
 
 Every call waits at most ``timeout_s`` for the reply and then raises :class:`ServerUnavailableError`; a reply that
-arrives later for an abandoned request is discarded by id. A Client is thread-safe (one request at a time);
-use one per process or thread for parallelism.
+arrives later for an abandoned request is discarded by id. A server that has gone is noticed sooner: the client
+watches its connection (a ZeroMQ socket monitor) and ZeroMQ heartbeats (``ZMQ_HEARTBEAT_IVL`` / ``TIMEOUT`` /
+``TTL``, every ``heartbeat_s``) drop a connection whose peer stopped answering, so a request in flight when the
+connection drops, or one sent while the server refuses reconnection, raises :class:`ServerUnavailableError`
+("server gone") at once instead of after ``timeout_s``. A Client is thread-safe (one request at a time); use one
+per process or thread for parallelism.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvtier.errors import ConfigError
 from kvtier.server import protocol as p
@@ -46,13 +51,19 @@ __all__ = ["Client", "ProtocolError", "ServerError", "ServerUnavailableError"]
 T = TypeVar("T")
 _PAGE = 4096
 _MAX_STAGING = 1 << 34  # 16 GiB: beyond this a request goes as frames rather than growing staging further
+# Connection events the client acts on (see _Link).
+_UP_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED
+_DOWN_EVENTS = zmq.EVENT_DISCONNECTED
+_REFUSED_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CLOSED
 
 
 class Client:
     """A connection to a ``kvtier server``; the same methods as :class:`kvtier.Store`.
 
     ``shm``: try the shared-memory data path (falls back to frames when the server cannot map this process's
-    memory). ``staging_bytes``: initial size of the staging region (it grows on demand).
+    memory). ``staging_bytes``: initial size of the staging region (it grows on demand). ``heartbeat_s``: the
+    ZeroMQ heartbeat interval; a connection whose server has not answered a heartbeat for three intervals is
+    dropped, and the call waiting on it raises "server gone".
     """
 
     def __init__(
@@ -63,15 +74,21 @@ class Client:
         connect_timeout_s: float = 5.0,
         shm: bool = True,
         staging_bytes: int = 64 << 20,
+        heartbeat_s: float = 1.0,
     ) -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ConfigError(f"address: expected 'tcp://HOST:PORT', got {address!r}")
         if timeout_s <= 0 or connect_timeout_s <= 0:
             raise ConfigError("timeout_s and connect_timeout_s: expected seconds > 0")
+        if not 0.01 <= heartbeat_s <= 3600:
+            raise ConfigError(f"heartbeat_s: expected seconds in [0.01, 3600], got {heartbeat_s!r}")
         self.address = address
         self.timeout_s = float(timeout_s)
+        self.heartbeat_s = float(heartbeat_s)
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
+        self._link: _Link | None = None
+        self._was_connected = False  # a Hello succeeded once: a refused connection then means "server gone"
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._regions: list[ClientRegion] = []  # regions of empty() tensors
@@ -89,6 +106,7 @@ class Client:
             self._closed = True
             self._drop_socket()
             raise
+        self._was_connected = True
         self.chunk_size: int = hello.chunk_size
         self.max_message_bytes: int = hello.max_message_bytes
         self.server_version: str = hello.server_version
@@ -104,13 +122,30 @@ class Client:
         sock.setsockopt(zmq.ROUTING_ID, self._identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
+        # Heartbeats: a PING every interval; no answer within three intervals drops the connection (the monitor
+        # then reports it). TTL tells the server to drop this connection when our pings stop (host gone).
+        ivl_ms = max(10, int(self.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(6_553_500, 3 * ivl_ms))
+        # A connection attempt to a host that does not answer at all (powered off, partitioned) fails after this
+        # instead of the OS's minutes, so that such a server also reads as gone rather than as slow.
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1000, 3 * ivl_ms))
+        self._link = _Link(sock)
         sock.connect(self.address)
         self._sock = sock
 
     def _drop_socket(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+    def _gone(self, op: str, why: str) -> ServerUnavailableError:
+        self._reset()
+        return ServerUnavailableError(f"kvtier server at {self.address} gone ({why}) during {op}: is it running?")
 
     def _reset(self) -> None:
         """Drop the socket after a timeout: a late reply must not be taken for the next request's."""
@@ -131,29 +166,46 @@ class Client:
             if self._released and not isinstance(body, p.Unregister | p.Hello):
                 ids, self._released = self._released, []
                 self._call(p.Unregister(ids))
-            assert self._sock is not None
+            assert self._sock is not None and self._link is not None
+            sock, link = self._sock, self._link
+            op = _OP.get(type(body), "?")
             request_id = next(self._ids)
             timeout = self.timeout_s if timeout_s is None else timeout_s
             deadline = time.monotonic() + timeout
+            link.drain()
             try:
-                self._sock.send_multipart([p.encode(request_id, body), *frames], copy=False, flags=zmq.NOBLOCK)
+                sock.send_multipart([p.encode(request_id, body), *frames], copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
-                # IMMEDIATE: no connection to the server (yet); wait for one within the timeout.
-                if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
-                    self._reset()
-                    raise ServerUnavailableError(
-                        f"cannot reach the kvtier server at {self.address} within {timeout:g} s: is it running?"
-                    ) from None
-                self._sock.send_multipart([p.encode(request_id, body), *frames], copy=False)
+                # IMMEDIATE: no connection to the server (yet); wait for one within the timeout, unless it was
+                # connected before and now refuses to reconnect: then it has gone, and waiting is pointless.
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._reset()
+                        raise ServerUnavailableError(
+                            f"cannot reach the kvtier server at {self.address} within {timeout:g} s: is it running?"
+                        ) from None
+                    if link.wait(sock, zmq.POLLOUT, remaining):
+                        break
+                    # A client that was connected once knows the server existed: a refused reconnection (on
+                    # this socket or a new one) means it has gone, and waiting out the timeout is pointless.
+                    if (link.was_up or self._was_connected) and not link.up and link.refused:
+                        raise self._gone(op, "connection lost and reconnection refused") from None
+                sock.send_multipart([p.encode(request_id, body), *frames], copy=False)
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                if remaining <= 0:
                     self._reset()
                     raise ServerUnavailableError(
-                        f"no reply from the kvtier server at {self.address} within {timeout:g} s "
-                        f"({_OP.get(type(body), '?')}): is it running?"
+                        f"no reply from the kvtier server at {self.address} within {timeout:g} s ({op}): is it running?"
                     )
-                message = self._sock.recv_multipart(copy=False)
+                if not link.wait(sock, zmq.POLLIN, remaining):
+                    if link.dropped:
+                        # The connection this request went out on is gone (server killed, host down: heartbeat
+                        # timeout); its reply can never arrive.
+                        raise self._gone(op, "connection lost while waiting for the reply")
+                    continue
+                message = sock.recv_multipart(copy=False)
                 env = p.decode_envelope(message[0].buffer)
                 if env.id not in (request_id, 0):
                     continue  # a late reply to an abandoned request
@@ -439,8 +491,7 @@ class Client:
             for region in self._regions:
                 region.close()
             self._closed = True
-            if self._sock is not None:
-                self._sock.close(linger=0)
+            self._drop_socket()
 
     def __enter__(self) -> Client:
         return self
@@ -453,6 +504,64 @@ class Client:
 
 
 _OP = {cls: str(cls.__struct_config__.tag) for cls in p.Request.__args__}
+
+
+class _Link:
+    """The state of a DEALER's connection, from a ZeroMQ socket monitor (events arrive on an inproc PAIR).
+
+    ``up``: a handshake with the server succeeded and no disconnect followed; ``was_up``: it was up at some
+    point; ``dropped``: a disconnect was seen since the last :meth:`drain`; ``refused``: a reconnection attempt
+    failed since the last disconnect.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(_UP_EVENTS | _DOWN_EVENTS | _REFUSED_EVENTS)
+        self.up = False
+        self.was_up = False
+        self.dropped = False
+        self.refused = False
+
+    def _event(self, event: int) -> None:
+        if event & _UP_EVENTS:
+            self.up = self.was_up = True
+            self.refused = False
+        elif event & _DOWN_EVENTS:
+            self.up = False
+            self.dropped = True
+            self.refused = False
+        elif event & _REFUSED_EVENTS and not self.up:
+            self.refused = True
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._event(int(message["event"]))
+
+    def drain(self) -> None:
+        """Apply pending events and forget drops that happened before the request about to be sent."""
+        self._read()
+        self.dropped = False
+
+    def wait(self, sock: zmq.Socket[Any], flags: int, timeout_s: float) -> bool:
+        """Wait until ``sock`` is ready for ``flags`` (True) or a connection event arrived / time is up (False)."""
+        poller = zmq.Poller()
+        poller.register(sock, flags)
+        poller.register(self._monitor, zmq.POLLIN)
+        events = dict(poller.poll(int(timeout_s * 1000) + 1))
+        if self._monitor in events:
+            self._read()
+        return sock in events
+
+    def close(self) -> None:
+        # Stop the monitor before closing its socket: its inproc address is derived from the socket's fd, which a
+        # later socket may reuse.
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(linger=0)
 
 
 def _expect(reply: Any, cls: type[T]) -> T:

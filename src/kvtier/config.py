@@ -3,13 +3,18 @@
 Configs arrive as JSON-like dicts (``--l2-adapter '{...}'``, YAML files, ``Store(l2_adapters=[...])``). Code
 below the config layer never calls ``.get()`` on them: a :class:`ConfigReader` turns each dict into typed values
 and :meth:`ConfigReader.finish` rejects keys nobody asked for, so a typo fails loudly instead of being ignored.
+
+Configs hold secrets (Redis passwords in URLs, key files, admin tokens): :func:`redact_config` is the form of a
+config that may be logged or reported, and :func:`scrub` removes known secret strings from any text.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import blake3
 
@@ -107,3 +112,111 @@ class ConfigReader:
         if unknown:
             known = sorted(self._seen)
             raise ConfigError(f"{self.where}: unknown field(s) {unknown}; known fields are {known}")
+
+
+# -- secrets ------------------------------------------------------------------------------------------------------
+#: What a redacted value reads as in logs, stats, metrics and error messages.
+REDACTED = "<redacted>"
+# Config keys whose values are secrets (compared lower-case): passwords, tokens, key material and where it lives,
+# tenant salts. ``key_env`` (the *name* of a variable) and ``key_prefix`` are not secrets.
+_SECRET_KEYS = frozenset(
+    {"password", "passwd", "secret", "token", "key", "key_hex", "key_b64", "key_file", "key_path", "credentials"}
+)
+_SECRET_SUFFIXES = ("_password", "_secret", "_token", "_key", "_key_file", "_key_path", "_salt", "cache_salt")
+# ``scheme://user:PASSWORD@host``: the password part of any URL in a string.
+_URL_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]*:)([^@\s'\"]+)(@)")
+# Secrets shorter than this are hidden where they are structured (config fields, URL passwords) but not searched
+# for as substrings of free text: a 2-character password would otherwise blank out every word that contains it.
+_MIN_SCRUB_LEN = 4
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a config key names a secret (its value never appears in logs, stats, metrics or errors)."""
+    lower = name.lower()
+    return lower in _SECRET_KEYS or lower.endswith(_SECRET_SUFFIXES)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1***\3", text)
+
+
+def redact_config(value: Any) -> Any:
+    """A copy of a config (dicts, lists, scalars) fit to log or report: the values of secret keys
+    (:func:`is_secret_key`) replaced by :data:`REDACTED`, URL passwords by ``***``. Every place that logs or
+    reports a config goes through this."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if isinstance(k, str) and is_secret_key(k) and v not in (None, "") else redact_config(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact_config(v) for v in value]
+    if isinstance(value, str):
+        return redact_url(value)
+    return value
+
+
+def secret_values(value: Any, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every secret string in a config: values of secret keys, URL passwords (as written and percent-decoded),
+    and the key material an ``key_env`` field points to (read from ``environ``). For :func:`scrub`."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(k, str) and is_secret_key(k) and isinstance(v, str) and v:
+                    found.add(v)
+                elif k == "key_env" and isinstance(v, str) and environ is not None and environ.get(v):
+                    material = environ[v]
+                    found.update({material, material.strip()})
+                else:
+                    walk(v)
+        elif isinstance(node, list | tuple):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str):
+            for match in _URL_PASSWORD.finditer(node):
+                found.update({match.group(2), unquote(match.group(2))})
+
+    walk(value)
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every occurrence of each secret (as is, and as JSON or ``repr`` would escape it) replaced by
+    :data:`REDACTED`, and URL passwords by ``***``: the last line of defence for logs, stats, metrics and
+    error messages, which may quote a value from anywhere."""
+    forms = {
+        form
+        for secret in secrets
+        if len(secret) >= _MIN_SCRUB_LEN
+        for form in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1])
+    }
+    # Again until nothing changes: a replacement next to the text around it could spell a secret anew (a secret
+    # that begins with the end of "<redacted>"). Each pass that changes something shortens what is left of the
+    # secrets' own characters, so this ends; the bound is a guard.
+    for _ in range(8):
+        before = text
+        for form in sorted(forms, key=len, reverse=True):
+            if form in text:
+                text = text.replace(form, REDACTED)
+        if text == before:
+            break
+    return redact_url(text)
+
+
+def scrub_tree(value: Any, secrets: Sequence[str]) -> Any:
+    """A copy of a JSON-like document (a stats document, a log record's fields) with :func:`scrub` applied to every
+    string in it, keys included; other values are kept as they are (``str()`` of an unknown object is scrubbed)."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        return scrub(value, secrets)
+    if isinstance(value, dict):
+        return {scrub_tree(k, secrets) if isinstance(k, str) else k: scrub_tree(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_tree(v, secrets) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return scrub(str(value), secrets)

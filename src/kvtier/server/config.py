@@ -17,11 +17,21 @@ key                    flag                         meaning
 ``max_message_mb``     ``--max-message-mb``         largest accepted request in MB (default 2048)
 ``log_level``          ``--log-level``              ``debug`` | ``info`` | ``warning`` | ``error``
 ``log_format``         ``--log-format``             ``json`` (one object per line) | ``text``
+``admin_token``        ``--admin-token``            token required by state-changing admin calls (POST
+                                                    /clear); also ``KVTIER_ADMIN_TOKEN``; default: none
 =====================  ===========================  ========================================================
 
 A flag given on the command line replaces the file's value; ``--l2-adapter`` given at least once replaces the
 file's whole ``l2_adapters`` list. Every error is a :class:`~kvtier.errors.ConfigError` naming the field and
-what was expected.
+what was expected. Every check here runs before anything imports torch, so that a wrong flag costs no start-up time.
+
+Secrets (the admin token, Redis passwords in URLs, key files) never leave through :meth:`ServerConfig.to_json`
+(redacted) and :meth:`ServerConfig.secrets` lists them for :func:`kvtier.config.scrub`.
+
+A Redis adapter whose host name does not resolve is refused at start (a typo or a missing DNS entry would
+otherwise start a server that fails every L2 batch while reporting the tier as reachable); a host that resolves
+but does not answer is not an error at start: Redis may come up later, and the adapter reports it unreachable
+once a batch fails.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,15 +47,17 @@ from typing import Any
 
 import yaml
 
-from kvtier.config import ConfigReader
+from kvtier.config import ConfigReader, redact_config, redact_url, secret_values
 from kvtier.errors import ConfigError
 
+#: The environment variable that gives the admin token when neither the flag nor the file does.
+ADMIN_TOKEN_ENV = "KVTIER_ADMIN_TOKEN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 L1_BACKINGS = ("anonymous", "memfd", "hugepages")  # kvtier.storage.l1.BACKINGS, without importing torch here
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ServerConfig:
     """The checked configuration of ``kvtier server``."""
 
@@ -60,6 +73,7 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "json"
     l1_backing: str = "anonymous"
+    admin_token: str | None = field(default=None, repr=False)
 
     @property
     def max_message_bytes(self) -> int:
@@ -80,7 +94,18 @@ class ServerConfig:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as JSON data, secrets redacted: the only form that is logged or reported."""
+        doc: dict[str, Any] = redact_config(asdict(self))
+        return doc
+
+    def __repr__(self) -> str:
+        # A config in a traceback or a debug line must not carry its secrets either.
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_json().items())
+        return f"ServerConfig({fields})"
+
+    def secrets(self) -> list[str]:
+        """Every secret string of this config (and the key material its ``key_env`` fields name)."""
+        return secret_values(asdict(self), os.environ)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> ServerConfig:
@@ -91,10 +116,11 @@ class ServerConfig:
             raise ConfigError(f"{where}.l2_adapters: expected a list of JSON objects, got {adapters!r}")
         for i, adapter in enumerate(adapters):
             if not isinstance(adapter, dict):
-                raise ConfigError(f"l2_adapters[{i}]: expected a JSON object, got {adapter!r}")
+                raise ConfigError(f"l2_adapters[{i}]: expected a JSON object, got {redact_config(adapter)!r}")
             if not isinstance(adapter.get("type"), str):
                 raise ConfigError(
-                    f"l2_adapters[{i}].type: expected an adapter type name (a string), got {adapter.get('type')!r}"
+                    f"l2_adapters[{i}].type: expected an adapter type name (a string), "
+                    f"got {redact_config(adapter.get('type'))!r}"
                 )
         config = cls(
             l1_size_gb=r.number("l1_size_gb", min=1e-6),
@@ -109,11 +135,25 @@ class ServerConfig:
             log_level=r.string("log_level", "info", choices=LOG_LEVELS),
             log_format=r.string("log_format", "json", choices=LOG_FORMATS),
             l1_backing=r.string("l1_backing", "anonymous", choices=L1_BACKINGS),
+            admin_token=_admin_token(r),
         )
         r.finish()
         if config.port == config.http_port:
             raise ConfigError(f"http_port: expected a port other than port ({config.port})")
         return config
+
+
+def _admin_token(r: ConfigReader) -> str | None:
+    token = r.raw("admin_token", None)
+    if token is None:
+        return None
+    # Never echo the value: it is a secret even when it is malformed.
+    if not isinstance(token, str) or not 16 <= len(token) <= 512 or not token.isprintable() or " " in token:
+        raise ConfigError(
+            f"admin_token: expected 16-512 printable characters without spaces (e.g. from `openssl rand -hex 32`), "
+            f"got a {type(token).__name__} of length {len(token) if isinstance(token, str) else '?'}"
+        )
+    return token
 
 
 # The flags that map onto config keys; argparse dests equal the keys.
@@ -129,6 +169,7 @@ _FLAG_KEYS = (
     "log_level",
     "log_format",
     "l1_backing",
+    "admin_token",
 )
 
 
@@ -160,6 +201,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=float, metavar="MB", help="largest accepted request (default: 2048)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default: info)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, help="json lines or plain text (default: json)")
+    parser.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help=f"require 'Authorization: Bearer TOKEN' for state-changing admin calls (POST /clear); prefer "
+        f"${ADMIN_TOKEN_ENV} or the config file, which other users cannot read in the process list",
+    )
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -203,9 +250,84 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             data[key] = value
     if args.l2_adapter:
         data["l2_adapters"] = [parse_adapter_flag(text, i) for i, text in enumerate(args.l2_adapter)]
+    if "admin_token" not in data and os.environ.get(ADMIN_TOKEN_ENV):
+        data["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
     config = ServerConfig.from_dict(data)
+    check_types(config)
     check_base_paths(config)
+    check_redis_hosts(config)
     return config
+
+
+#: The adapter and serde types that ship with kvtier, so that a misspelt ``type`` is found before torch loads
+#: (the registries live beside torch-importing code). A test holds them equal to the registries' built-ins.
+BUILTIN_ADAPTER_TYPES = frozenset({"fs", "memory", "faulty", "redis"})
+BUILTIN_SERDE_TYPES = frozenset({"raw", "fp8", "lz4", "zstd", "aesgcm", "checksum"})
+
+
+def _plugin_names() -> set[str]:
+    """Names that packages register in any ``kvtier.*`` entry-point group (plugins may add adapters or serdes)."""
+    import importlib.metadata
+
+    groups = [g for g in importlib.metadata.entry_points().groups if g.startswith("kvtier")]
+    return {ep.name for g in groups for ep in importlib.metadata.entry_points(group=g)}
+
+
+def check_types(config: ServerConfig) -> None:
+    """Every adapter's and serde stage's ``type`` names a built-in or a plugin (the rest of their fields is
+    checked by their factories when the Store is built)."""
+    plugins: set[str] | None = None
+
+    def known(name: Any, builtins: frozenset[str]) -> bool:
+        nonlocal plugins
+        if not isinstance(name, str) or name in builtins:
+            return True  # not a string: the registry names the problem
+        if plugins is None:
+            plugins = _plugin_names()
+        return name in plugins
+
+    for i, adapter in enumerate(config.l2_adapters):
+        if not known(adapter["type"], BUILTIN_ADAPTER_TYPES):
+            raise ConfigError(
+                f"l2_adapters[{i}].type: unknown L2 adapter {redact_config(adapter['type'])!r}; known adapters are "
+                f"{sorted(BUILTIN_ADAPTER_TYPES | (plugins or set()))}"
+            )
+        serde = adapter.get("serde")
+        stages = serde if isinstance(serde, list) else [serde] if isinstance(serde, dict) else []
+        for j, stage in enumerate(stages):
+            name = stage.get("type") if isinstance(stage, dict) else None
+            if not known(name, BUILTIN_SERDE_TYPES):
+                where = f"l2_adapters[{i}].serde" + (f"[{j}]" if isinstance(serde, list) else "")
+                raise ConfigError(
+                    f"{where}.type: unknown serde {redact_config(name)!r}; known serdes are "
+                    f"{sorted(BUILTIN_SERDE_TYPES | (plugins or set()))}"
+                )
+
+
+def check_redis_hosts(config: ServerConfig) -> None:
+    """Every Redis adapter's host name must resolve (see the module docstring). Only the host is named in the
+    error, never the URL (it may carry a password)."""
+    from urllib.parse import urlsplit
+
+    for i, adapter in enumerate(config.l2_adapters):
+        url = adapter.get("url")
+        if adapter.get("type") != "redis" or not isinstance(url, str) or not url.startswith(("redis://", "rediss://")):
+            continue  # unix sockets and other adapters: nothing to resolve; the adapter checks the rest
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port or 6379
+        except ValueError:
+            continue  # malformed: the adapter's own URL check names the problem
+        if not host:
+            continue
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+            raise ConfigError(
+                f"l2_adapters[{i}].url: the Redis host {host!r} does not resolve ({reason}); expected a host name "
+                f"this machine can resolve (in {redact_url(url)!r})"
+            ) from None
 
 
 def check_base_paths(config: ServerConfig) -> None:

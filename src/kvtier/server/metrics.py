@@ -9,12 +9,14 @@ scrape time keeps the hot path free of metric bookkeeping for the Store's own co
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from kvtier.config import scrub
 
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
 # Leaves whose names say they only grow are exposed as counters; everything else is a gauge.
@@ -92,7 +94,10 @@ class StoreStatsCollector(Collector):
 class ServerMetrics:
     """The server's own metrics; ``render()`` is the ``/metrics`` body."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]], regions: Callable[[], int]) -> None:
+    def __init__(
+        self, stats: Callable[[], dict[str, Any]], regions: Callable[[], int], secrets: Sequence[str] = ()
+    ) -> None:
+        self.secrets = tuple(secrets)
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "kvtier_requests", "Requests served, by op and outcome", ["op", "outcome"], registry=self.registry
@@ -122,4 +127,6 @@ class ServerMetrics:
         self.latency.labels(op).observe(seconds)
 
     def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        """The ``/metrics`` body; label values (adapter types, ...) scrubbed of the config's secrets."""
+        body = bytes(generate_latest(self.registry))
+        return scrub(body.decode(), self.secrets).encode() if self.secrets else body

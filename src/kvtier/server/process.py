@@ -108,8 +108,10 @@ class ServerProcess:
                 return json.loads(body)
             return body
 
-    def post(self, path: str, timeout: float = 5.0) -> Any:
-        req = urllib.request.Request(self.http_url + path, data=b"", method="POST")
+    def post(self, path: str, timeout: float = 5.0, token: str | None = None) -> Any:
+        """POST to an admin endpoint (with ``Authorization: Bearer token`` when given); the JSON answer."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(self.http_url + path, data=b"", method="POST", headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read().decode())
 

@@ -254,7 +254,21 @@ class ProtocolError(ServerError):
 
 
 #: Error kinds a server sends, and the exception a client raises for each (ConfigError etc. by name below).
-ERROR_KINDS = ("protocol", "version", "too_large", "region", "invalid", "capacity", "not_found", "internal")
+ERROR_KINDS = (
+    "protocol",
+    "version",
+    "too_large",
+    "region",
+    "invalid",
+    "capacity",
+    "not_found",
+    "internal",
+    "shutting_down",
+)
+
+# What a decoder raises on hostile input: malformed or ill-typed data, and nesting deeper than the interpreter's
+# recursion limit (msgspec raises RecursionError for ``[[[[...]]]]`` a few hundred levels deep, even inside a Raw).
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 _encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
@@ -267,12 +281,18 @@ def encode(request_id: int, body: Any) -> bytes:
     return _encoder.encode(Envelope(PROTOCOL_VERSION, request_id, msgspec.Raw(_encoder.encode(body))))
 
 
+def _decode_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
+
+
 def decode_envelope(frame: bytes | memoryview) -> Envelope:
     """Decode frame 0; raises :class:`ProtocolError` (``kind`` ``protocol`` or ``version``)."""
     try:
         env = _envelope_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"malformed envelope: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed envelope: {_decode_problem(exc)}") from None
     if env.v != PROTOCOL_VERSION:
         err = ProtocolError(f"protocol version {env.v} is not supported; this side speaks version {PROTOCOL_VERSION}")
         err.kind = "version"
@@ -284,16 +304,16 @@ def decode_request(env: Envelope) -> Any:
     """The Request struct of an envelope; raises :class:`ProtocolError`."""
     try:
         return _request_decoder.decode(env.body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"malformed request: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed request: {_decode_problem(exc)}") from None
 
 
 def decode_reply(env: Envelope) -> Any:
     """The Reply struct of an envelope; raises :class:`ProtocolError`."""
     try:
         return _reply_decoder.decode(env.body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"malformed reply: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed reply: {_decode_problem(exc)}") from None
 
 
 def error_kind(exc: BaseException) -> str:
@@ -322,6 +342,8 @@ def raise_error(reply: ErrorReply) -> None:
         raise CapacityError(message)
     if reply.kind == "not_found":
         raise NotFoundError(message)
+    if reply.kind == "shutting_down":
+        raise ServerUnavailableError(f"{message} (retry against another server or after the restart)")
     if reply.kind in ("protocol", "version", "too_large", "region"):
         err = ProtocolError(message)
         err.kind = reply.kind

@@ -12,17 +12,25 @@ Threads and sockets::
   stops reading, and ZeroMQ's buffers push back on clients.
 * **Workers** decode, validate and serve requests (:class:`RequestHandler`). A malformed, truncated, oversized
   or wrong-version message gets an :class:`~kvtier.server.protocol.ErrorReply`; no exception escapes a worker.
-* **Shutdown** (SIGTERM / SIGINT or :meth:`Server.stop`): stop reading requests, let workers finish the ones
+* **Shutdown** (SIGTERM / SIGINT or :meth:`Server.stop`): stop queueing requests, let workers finish the ones
   queued and send their replies, then ``Store.close()`` flushes pending L2 writes, so nothing acknowledged is
-  lost, and the process exits 0.
+  lost, and the process exits 0. Requests that arrive meanwhile are answered ``shutting_down`` at once (the
+  client raises ServerUnavailableError and can fail over) instead of being left to time out.
+* **Errors** never leave a traceback per message: refused requests (``protocol``, ``too_large``, ...) and
+  internal failures are logged at most once per kind per minute (:class:`RateLimitedLog`); salts appear in these
+  logs only as digests and the config's secrets not at all.
+* **Heartbeats** on the ROUTER drop connections whose client stopped answering (a host gone); clients set their
+  own, so they notice a server that has gone (see :mod:`kvtier.client`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -30,15 +38,17 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any, Protocol
 
+import blake3
 import torch
 import zmq
 
 from kvtier import __version__
+from kvtier.config import scrub, scrub_tree
 from kvtier.errors import ConfigError
 from kvtier.server import protocol as p
 from kvtier.server.admin import AdminHooks, AdminServer
 from kvtier.server.config import ServerConfig
-from kvtier.server.logs import fields
+from kvtier.server.logs import RateLimitedLog, fields
 from kvtier.server.metrics import ServerMetrics
 from kvtier.server.shm import RegionTable, align_up
 from kvtier.types import ObjectKey
@@ -46,6 +56,43 @@ from kvtier.types import ObjectKey
 log = logging.getLogger("kvtier.server")
 #: The GIL switch interval the server runs with (CPython's default is 5 ms).
 SWITCH_INTERVAL_S = 0.0005
+#: ZeroMQ heartbeats on the server's connections: a client that stops answering for this long is dropped, so a
+#: vanished host's connection (and its routing state) does not live forever.
+HEARTBEAT_IVL_MS = 5000
+HEARTBEAT_TIMEOUT_MS = 15000
+
+
+_SALT_CHARS = r"A-Za-z0-9._+:=\-"
+
+
+def _request_salts(request: Any) -> set[str]:
+    """The ``cache_salt`` values a decoded request carries (none when it did not decode)."""
+    salts: set[str] = set()
+    salt = getattr(request, "cache_salt", None)
+    if isinstance(salt, str):
+        salts.add(salt)
+    for key in getattr(request, "keys", None) or ():
+        if isinstance(getattr(key, "cache_salt", None), str):
+            salts.add(key.cache_salt)
+    return {s for s in salts if s}
+
+
+def hide_salts(text: str, salts: set[str]) -> str:
+    """``text`` with each salt of ``salts`` (as written, or as ``repr`` quotes it) replaced by a short digest, so
+    that logs can still tell tenants apart without holding their raw salts."""
+    for salt in sorted(salts, key=len, reverse=True):
+        digest = "salt#" + blake3.blake3(salt.encode()).hexdigest(length=6)
+        for form in {salt, repr(salt)[1:-1]}:
+            pattern = rf"(?<![{_SALT_CHARS}]){re.escape(form)}(?![{_SALT_CHARS}])"
+            text = re.sub(pattern, digest, text)
+    return text
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class StoreLike(Protocol):
@@ -93,13 +140,17 @@ class RequestHandler:
         metrics: ServerMetrics,
         regions: RegionTable,
         serialize_store: bool,
+        *,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.store = store
+        self.secrets = tuple(secrets)
         self.config = config
         self.metrics = metrics
         self.regions = regions
         self._store_lock: AbstractContextManager[Any] = threading.Lock() if serialize_store else nullcontext()
         self.started = time.time()
+        self.log_error = RateLimitedLog(log)
 
     # -- entry point --------------------------------------------------------------------------------------------
     def handle(self, frames: Sequence[zmq.Frame], owner: bytes = b"") -> list[Any]:
@@ -110,6 +161,7 @@ class RequestHandler:
         """
         start = time.perf_counter()
         request_id, op, outcome = 0, "invalid", "ok"
+        request: Any = None
         try:
             env = p.decode_envelope(frames[0].buffer)
             request_id = env.id
@@ -119,14 +171,19 @@ class RequestHandler:
         except Exception as exc:
             outcome = p.error_kind(exc)
             if outcome == "internal":
-                log.exception("request failed", extra=fields(op=op, request_id=request_id))
+                self.log_error(logging.ERROR, f"internal:{type(exc).__name__}", "request failed", exc_info=True, op=op)
+                message = f"{type(exc).__name__}: the server failed to serve this request (see its log)"
             else:
-                log.info("request rejected", extra=fields(op=op, kind=outcome, error=str(exc)))
-            reply, data = p.ErrorReply(outcome, f"{type(exc).__name__}: {exc}"), []
+                message = scrub(f"{type(exc).__name__}: {exc}", self.secrets)
+                # The reply goes to the client that sent the request; the log is for the operator, who sees
+                # tenants' salts only as digests.
+                logged = hide_salts(message, _request_salts(request))
+                self.log_error(logging.INFO, outcome, "request rejected", op=op, error=logged)
+            reply, data = p.ErrorReply(outcome, message), []
         try:
             header = p.encode(request_id, reply)
         except (TypeError, ValueError, OverflowError) as exc:  # e.g. a stats value msgpack cannot carry
-            log.exception("reply could not be encoded", extra=fields(op=op))
+            self.log_error(logging.ERROR, "encode", "reply could not be encoded", exc_info=True, op=op)
             outcome, data = "internal", []
             header = p.encode(request_id, p.ErrorReply("internal", f"reply could not be encoded: {exc}"))
         self.metrics.observe(op, time.perf_counter() - start, outcome)
@@ -141,7 +198,7 @@ class RequestHandler:
             case p.Register(pid=pid, fd=fd, size=size, token=token):
                 region, reason = self.regions.register(owner, pid, fd, size, token)
                 if region < 0:
-                    log.info("shared memory refused", extra=fields(pid=pid, reason=reason))
+                    self.log_error(logging.INFO, "shm_refused", "shared memory refused", pid=pid, reason=reason)
                 return p.RegisterReply(region, reason), []
             case p.Unregister(regions=ids):
                 self.regions.unregister(owner, ids)
@@ -249,7 +306,16 @@ class RequestHandler:
             "uptime_s": round(time.time() - self.started, 3),
         }
 
+    def scrub_doc(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` without any secret of the config (a stats value may quote a URL or an error message)."""
+        scrubbed: dict[str, Any] = scrub_tree(doc, self.secrets)
+        return scrubbed
+
     def stats(self) -> dict[str, Any]:
+        """The ``/stats`` document (secrets scrubbed)."""
+        return self.scrub_doc(self._stats())
+
+    def _stats(self) -> dict[str, Any]:
         with self._store_lock:
             store_stats = self.store.stats()
         return {
@@ -299,14 +365,21 @@ class Server:
     """
 
     def __init__(
-        self, config: ServerConfig, store: StoreLike, *, serialize_store: bool = False, close_store: bool = True
+        self,
+        config: ServerConfig,
+        store: StoreLike,
+        *,
+        serialize_store: bool = False,
+        close_store: bool = True,
+        secrets: Sequence[str] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.close_store = close_store
+        self.secrets = tuple(config.secrets() if secrets is None else secrets)
         self.regions = RegionTable()
-        self.metrics = ServerMetrics(self._store_stats, lambda: len(self.regions))
-        self.handler = RequestHandler(store, config, self.metrics, self.regions, serialize_store)
+        self.metrics = ServerMetrics(self._store_stats, lambda: len(self.regions), self.secrets)
+        self.handler = RequestHandler(store, config, self.metrics, self.regions, serialize_store, secrets=self.secrets)
         self._stop = threading.Event()
         self._tasks: queue.Queue[tuple[zmq.Frame, list[zmq.Frame]] | None] = queue.Queue(maxsize=4 * config.workers)
         self._ctx = zmq.Context()
@@ -315,6 +388,8 @@ class Server:
         # A client keeps its (random, unguessable) routing id across reconnects so that its shared-memory regions
         # stay its own; handover lets the new connection take the id over from the one it replaces.
         self._front.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._front.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._front.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         # A frame beyond this is dropped by libzmq with the connection, before it is buffered whole; messages up to
         # max_message_bytes are read and answered (an error when too large), so this is only the hard backstop.
         self._front.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_message_bytes + p.MAX_HEADER_BYTES)
@@ -334,6 +409,7 @@ class Server:
                 config.host,
                 config.http_port,
                 AdminHooks(self.handler.health, self.handler.stats, self.metrics.render, self.handler.clear),
+                token=config.admin_token,
             )
         except ConfigError:
             self._ctx.destroy(linger=0)
@@ -363,8 +439,10 @@ class Server:
                 identity, frames = task
                 try:
                     reply = self.handler.handle(frames, identity.bytes)
-                except Exception:  # handle() answers every error itself; this is the last line of defence
-                    log.exception("worker: unexpected failure")
+                except Exception as exc:  # handle() answers every error itself; this is the last line of defence
+                    self.handler.log_error(
+                        logging.ERROR, f"worker:{type(exc).__name__}", "worker: unexpected failure", exc_info=True
+                    )
                     reply = [p.encode(0, p.ErrorReply("internal", "the server failed to answer this request"))]
                 push.send_multipart([identity, *reply], copy=False)
         finally:
@@ -377,7 +455,8 @@ class Server:
             with suppress(p.ProtocolError):
                 request_id = p.decode_envelope(frames[0].buffer).id
         self.metrics.observe("invalid", 0.0, kind)
-        log.info("request rejected", extra=fields(kind=kind, error=message))
+        if kind != "shutting_down":
+            self.handler.log_error(logging.INFO, kind, "request rejected", error=message)
         self._front.send_multipart([identity, p.encode(request_id, p.ErrorReply(kind, message))])
 
     def _accept(self, message: list[zmq.Frame]) -> None:
@@ -433,6 +512,12 @@ class Server:
                 config=self.config.to_json(),
             ),
         )
+        if self.config.admin_token is None and not _is_loopback(self.config.host):
+            log.warning(
+                "admin HTTP: POST /clear needs no token and the port listens beyond loopback; set --admin-token "
+                "(or KVTIER_ADMIN_TOKEN)",
+                extra=fields(host=self.config.host, http_port=self.config.http_port),
+            )
         poller = zmq.Poller()
         poller.register(self._front, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
@@ -456,21 +541,50 @@ class Server:
         finally:
             self._shutdown()
 
+    def _close_store(self, failed: list[BaseException]) -> None:
+        try:
+            self.store.close()
+        except BaseException as exc:  # handed to the I/O thread, which raises it once the drain is over
+            failed.append(exc)
+
+    def _refuse_new_requests(self, timeout_ms: int) -> None:
+        """During shutdown: answer every request that arrives with a ``shutting_down`` error (so its client fails
+        over at once instead of waiting out its timeout), for up to ``timeout_ms``."""
+        if not self._front.poll(timeout_ms, zmq.POLLIN):
+            return
+        while True:
+            try:
+                message = self._front.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._reject(message[0], message[1:], "shutting_down", "the server is shutting down")
+
     def _shutdown(self) -> None:
         log.info("stopping: finishing requests in flight", extra=fields(queued=self._tasks.qsize()))
         for _ in self._workers:
             self._tasks.put(None)
         while any(w.is_alive() for w in self._workers):
-            self._forward_replies(50)
+            self._forward_replies(0)
+            self._refuse_new_requests(20)
         self._forward_replies(0)
         self.admin.close()
-        if self.close_store:
-            start = time.perf_counter()
-            log.info("flushing pending L2 writes")
-            self.store.close()
-            log.info("store closed", extra=fields(seconds=round(time.perf_counter() - start, 3)))
-        self.regions.close()
-        self._front.close(linger=2000)
-        self._replies.close(linger=0)
-        self._ctx.term()
+        try:
+            if self.close_store:
+                start = time.perf_counter()
+                log.info("flushing pending L2 writes")
+                # Flushing can take a while; the I/O thread keeps answering "shutting down" meanwhile.
+                failed: list[BaseException] = []
+                closer = threading.Thread(target=self._close_store, args=(failed,), name="kvtier-close", daemon=True)
+                closer.start()
+                while closer.is_alive():
+                    self._refuse_new_requests(20)
+                if failed:
+                    raise failed[0]
+                log.info("store closed", extra=fields(seconds=round(time.perf_counter() - start, 3)))
+            self._refuse_new_requests(0)
+        finally:
+            self.regions.close()
+            self._front.close(linger=2000)
+            self._replies.close(linger=0)
+            self._ctx.term()
         log.info("stopped")

@@ -1,8 +1,11 @@
 """Shared-memory regions for the same-host data path.
 
 A client creates each region with ``memfd_create`` (anonymous memory: no name in ``/dev/shm``, so nothing leaks
-when a client dies) and writes a random 16-byte token at its start. The server maps it by opening
-``/proc/<pid>/fd/<fd>``, which works only on the same host, for the same user (or root) and in the same pid
+when a client dies), sizes it, seals it against shrinking and growing (``F_SEAL_SHRINK | F_SEAL_GROW``, then
+``F_SEAL_SEAL``) and writes a random 16-byte token at its start. The seals are what make the server's mapping safe:
+without ``F_SEAL_SHRINK`` a client could ``ftruncate`` its memfd after registration and the server's next access
+past the new end would die of SIGBUS; the server refuses any region that is not sealed so. The server maps it by
+opening ``/proc/<pid>/fd/<fd>``, which works only on the same host, for the same user (or root) and in the same pid
 namespace, and checks the token; any failure means "not same host" and the client uses message frames. A region
 stays mapped by the server until the client unregisters it or the server stops (a client that dies without
 unregistering leaves a mapping behind; the table is bounded and drops the least recently used region when full).
@@ -14,6 +17,7 @@ Data never lands in the first :data:`DATA_OFFSET` bytes (the token's page), and 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import secrets
@@ -31,6 +35,9 @@ MEMFD_NAME = "kvtier-client"
 MEMFD_PREFIX = f"/memfd:{MEMFD_NAME}"
 #: Where data starts in a region: the first page holds the token.
 DATA_OFFSET = 4096
+#: Seals a client puts on each region; the server requires :data:`REQUIRED_SEALS` (its size can never change).
+CLIENT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
 def align_up(n: int, align: int = ALIGN) -> int:
@@ -44,9 +51,10 @@ class ClientRegion:
         if size <= DATA_OFFSET:
             raise ValueError(f"region size must exceed {DATA_OFFSET} bytes, got {size}")
         self.size = size
-        self.fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, CLIENT_SEALS)
             self.mmap = mmap.mmap(self.fd, size)
         except BaseException:
             os.close(self.fd)
@@ -105,8 +113,10 @@ class RegionTable:
         """Map a client's region for connection ``owner``; returns ``(region id, "")`` or ``(-1, reason)``.
 
         Only a kvtier client's memfd is accepted (checked on the opened file, so the check and the mapping see the
-        same file): a request naming any other file of any process is refused, never mapped. Region ids are
-        random, and only ``owner`` can use or unregister its regions.
+        same file): a request naming any other file of any process is refused, never mapped. The memfd must be
+        sealed against shrinking and growing (:data:`REQUIRED_SEALS`): its size is then fixed for the life of the
+        mapping, so no client can pull pages from under the server. Region ids are random, and only ``owner`` can
+        use or unregister its regions.
         """
         if size <= DATA_OFFSET or len(token) != TOKEN_BYTES or pid <= 0 or fd < 0:
             return -1, "invalid registration"
@@ -121,6 +131,13 @@ class RegionTable:
         try:
             if not os.readlink(f"/proc/self/fd/{handle}").startswith(MEMFD_PREFIX):
                 return -1, "not a kvtier client memory region"
+            # Seals first, size second: once sealed the size read below can no longer change.
+            seals = fcntl.fcntl(handle, fcntl.F_GET_SEALS)
+            if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+                return -1, (
+                    "region is not sealed against shrinking and growing (F_SEAL_SHRINK | F_SEAL_GROW): "
+                    "a client must seal its memfd before registering it"
+                )
             if os.fstat(handle).st_size < size:
                 return -1, "region is smaller than announced"
             mapped = mmap.mmap(handle, size)
