@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from kvtier import CapacityError
-from kvtier.storage.adapters import FSAdapter, create_l2_adapter
-from kvtier.storage.adapters import fs as fs_module
-from kvtier.storage.serde_layer import L2Tier
+from kvtier.l2.adapters import FSAdapter, create_l2_adapter
+from kvtier.l2.adapters import fs as fs_module
+from kvtier.l2.tier import L2Tier
 from kvtier.testing.adapters import chunk, keys
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -166,7 +166,7 @@ def test_bad_config_fails_at_start(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from kvtier.storage.adapters import create_l2_adapter
+    from kvtier.l2.adapters import create_l2_adapter
     from kvtier.testing.adapters import chunk, keys
     t = create_l2_adapter({"type": "fs", "base_path": sys.argv[1], "durability": "fsync"})
     i = 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvtier import BatchError, ConfigError
-from kvtier.storage.adapters import (
+from kvtier.l2.adapters import (
     FaultyAdapter,
     L2Adapter,
     MemoryAdapter,

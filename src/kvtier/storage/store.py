@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from kvtier.errors import CapacityError, ConfigError, KVTierError
-from kvtier.storage.adapters import create_l2_adapter
+from kvtier.l2.adapters import create_l2_adapter
+from kvtier.l2.tier import L2Tier
 from kvtier.storage.keys import keys_for_tokens
 from kvtier.storage.l1 import L1Object, L1Pool
 from kvtier.storage.policies import POLICIES
-from kvtier.storage.serde_layer import L2Tier
 from kvtier.types import ObjectKey
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,12 @@ import pytest
 import torch
 
 from kvtier.errors import BatchError, CapacityError, SerdeError
-from kvtier.record import RecordMeta, pack_record
+from kvtier.l2.adapters import MISS, L2Adapter, create_backend, create_l2_adapter
+from kvtier.l2.record import RecordMeta, pack_record
+from kvtier.l2.tier import L2Tier, byte_view, layout_of
 from kvtier.serde import AsyncSerdeProcessor, BytesDeserializer, BytesSerializer, LayoutDesc, register_serde_factory
 from kvtier.serde.processor import SerdeIdentity
 from kvtier.serde.registry import registered_serdes
-from kvtier.storage.adapters import MISS, L2Adapter, create_backend, create_l2_adapter
-from kvtier.storage.serde_layer import L2Tier, byte_view, layout_of
 from kvtier.testing.serde import kv_like
 from kvtier.types import ObjectKey
 

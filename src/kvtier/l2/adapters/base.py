@@ -2,8 +2,8 @@
 
 An L2 adapter (local disk, memory, Redis, ...) knows nothing about tensors, serdes or the record format. It stores,
 loads, tests and deletes *records*: byte strings under string keys (``ObjectKey.to_str()``). One shared layer,
-:class:`kvtier.storage.serde_layer.L2Tier`, sits above every adapter and does the rest: it runs the adapter's
-serde, frames the payload as a :mod:`kvtier.record`, checks every record it loads and turns damaged or foreign
+:class:`kvtier.l2.tier.L2Tier`, sits above every adapter and does the rest: it runs the adapter's
+serde, frames the payload as a :mod:`kvtier.l2.record`, checks every record it loads and turns damaged or foreign
 records into misses (and deletes them). A new backend therefore implements only bytes I/O.
 
 Contract for every implementation (the conformance suite :class:`kvtier.testing.L2AdapterTests` checks it):

@@ -31,8 +31,8 @@ import blake3
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError, ConfigError, IntegrityError
-from kvtier.record import MAX_HEADER_SIZE, parse_header
-from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, total_length
+from kvtier.l2.record import MAX_HEADER_SIZE, parse_header
 from kvtier.storage.policies import POLICIES, create_policy
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from typing import Any
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError
-from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter, scatter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, scatter, total_length
 
 GiB = 1 << 30
 

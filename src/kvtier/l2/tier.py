@@ -1,7 +1,7 @@
 """One L2 tier: an adapter behind its optional serde and the record framing. Shared by every adapter.
 
-Store: each tensor becomes one :mod:`kvtier.record`. With a serde, the serializer writes straight after a
-reserved header in a reused scratch buffer and :func:`~kvtier.record.write_header` seals it in place. Without a
+Store: each tensor becomes one :mod:`kvtier.l2.record`. With a serde, the serializer writes straight after a
+reserved header in a reused scratch buffer and :func:`~kvtier.l2.record.write_header` seals it in place. Without a
 serde (or with plain ``raw``, whose payload *is* the tensor's bytes) nothing is serialized: the record goes to the
 adapter as two segments, a small header and the tensor's own memory, so an adapter without serde pays no threads,
 no buffers and no copy.
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from kvtier.errors import IntegrityError, KVTierError
-from kvtier.record import (
+from kvtier.l2.adapters.base import MISS, L2Adapter
+from kvtier.l2.record import (
     MAX_HEADER_SIZE,
     RecordMeta,
     header_size,
@@ -35,7 +36,6 @@ from kvtier.record import (
 from kvtier.serde.base import as_byte_view
 from kvtier.serde.processor import AsyncSerdeProcessor, BatchResult, SerdeIdentity
 from kvtier.serde.raw import RawSerializer
-from kvtier.storage.adapters.base import MISS, L2Adapter
 from kvtier.types import KVFormat, LayoutDesc, ObjectKey
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvtier.config import ConfigReader
-from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter
+from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter
 
 
 class FaultyAdapter(L2Adapter):
@@ -98,7 +98,7 @@ def _flip_middle_bit(dst: Sequence[Buffer], length: int) -> None:
 
 
 def faulty_factory(config: dict[str, Any], where: str) -> FaultyAdapter:
-    from kvtier.storage.adapters.registry import create_backend
+    from kvtier.l2.adapters.registry import create_backend
 
     reader = ConfigReader(config, where)
     inner = reader.raw("inner")
