@@ -136,6 +136,11 @@ class AsyncSerdeProcessor:
             return SerdeIdentity.of_config(self.config, serializers)
         return SerdeIdentity.of_stages(serializers, deserializers)
 
+    @property
+    def stages(self) -> list[Serializer]:
+        """The stages in order (a chain's, or the serializer alone); a typed stage is both halves."""
+        return self._stage_lists()[0]
+
     def _stage_lists(self) -> tuple[list[Serializer], list[Deserializer]]:
         ser_stages = getattr(self.serializer, "stages", None)
         deser_stages = getattr(self.deserializer, "stages", None)
