@@ -88,8 +88,10 @@ def test_wrong_serde_records_are_foreign(tmp_path: Path) -> None:
     with tier(tmp_path) as t:
         t.store(ks, [chunk(0), chunk(1)])
     with tier(tmp_path, serde={"type": "raw"}) as other:  # raw with a config, a different identity than none
+        assert other.lookup(ks) == [False, False], "a foreign record is not a hit"
         assert loads(other, ks) == [False, False]
-        assert other.contains(ks) == [False, False]
+        assert other.contains(ks) == [True, True], "a foreign record is left in place"
+        assert other.stats()["foreign_misses"] == 2 and other.stats()["integrity_misses"] == 0
 
 
 def test_disk_full_mid_batch_fails_cleanly_and_loads_keep_working(tmp_path: Path, monkeypatch: Any) -> None:

@@ -81,4 +81,10 @@ def create_l2_adapter(config: Any, where: str = "l2_adapter") -> L2Tier:
         except ConfigError as exc:
             raise ConfigError(f"{where}.{exc}") from exc
     adapter = create_backend(backend_config, where)
-    return L2Tier(adapter, processor, config=copy.deepcopy(config))
+    try:
+        return L2Tier(adapter, processor, config=copy.deepcopy(config))
+    except ConfigError as exc:  # a serde without an identity: refused here, before anything is stored
+        adapter.close()
+        if processor is not None:
+            processor.close()
+        raise ConfigError(f"{where}.serde: {exc}") from exc

@@ -63,8 +63,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from kvtier.errors import BatchError, CapacityError, ConfigError
-from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, scatter, total_length
+from kvtier.errors import BatchError, CapacityError, ConfigError, L2Error
+from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
 from kvtier.l2.adapters.redis.config import redact_url
 from kvtier.l2.adapters.redis.io import Packer, RespReader, is_wrong_type
 from kvtier.l2.adapters.redis.scripts import ACCOUNT_SCRIPT, DELETE_SCRIPT, TOUCH_SCRIPT
@@ -80,6 +80,14 @@ _LOG_EVERY_S = 60.0
 # pipeline (and redis-py's cluster path holds each value as a fresh ``bytes``), so a batch of a hundred 32 MiB
 # chunks must not be in flight at the same time.
 _LOAD_WINDOW = 256 << 20
+
+
+class RedisUnreachable(L2Error, ConnectionError):
+    """The Redis server cannot be reached (refused, reset, closed): an :class:`L2Error` and a ``ConnectionError``."""
+
+
+class RedisTimeout(L2Error, TimeoutError):
+    """A Redis command timed out: an :class:`L2Error` and a ``TimeoutError``."""
 
 
 class _Outage:
@@ -180,6 +188,7 @@ class RedisAdapter(L2Adapter):
         self._health = _Outage(redact_url(url))
         self._client: Any = None
         self._last_used = 0
+        self._largest_seen = 32 << 20  # bytes of the largest record loaded (a KV chunk until one is seen)
 
     # -- resources --------------------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -225,13 +234,13 @@ class RedisAdapter(L2Adapter):
                 result = op()
             except rx.TimeoutError as exc:
                 self._health.failed("timeouts", exc)
-                raise TimeoutError(f"redis {self._health.name}: {exc}") from exc
+                raise RedisTimeout(f"redis {self._health.name}: {exc}") from exc
             except rx.ConnectionError as exc:
                 # After a server restart the pool may hand out a socket that is already dead: one fresh try.
                 if attempt == 0 and not isinstance(exc, rx.AuthenticationError):
                     continue
                 self._health.failed("connection_errors", exc)
-                raise ConnectionError(f"redis {self._health.name}: {exc}") from exc
+                raise RedisUnreachable(f"redis {self._health.name}: {exc}") from exc
             except CapacityError as exc:
                 self._health.failed("oom_errors", exc)
                 raise
@@ -240,9 +249,7 @@ class RedisAdapter(L2Adapter):
                     self._health.failed("oom_errors", exc)
                     raise CapacityError(f"redis {self._health.name} is out of memory: {exc}") from exc
                 self._health.failed("other_errors", exc)
-                if isinstance(exc, BatchError):
-                    raise
-                raise BatchError(f"redis {self._health.name}: {exc}") from exc
+                raise L2Error(f"redis {self._health.name}: {exc}") from exc
             self._health.ok()
             return result
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
@@ -396,6 +403,70 @@ class RedisAdapter(L2Adapter):
             else:
                 out += self._run(lambda: self._get_into(part_keys, part_dsts))  # noqa: B023 - runs right here
             start = end
+        return out
+
+    def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
+        """One pipelined ``GET`` per record, each value received header first into ``prepare``'s buffers."""
+        full = [self._key(k) for k in keys]
+        out: list[int] = []
+        # Sizes are unknown before the replies come: bound the bytes in flight by the largest record seen so far.
+        window = max(1, _LOAD_WINDOW // max(self._largest_seen, 1))
+        for start in range(0, len(full), window):
+            part = full[start : start + window]
+
+            def at(j: int, head: memoryview, length: int, base: int = start) -> Sequence[Buffer] | None:
+                self._largest_seen = max(self._largest_seen, length)
+                return prepare(base + j, head, length)
+
+            if self.cluster:
+                out += self._run(lambda: self._get_cluster_with(part, head_size, at))  # noqa: B023 - runs right here
+            else:
+                out += self._run(lambda: self._get_with(part, head_size, at))  # noqa: B023 - runs right here
+        return out
+
+    def _get_with(self, full: list[str], head_size: int, prepare: Prepare) -> list[int]:
+        out = Packer()
+        for key in full:
+            out.command([b"GET", key.encode()])
+        out.command(
+            [b"EVAL", TOUCH_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta), *(k.encode() for k in full)]
+        )
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(out.finish())
+            reader = RespReader(conn)
+            lengths = [reader.bulk_with(j, head_size, prepare) for j in range(len(full))]
+            self._last_used = reader.integer()
+        except BaseException:
+            conn.disconnect()  # the stream may be mid-reply: this socket must not serve another batch
+            raise
+        finally:
+            pool.release(conn)
+        return lengths
+
+    def _get_cluster_with(self, full: list[str], head_size: int, prepare: Prepare) -> list[int]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in full:
+            pipe.get(key)
+        out = []
+        missing = []
+        for j, (key, value) in enumerate(zip(full, pipe.execute(raise_on_error=False), strict=True)):
+            if isinstance(value, Exception):
+                if not is_wrong_type(value):
+                    raise value
+                out.append(0)  # not a string: unusable, so the tier counts a damaged record and removes it
+                continue
+            if value is None:
+                out.append(MISS)
+                missing.append(key)
+                continue
+            bufs = prepare(j, memoryview(value)[:head_size], len(value))
+            if bufs is not None:
+                scatter(value, bufs)
+            out.append(len(value))
+        if missing:  # evicted by a node's own policy, or deleted by hand: drop their accounting
+            self._drop_accounting(missing)
         return out
 
     def _get_into(self, full: list[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:

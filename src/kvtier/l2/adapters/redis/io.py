@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from kvtier.l2.adapters.base import MISS, Buffer
+from kvtier.l2.adapters.base import MISS, Buffer, Prepare, scatter
 
 T = TypeVar("T")
 
@@ -141,6 +141,52 @@ class RespReader:
             left -= take
         self._fill(memoryview(bytearray(2)))  # the CRLF after the value
         return n
+
+    def bulk_with(self, index: int, head_size: int, prepare: Prepare) -> int:
+        """Read one bulk reply header first: its first ``head_size`` bytes go to ``prepare(index, head, n)``,
+        which says where the whole value goes (``None``: skip it); returns its length, or MISS for nil."""
+        try:
+            line = self._line()
+        except self._rx.ResponseError as exc:
+            if is_wrong_type(exc):
+                return 0  # not a string: unusable, so the tier counts a damaged record and removes it
+            raise
+        if line == b"_":  # RESP3 null
+            return MISS
+        if line[:1] == b"!":  # RESP3 blob error
+            message = self._blob(int(line[1:])).decode(errors="replace")
+            raise (self._rx.OutOfMemoryError if message.startswith("OOM") else self._rx.ResponseError)(message)
+        if line[:1] != b"$":
+            raise self._rx.InvalidResponse(f"expected a bulk string, got {line[:40]!r}")
+        n = int(line[1:])
+        if n < 0:
+            return MISS
+        head = bytearray(min(n, head_size))
+        self._fill(memoryview(head))
+        bufs = prepare(index, memoryview(head), n)
+        left = n - len(head)
+        if bufs is not None:
+            scatter(head, bufs)
+            skip = len(head)
+            for buf in bufs:
+                view = memoryview(buf).cast("B")
+                if skip >= len(view):
+                    skip -= len(view)
+                    continue
+                take = min(len(view) - skip, left)
+                self._fill(view[skip : skip + take])
+                skip = 0
+                left -= take
+        self._skip(left)
+        self._fill(memoryview(bytearray(2)))  # the CRLF after the value
+        return n
+
+    def _skip(self, left: int) -> None:
+        scratch = memoryview(bytearray(min(left, self._READ_AHEAD)))
+        while left:
+            take = min(left, len(scratch))
+            self._fill(scratch[:take])
+            left -= take
 
     def _blob(self, n: int) -> bytes:
         data = bytearray(n + 2)
