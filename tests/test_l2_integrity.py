@@ -6,6 +6,9 @@ Each test names the defect it pins; each failed on the code before the L2 tier w
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,10 +18,12 @@ import pytest
 import torch
 
 from kvtier import ObjectKey, Store
-from kvtier.errors import L2Error
+from kvtier.errors import BatchError, ConfigError, L2Error
 from kvtier.l2.adapters import FaultyAdapter, FSAdapter, create_backend
-from kvtier.l2.record import FIXED_SIZE
-from kvtier.serde import registered_serdes
+from kvtier.l2.record import FIXED_SIZE, RecordMeta, associated_data, pack_record, read_record
+from kvtier.l2.tier import L2Tier
+from kvtier.serde import AsyncSerdeProcessor, Deserializer, LayoutDesc, Serializer, registered_serdes
+from kvtier.serde.base import RecordContext
 from kvtier.testing.serde import kv_like
 
 MB = 1 / 1024  # GiB
@@ -293,3 +298,98 @@ def test_defect8_any_salt_accepted_and_never_written(
     assert not any(salt in r.getMessage() for r in caplog.records)
     other = keys(1, salt + "!")[0]
     assert other.to_str() != k.to_str(), "salts stay apart"
+
+
+# -- defects 3 and 5, the tier side: the salt's key is used, records are bound to their key, a wrong key deletes
+# nothing -----------------------------------------------------------------------------------------------------
+os.environ.setdefault("KVTIER_INTEGRITY_KEY_A", "a0" * 32)
+os.environ.setdefault("KVTIER_INTEGRITY_KEY_B", "b1" * 32)
+
+
+def aes(env: str = "KVTIER_INTEGRITY_KEY_A") -> list[dict[str, Any]]:
+    return [{"type": "raw"}, {"type": "aesgcm", "key_env": env}]
+
+
+def test_defect3_records_use_the_salts_key_and_are_bound_to_their_key(tmp_path: Path) -> None:
+    k_a, k_b = keys(1, "tenant-a")[0], keys(2, "tenant-b")[1]
+    (src,) = chunks(1, tokens=8, hidden=32)
+    with Store(l1_size_gb=MB, l2_adapters=[fs(tmp_path, serde=aes())]) as store:
+        store.store([k_a, k_b], [src, src])
+        store.flush()
+        tier = store._tiers[0]
+        assert tier.serde is not None
+        meta, payload = read_record(record_path(store, k_a).read_bytes())
+        out = torch.empty_like(src)
+        ad = associated_data(meta)
+        tier.serde.deserialize_batch([torch.frombuffer(bytearray(payload), dtype=torch.uint8)], [out],
+                                     contexts=[RecordContext("tenant-a", ad)])  # fmt: skip
+        assert torch.equal(out, src), "the record was encrypted with the key of its own salt"
+        with pytest.raises(BatchError):
+            tier.serde.deserialize_batch([torch.frombuffer(bytearray(payload), dtype=torch.uint8)], [out],
+                                         contexts=[RecordContext("", ad)])  # fmt: skip
+        # relabel: tenant a's record moved under tenant b's key, header rewritten, unkeyed checksum recomputed
+        moved = pack_record(RecordMeta(meta.serde, meta.layout, k_b.to_str()), payload)
+        record_path(store, k_b).write_bytes(moved)
+        store.clear_l1()
+        assert store.retrieve([k_b]) == [None], "a relabelled record fails authentication: a miss"
+        assert store.retrieve([k_a])[0] is not None
+        assert store.stats()["l2"][0]["foreign_misses"] == 1
+
+
+def test_defect5_a_wrong_aesgcm_key_deletes_nothing(tmp_path: Path) -> None:
+    ks, src = keys(3), chunks(3, tokens=8, hidden=32)
+    with Store(l1_size_gb=MB, l2_adapters=[fs(tmp_path, serde=aes("KVTIER_INTEGRITY_KEY_A"))]) as store:
+        store.store(ks, src)
+    with Store(l1_size_gb=MB, l2_adapters=[fs(tmp_path, serde=aes("KVTIER_INTEGRITY_KEY_B"))]) as other:
+        assert other.lookup(ks) == 0, "another deployment's records are no hits"
+        assert other.retrieve(ks) == [None] * 3
+        assert other.stats()["l2"][0]["foreign_misses"] == 3
+    with Store(l1_size_gb=MB, l2_adapters=[fs(tmp_path, serde=aes("KVTIER_INTEGRITY_KEY_A"))]) as store:
+        got = store.retrieve(ks)
+        assert all(g is not None and torch.equal(g, s) for g, s in zip(got, src, strict=True)), "records survived"
+
+
+def test_a_serde_without_identity_is_refused_at_start(tmp_path: Path) -> None:
+    class Plain(Serializer):
+        def serialize(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+            data = src.reshape(-1).view(torch.uint8)
+            dst[: data.numel()].copy_(data)
+            return data.numel()
+
+        def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
+            return layout_desc.nbytes
+
+    class PlainBack(Deserializer):
+        def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+            dst.reshape(-1).view(torch.uint8).copy_(src)
+
+    adapter = create_backend(fs(tmp_path))
+    with pytest.raises(ConfigError, match="identity"):
+        L2Tier(adapter, AsyncSerdeProcessor(Plain(), PlainBack()), config={})
+    adapter.close()
+
+
+def test_fs_base_path_is_one_process_at_a_time(tmp_path: Path) -> None:
+    first = create_backend(fs(tmp_path))
+    second = create_backend(fs(tmp_path))
+    first.contains(["a"])
+    with pytest.raises(ConfigError, match="in use"):
+        second.contains(["a"])
+    first.close()
+    assert second.contains(["a"]) == [False], "free again once the first closed"
+    second.close()
+    script = (
+        "import sys, time\nfrom kvtier.l2.adapters import create_backend\n"
+        f"a = create_backend({{'type': 'fs', 'base_path': {str(tmp_path)!r}}})\na.contains(['x'])\n"
+        "print('locked', flush=True)\ntime.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        third = create_backend(fs(tmp_path))
+        with pytest.raises(ConfigError, match=rf"pid {proc.pid}"):
+            third.contains(["a"])
+        third.close()
+    finally:
+        proc.kill()
+        proc.wait()

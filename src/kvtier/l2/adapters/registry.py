@@ -1,5 +1,10 @@
 """L2 adapters by ``type`` name: ``register_l2_adapter(name, factory)`` and ``create_l2_adapter(config)``.
 
+Adapters share the one generic :class:`kvtier.registry.Registry` with serdes. Third-party packages register
+adapters through the entry-point group ``kvtier.l2_adapter`` (``name = "package.module:factory"`` in their
+``pyproject.toml``), so ``kvtier server --l2-adapter '{"type": "name", ...}'`` finds an adapter installed in its
+environment; each is imported the first time a config names it.
+
 A config is ``{"type": NAME, "serde": {...} | [...], ...}``. ``serde`` (optional) is split off and built with
 :func:`kvtier.serde.create_serde_processor`; the other keys except ``type`` go to the factory registered under
 ``NAME``, which returns an :class:`~kvtier.l2.adapters.base.L2Adapter` (reading its keys with a
@@ -10,7 +15,6 @@ A config is ``{"type": NAME, "serde": {...} | [...], ...}``. ``serde`` (optional
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,47 +22,39 @@ from kvtier.config import ConfigReader
 from kvtier.errors import ConfigError
 from kvtier.l2.adapters.base import L2Adapter
 from kvtier.l2.tier import L2Tier
+from kvtier.registry import Registry
 from kvtier.serde import create_serde_processor
 
 #: ``factory(config, where) -> L2Adapter``; ``config`` has no ``type`` and no ``serde``; ``where`` prefixes errors.
 L2AdapterFactory = Callable[[dict[str, Any], str], L2Adapter]
 
-_factories: dict[str, L2AdapterFactory] = {}
-_lock = threading.Lock()
+ENTRY_POINT_GROUP = "kvtier.l2_adapter"
+
+#: Every L2 adapter by name; third-party adapters join through the entry-point group ``kvtier.l2_adapter``.
+L2_ADAPTERS: Registry[L2AdapterFactory] = Registry("L2 adapter", ENTRY_POINT_GROUP)
 
 
 def register_l2_adapter(name: str, factory: L2AdapterFactory) -> None:
     """Register ``factory`` under ``name``; a name already taken is a ConfigError."""
-    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"L2 adapter name: expected letters, digits, '_' or '-', got {name!r}")
-    if not callable(factory):
-        raise ConfigError(f"L2 adapter {name!r}: factory must be callable, got {type(factory).__name__}")
-    with _lock:
-        if name in _factories:
-            raise ConfigError(f"L2 adapter {name!r} is already registered")
-        _factories[name] = factory
+    L2_ADAPTERS.register(name, factory)
 
 
 def unregister_l2_adapter(name: str) -> None:
     """Remove a registered factory (for tests); unknown names are ignored."""
-    with _lock:
-        _factories.pop(name, None)
+    L2_ADAPTERS.unregister(name)
 
 
 def registered_l2_adapters() -> list[str]:
-    """The ``type`` names ``create_l2_adapter`` accepts."""
-    return sorted(_factories)
+    """The ``type`` names ``create_l2_adapter`` accepts (entry points included, not yet imported)."""
+    return L2_ADAPTERS.names()
 
 
 def create_backend(config: Any, where: str = "l2_adapter") -> L2Adapter:
     """Build the bare adapter of ``config`` (``serde``, if present, must be absent: backends take no serde)."""
     reader = ConfigReader(config, where)
     name = reader.string("type")
-    factory = _factories.get(name)
-    if factory is None:
-        raise ConfigError(f"{where}.type: unknown L2 adapter {name!r}; known adapters are {registered_l2_adapters()}")
     params = {k: v for k, v in config.items() if k != "type"}
-    adapter = factory(params, where)
+    adapter = L2_ADAPTERS.call(name, params, where, where=f"{where}.type")
     if not isinstance(adapter, L2Adapter):
         raise ConfigError(
             f"{where}: factory of L2 adapter {name!r} returned {type(adapter).__name__}, not an L2Adapter"
