@@ -2,8 +2,10 @@
 
 Every object an L2 adapter stores is one record. Reading a record checks everything that could make it wrong
 KV: a record from another serde pipeline, another layout or another key, a truncated or padded file, one
-flipped bit anywhere. Any mismatch raises :class:`~kvtier.errors.IntegrityError`, which adapters turn into a
-miss.
+flipped bit anywhere. Physical damage raises :class:`~kvtier.errors.IntegrityError` (the tier removes such a
+record); an intact record that is not ours raises its subclass :class:`~kvtier.errors.ForeignRecordError` (the
+tier leaves it in place). Either is a miss, never wrong KV. :func:`associated_data` gives the header fields an
+authenticated stage binds its output to.
 
 Format version 1, little-endian (frozen: golden files in ``tests/fixtures/records`` must keep decoding)::
 

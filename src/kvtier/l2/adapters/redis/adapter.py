@@ -28,8 +28,10 @@ and tensor memory) straight to the socket: no joined copy on the client. If the 
 outcome is unknown to the client: the batch is reported failed and its keys are deleted at the next chance (by
 the serde layer); whatever is found meanwhile is whole, checked records.
 
-Loads. A batch of ``GET`` commands is one pipeline (at most ``_LOAD_WINDOW`` bytes of destinations in flight) whose
-replies are received from the socket straight into the caller's buffers: no ``bytes`` object per value, no copy.
+Loads. A batch of ``GET`` commands is one pipeline (at most ``_LOAD_WINDOW`` bytes in flight) whose replies are
+received from the socket straight into the caller's buffers: no ``bytes`` object per value, no copy. A tier load
+(:meth:`RedisAdapter._load_with`) reads each value's header first and lets the tier choose the buffers for the rest
+in the same reply stream: one round trip per batch.
 A value of another type under a record key reads as an empty record, so the serde layer counts it damaged and
 removes it.
 
@@ -41,8 +43,9 @@ bounds its memory. With ``maxmemory-policy noeviction`` a full server answers
 ``allkeys-lru`` Redis may evict records itself, and the accounting of such a record is dropped when a load or an
 eviction meets it.
 
-Faults. Connection refused, timeouts and a server restart fail the batch at hand with the builtin
-``ConnectionError`` / ``TimeoutError`` (both ``OSError``), counted in :meth:`RedisAdapter.stats` and logged once
+Faults. Connection refused, timeouts and a server restart fail the batch at hand with
+:class:`~kvtier.errors.L2Error` (as :class:`RedisUnreachable` / :class:`RedisTimeout`, also the builtin
+``ConnectionError`` / ``TimeoutError``); any other failure of the server is an ``L2Error`` too. Counted in :meth:`RedisAdapter.stats` and logged once
 per outage, not per batch or key. Every operation is idempotent, so a batch that hits a dead pooled connection is
 retried once on a fresh one; after a restart of Redis the next batch reconnects by itself.
 
