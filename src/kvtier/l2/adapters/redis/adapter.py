@@ -45,9 +45,10 @@ eviction meets it.
 
 Faults. Connection refused, timeouts and a server restart fail the batch at hand with
 :class:`~kvtier.errors.L2Error` (as :class:`RedisUnreachable` / :class:`RedisTimeout`, also the builtin
-``ConnectionError`` / ``TimeoutError``); any other failure of the server is an ``L2Error`` too. Counted in :meth:`RedisAdapter.stats` and logged once
-per outage, not per batch or key. Every operation is idempotent, so a batch that hits a dead pooled connection is
-retried once on a fresh one; after a restart of Redis the next batch reconnects by itself.
+``ConnectionError`` / ``TimeoutError``); any other failure of the server is an ``L2Error`` too. Counted in
+:meth:`RedisAdapter.stats` and logged once per outage, not per batch or key. Every operation is idempotent, so a
+batch that hits a dead pooled connection is retried once on a fresh one; after a restart of Redis the next batch
+reconnects by itself.
 
 Cluster. With ``cluster: true`` records spread over the cluster's nodes by key slot (redis-py's ``RedisCluster``
 routes each command). A batch is a pipeline of ``SET``\\ s (each record atomic) whose keys are deleted again
