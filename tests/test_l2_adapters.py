@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvtier import BatchError, ConfigError
-from kvtier.storage.adapters import (
+from kvtier.errors import L2Error
+from kvtier.l2.adapters import (
     FaultyAdapter,
     L2Adapter,
     MemoryAdapter,
@@ -180,22 +181,22 @@ def test_a_load_error_mid_pipeline_waits_for_running_decodes() -> None:
     tier, faulty = _faulty([{"type": "raw"}, {"type": "kvtier-test-xor"}])
     ks = keys(4)
     tier.store(ks, [chunk(i) for i in range(4)])
-    inner_load = faulty._load
+    inner_load = faulty._load_with
     calls = 0
 
-    def fail_second(k: Any, d: Any) -> list[int]:
+    def fail_second(k: Any, h: int, p: Any) -> list[int]:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise OSError(errno.EIO, "injected")
-        return inner_load(k, d)
+        return inner_load(k, h, p)
 
-    faulty._load = fail_second  # type: ignore[method-assign]
+    faulty._load_with = fail_second  # type: ignore[method-assign]
     outs = [torch.empty_like(chunk(0)) for _ in ks]
-    with pytest.raises(OSError):
+    with pytest.raises(L2Error):
         tier.load_into(ks, outs)
     assert calls == 2
-    faulty._load = inner_load  # type: ignore[method-assign]
+    faulty._load_with = inner_load  # type: ignore[method-assign]
     assert tier.load_into(ks, outs) == [True] * 4
     assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
 

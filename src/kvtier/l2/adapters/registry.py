@@ -2,9 +2,9 @@
 
 A config is ``{"type": NAME, "serde": {...} | [...], ...}``. ``serde`` (optional) is split off and built with
 :func:`kvtier.serde.create_serde_processor`; the other keys except ``type`` go to the factory registered under
-``NAME``, which returns an :class:`~kvtier.storage.adapters.base.L2Adapter` (reading its keys with a
+``NAME``, which returns an :class:`~kvtier.l2.adapters.base.L2Adapter` (reading its keys with a
 :class:`~kvtier.config.ConfigReader`, so a misspelt key fails at start). The result is an
-:class:`~kvtier.storage.serde_layer.L2Tier`: the adapter behind its serde and the record framing.
+:class:`~kvtier.l2.tier.L2Tier`: the adapter behind its serde and the record framing.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 from kvtier.config import ConfigReader
 from kvtier.errors import ConfigError
+from kvtier.l2.adapters.base import L2Adapter
+from kvtier.l2.tier import L2Tier
 from kvtier.serde import create_serde_processor
-from kvtier.storage.adapters.base import L2Adapter
-from kvtier.storage.serde_layer import L2Tier
 
 #: ``factory(config, where) -> L2Adapter``; ``config`` has no ``type`` and no ``serde``; ``where`` prefixes errors.
 L2AdapterFactory = Callable[[dict[str, Any], str], L2Adapter]
@@ -81,4 +81,10 @@ def create_l2_adapter(config: Any, where: str = "l2_adapter") -> L2Tier:
         except ConfigError as exc:
             raise ConfigError(f"{where}.{exc}") from exc
     adapter = create_backend(backend_config, where)
-    return L2Tier(adapter, processor, config=copy.deepcopy(config))
+    try:
+        return L2Tier(adapter, processor, config=copy.deepcopy(config))
+    except ConfigError as exc:  # a serde without an identity: refused here, before anything is stored
+        adapter.close()
+        if processor is not None:
+            processor.close()
+        raise ConfigError(f"{where}.serde: {exc}") from exc
