@@ -198,8 +198,9 @@ def test_aesgcm_key_config_errors(key_file: str, tmp_path: Path) -> None:
         create_serde_processor({"type": "aesgcm", "key_file": key_file, "key_env": "KVTIER_TEST_KEY"})
     with pytest.raises(ConfigError, match=r"key_env: environment variable 'KVTIER_NOPE' is not set"):
         create_serde_processor({"type": "aesgcm", "key_env": "KVTIER_NOPE"})
-    with pytest.raises(ConfigError, match="key_file: cannot read"):
+    with pytest.raises(ConfigError, match="key_file: cannot read") as err:
         create_serde_processor({"type": "aesgcm", "key_file": str(tmp_path / "missing")})
+    assert str(tmp_path) not in str(err.value) and err.value.__cause__ is None  # never where the key lives
     short = tmp_path / "short"
     short.write_text("abcd")
     with pytest.raises(ConfigError, match="128- or 256-bit key"):

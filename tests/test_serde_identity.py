@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier import BatchError, ConfigError
+from kvtier import ConfigError
 from kvtier.errors import ForeignRecordError, IntegrityError
 from kvtier.serde import (
     AsyncSerdeProcessor,
@@ -279,7 +279,10 @@ def test_aesgcm_any_salt_round_trips_and_binds(salt: str, other: str, aad: bytes
 _AES = AesGcmStage(os.urandom(32))
 
 
-def test_aesgcm_caches_derived_keys_per_salt_and_is_thread_safe() -> None:
+def test_aesgcm_caches_derived_keys_per_salt_and_is_thread_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four threads, 13 salts, a derived-key cache of 3: keys are evicted and derived again under contention,
+    and every record still decodes under its own salt only."""
+    monkeypatch.setattr("kvtier.serde.aesgcm._KEY_CACHE", 3)
     stage = AesGcmStage(bytes.fromhex(KEY_A))
     src = kv_like((2, 2, 4, 8), torch.bfloat16)
     errors: list[BaseException] = []
@@ -293,6 +296,8 @@ def test_aesgcm_caches_derived_keys_per_salt_and_is_thread_safe() -> None:
                 out = torch.empty_like(src)
                 stage.deserialize(dst[:n], out, ctx)
                 assert torch.equal(out, src)
+                with pytest.raises(ForeignRecordError):
+                    stage.deserialize(dst[:n], out, RecordContext(f"s{(t * 7 + i + 1) % 13}", ctx.associated_data))
         except BaseException as exc:
             errors.append(exc)
 
@@ -302,5 +307,4 @@ def test_aesgcm_caches_derived_keys_per_salt_and_is_thread_safe() -> None:
     for t in threads:
         t.join()
     assert not errors
-    with pytest.raises(BatchError):
-        create_serde_processor({"type": "raw"}).deserialize_batch([torch.empty(3, dtype=torch.uint8)], [src])
+    assert len(stage._aeads) <= 3

@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 
 from kvtier.serde import registered_serdes
@@ -49,5 +48,3 @@ TestRegisteredChain = type(
         "dtypes": (torch.bfloat16,),
     },
 )
-
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestCollectionWarning")

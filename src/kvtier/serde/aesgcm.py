@@ -79,7 +79,8 @@ def load_master_key(reader: ConfigReader) -> bytes:
         try:
             raw = Path(key_file).read_bytes()
         except OSError as exc:
-            raise ConfigError(f"{reader.where}.key_file: cannot read {key_file!r}: {exc.strerror}") from exc
+            # the path is left out: where a key lives is not for logs (the user knows the value they gave)
+            raise ConfigError(f"{reader.where}.key_file: cannot read the key file: {exc.strerror}") from None
         return _parse_key(raw, f"{reader.where}.key_file")
     value = os.environ.get(key_env)
     if value is None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.errors import ConfigError, SerdeError
+from kvtier.errors import ConfigError, IntegrityError, SerdeError
 from kvtier.serde.base import (
     BytesBytesStage,
     BytesDeserializer,
@@ -123,25 +123,52 @@ class ChainSerializer(Serializer):
 
 
 class ChainDeserializer(Deserializer):
-    """Undoes the bytes stages last-to-first into scratch buffers, then the first stage into ``dst``."""
+    """Undoes the bytes stages last-to-first into scratch buffers, then the first stage into ``dst``.
+
+    ``serializers`` (the chain's serializer stages; typed stages are their own) give the size bound of every
+    intermediate result for ``dst``'s layout: a bytes stage's decoded size is read from its own framing, so a
+    damaged header could otherwise ask for a scratch buffer of terabytes. A size above the bound is an
+    IntegrityError before anything is allocated.
+    """
 
     takes_context = True
 
-    def __init__(self, stages: Sequence[Deserializer], scratch: ScratchPool) -> None:
+    def __init__(
+        self, stages: Sequence[Deserializer], scratch: ScratchPool, serializers: Sequence[Serializer] | None = None
+    ) -> None:
         self.stages = list(stages)
         for i, stage in enumerate(self.stages[1:], start=1):
             if not isinstance(stage, BytesDeserializer):
                 raise ConfigError(f"serde[{i}]: a bytes stage's deserializer must be a BytesDeserializer")
         self._scratch = scratch
+        if serializers is None and all(isinstance(stage, Serializer) for stage in self.stages):
+            serializers = [stage for stage in self.stages if isinstance(stage, Serializer)]
+        if serializers is not None and len(serializers) != len(self.stages):
+            raise ConfigError(f"serde chain: {len(serializers)} serializers for {len(self.stages)} deserializers")
+        self._sizer = None if serializers is None else ChainSerializer(serializers, scratch)
+
+    def _bounds(self, dst: torch.Tensor) -> list[int] | None:
+        if self._sizer is None:
+            return None
+        try:
+            return self._sizer._bounds(LayoutDesc.of(dst))
+        except (ValueError, TypeError, KeyError) as exc:  # a stage that cannot size this layout: decode fails
+            raise SerdeError(f"serde chain: cannot size {tuple(dst.shape)} {dst.dtype}: {exc}") from exc
 
     def deserialize(self, src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None = None) -> None:
         cur = src
         # With raw first, the stage after it decodes straight into dst's memory (no scratch, no final copy).
         into_dst = len(self.stages) > 1 and isinstance(self.stages[0], RawDeserializer)
+        bounds = self._bounds(dst) if len(self.stages) > 2 or not into_dst else None
         for i in range(len(self.stages) - 1, 0, -1):
             stage = self.stages[i]
             assert isinstance(stage, BytesDeserializer)  # checked in __init__
             size = stage.decoded_size(cur)
+            if bounds is not None and size > bounds[i - 1]:
+                raise IntegrityError(
+                    f"serde stage {i} says its payload decodes to {size} bytes, more than the {bounds[i - 1]} "
+                    "the stage before can have written for this layout"
+                )
             if i == 1 and into_dst:
                 out = as_byte_view(dst)
                 if size != out.numel():
@@ -174,5 +201,5 @@ def pipeline_of(stages: Sequence[TensorBytesStage | BytesBytesStage], max_worker
         return AsyncSerdeProcessor(chain[0], chain[0], max_workers=max_workers)
     scratch = ScratchPool()
     return AsyncSerdeProcessor(
-        ChainSerializer(chain, scratch), ChainDeserializer(chain, scratch), max_workers=max_workers
+        ChainSerializer(chain, scratch), ChainDeserializer(chain, scratch, chain), max_workers=max_workers
     )

@@ -88,7 +88,7 @@ def create_serde_processor(config: dict[str, Any] | list[dict[str, Any]]) -> Asy
     scratch = ScratchPool()
     processor = AsyncSerdeProcessor(
         ChainSerializer([s.serializer for s in stages], scratch),
-        ChainDeserializer([s.deserializer for s in stages], scratch),
+        ChainDeserializer([s.deserializer for s in stages], scratch, [s.serializer for s in stages]),
         max_workers=max_workers,
     )
     processor.config = saved
