@@ -192,7 +192,7 @@ class RedisAdapter(L2Adapter):
         self._health = _Outage(redact_url(url))
         self._client: Any = None
         self._last_used = 0
-        self._largest_seen = 32 << 20  # bytes of the largest record loaded (a KV chunk until one is seen)
+        self._largest_seen = 0  # bytes of the largest record loaded so far
 
     # -- resources --------------------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -414,7 +414,7 @@ class RedisAdapter(L2Adapter):
         full = [self._key(k) for k in keys]
         out: list[int] = []
         # Sizes are unknown before the replies come: bound the bytes in flight by the largest record seen so far.
-        window = max(1, _LOAD_WINDOW // max(self._largest_seen, 1))
+        window = max(1, _LOAD_WINDOW // (self._largest_seen or 32 << 20))  # a 32 MiB chunk until one is seen
         for start in range(0, len(full), window):
             part = full[start : start + window]
 
