@@ -2,6 +2,7 @@
 exception, never an allocation sized by a damaged header; stages with a check always catch the damage."""
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,6 +38,14 @@ for _name, _processor in PROCESSORS.items():
     _dst = torch.empty(_processor.estimate_serialized_size(LayoutDesc.of(SRC)), dtype=torch.uint8)
     (_n,) = _processor.serialize_batch([SRC], [_dst], [CTX])
     PAYLOADS[_name] = _dst[:_n].clone()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_processors() -> Iterator[None]:
+    yield
+    for processor in PROCESSORS.values():
+        processor.close()
+
 
 mutations = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, 1 << 20), st.integers(0, 7)),
