@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from kvtier import CapacityError
-from kvtier.storage.adapters import FSAdapter, create_l2_adapter
-from kvtier.storage.adapters import fs as fs_module
-from kvtier.storage.serde_layer import L2Tier
+from kvtier.l2.adapters import FSAdapter, create_l2_adapter
+from kvtier.l2.adapters import fs as fs_module
+from kvtier.l2.tier import L2Tier
 from kvtier.testing.adapters import chunk, keys
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -88,8 +88,10 @@ def test_wrong_serde_records_are_foreign(tmp_path: Path) -> None:
     with tier(tmp_path) as t:
         t.store(ks, [chunk(0), chunk(1)])
     with tier(tmp_path, serde={"type": "raw"}) as other:  # raw with a config, a different identity than none
+        assert other.lookup(ks) == [False, False], "a foreign record is not a hit"
         assert loads(other, ks) == [False, False]
-        assert other.contains(ks) == [False, False]
+        assert other.contains(ks) == [True, True], "a foreign record is left in place"
+        assert other.stats()["foreign_misses"] == 2 and other.stats()["integrity_misses"] == 0
 
 
 def test_disk_full_mid_batch_fails_cleanly_and_loads_keep_working(tmp_path: Path, monkeypatch: Any) -> None:
@@ -166,7 +168,7 @@ def test_bad_config_fails_at_start(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from kvtier.storage.adapters import create_l2_adapter
+    from kvtier.l2.adapters import create_l2_adapter
     from kvtier.testing.adapters import chunk, keys
     t = create_l2_adapter({"type": "fs", "base_path": sys.argv[1], "durability": "fsync"})
     i = 0

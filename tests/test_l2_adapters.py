@@ -3,14 +3,16 @@ shared serde + record layer's failure handling."""
 
 import errno
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from kvtier import BatchError, ConfigError
-from kvtier.storage.adapters import (
+from kvtier import BatchError, ConfigError, Store
+from kvtier.errors import L2Error
+from kvtier.l2.adapters import (
     FaultyAdapter,
     L2Adapter,
     MemoryAdapter,
@@ -19,6 +21,7 @@ from kvtier.storage.adapters import (
     registered_l2_adapters,
     unregister_l2_adapter,
 )
+from kvtier.l2.adapters.registry import L2_ADAPTERS
 from kvtier.testing import L2AdapterTests
 from kvtier.testing.adapters import chunk, ensure_test_serde, keys
 
@@ -180,22 +183,22 @@ def test_a_load_error_mid_pipeline_waits_for_running_decodes() -> None:
     tier, faulty = _faulty([{"type": "raw"}, {"type": "kvtier-test-xor"}])
     ks = keys(4)
     tier.store(ks, [chunk(i) for i in range(4)])
-    inner_load = faulty._load
+    inner_load = faulty._load_with
     calls = 0
 
-    def fail_second(k: Any, d: Any) -> list[int]:
+    def fail_second(k: Any, h: int, p: Any) -> list[int]:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise OSError(errno.EIO, "injected")
-        return inner_load(k, d)
+        return inner_load(k, h, p)
 
-    faulty._load = fail_second  # type: ignore[method-assign]
+    faulty._load_with = fail_second  # type: ignore[method-assign]
     outs = [torch.empty_like(chunk(0)) for _ in ks]
-    with pytest.raises(OSError):
+    with pytest.raises(L2Error):
         tier.load_into(ks, outs)
     assert calls == 2
-    faulty._load = inner_load  # type: ignore[method-assign]
+    faulty._load_with = inner_load  # type: ignore[method-assign]
     assert tier.load_into(ks, outs) == [True] * 4
     assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
 
@@ -212,3 +215,32 @@ def test_max_workers_does_not_change_the_record_identity() -> None:
     assert two.load_into(keys(1), [out]) == [True] and torch.equal(out, chunk(0))
     other = create_l2_adapter({"type": "memory", "serde": {"type": "raw"}})
     assert other.identity != one.identity
+
+
+def test_third_party_adapter_from_an_entry_point(tmp_path: Path) -> None:
+    """An adapter installed in the environment (entry-point group ``kvtier.l2_adapter``) is found by name, so a
+    Store (and ``kvtier server``) built from a config uses it; it is imported only when a config names it."""
+    info = tmp_path / "kvtier_test_l2_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvtier-test-l2-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[kvtier.l2_adapter]\nplugged = kvtier_plugin_l2:factory\n")
+    (tmp_path / "kvtier_plugin_l2.py").write_text(
+        "from kvtier.l2.adapters import MemoryAdapter\n\n\ndef factory(config, where):\n    return MemoryAdapter()\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    L2_ADAPTERS.rescan()
+    try:
+        assert "plugged" in registered_l2_adapters()
+        assert "kvtier_plugin_l2" not in sys.modules, "entry points are imported on first use only"
+        with Store(l1_size_gb=1 / 1024, l2_adapters=[{"type": "plugged", "serde": {"type": "raw"}}]) as store:
+            store.store(keys(1), [chunk(0)])
+            store.flush()
+            store.clear_l1()
+            (got,) = store.retrieve(keys(1))
+            assert got is not None and torch.equal(got, chunk(0))
+            assert store.stats()["l2"][0]["type"] == "plugged"
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("kvtier_plugin_l2", None)
+        L2_ADAPTERS.unregister("plugged")
+        L2_ADAPTERS.rescan()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvtier import IntegrityError
-from kvtier.record import (
+from kvtier.l2.record import (
     FORMAT_VERSION,
     MAX_HEADER_SIZE,
     RecordMeta,

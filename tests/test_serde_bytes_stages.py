@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from kvtier import BatchError, ConfigError, IntegrityError
+from kvtier.errors import ForeignRecordError
 from kvtier.serde import LayoutDesc, create_serde_processor
-from kvtier.serde.aesgcm import for_cache_salt
+from kvtier.serde.base import RecordContext
 from kvtier.serde.compress import shuffle_into, unshuffle_into
 from kvtier.testing import SerdeTests
 from kvtier.testing.serde import kv_like
@@ -79,7 +80,7 @@ def test_shuffle_is_invertible(n: int) -> None:
 
 def test_shuffle_helps_zstd_on_bf16_like_data() -> None:
     # smooth values share their high bytes, as real KV does; the byte-plane split lets zstd see that
-    src = (torch.randn(64, 1024) * 0.05).to(torch.bfloat16)
+    src = (torch.randn(64, 1024, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
     plain = _encode(create_serde_processor({"type": "zstd", "level": 1}), src).numel()
     shuffled = _encode(create_serde_processor({"type": "zstd", "level": 1, "shuffle": True}), src).numel()
     assert shuffled < plain < src.numel() * 2 + 16
@@ -140,39 +141,52 @@ def test_aesgcm_tamper_is_a_miss() -> None:
     _decode_fails(processor, payload[:20], src)
 
 
-def test_aesgcm_wrong_key_and_other_salt_are_a_miss(key_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _encode_ctx(processor, src, context):  # type: ignore[no-untyped-def]
+    dst = torch.empty(processor.estimate_serialized_size(LayoutDesc.of(src)), dtype=torch.uint8)
+    (n,) = processor.serialize_batch([src], [dst], [context])
+    return dst[:n].clone()
+
+
+def _foreign(processor, payload, like, context):  # type: ignore[no-untyped-def]
+    out = torch.full_like(like, 7)
+    with pytest.raises(BatchError) as err:
+        processor.deserialize_batch([payload], [out], None if context is None else [context])
+    assert isinstance(err.value.errors[0], ForeignRecordError), err.value.errors[0]
+    untouched = torch.equal(out, torch.full_like(like, 7))
+    assert untouched or not out.view(torch.uint8).any(), "unauthenticated bytes must not reach the destination"
+
+
+def test_aesgcm_wrong_key_other_salt_and_other_header_are_foreign(
+    key_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defects 3 and 5 (serde side): the key of the record's salt, its header as associated data; a failed tag
+    is ForeignRecordError (left in place by the tier), never a plain damaged-record error."""
     src = kv_like((2, 2, 8, 16), torch.float16)
     a = create_serde_processor({"type": "aesgcm", "key_file": key_file})
     monkeypatch.setenv("KVTIER_OTHER_KEY", "ff" * 16)
     b = create_serde_processor({"type": "aesgcm", "key_env": "KVTIER_OTHER_KEY", "key_bits": 128})
-    payload = _encode(a, src)
-    _decode_fails(b, payload, src)
-    tenant = for_cache_salt(a, "tenant-a")
-    assert tenant is not a and tenant.config == a.config and tenant.identity == a.identity
-    _decode_fails(a, _encode(tenant, src), src)
-    _decode_fails(for_cache_salt(a, "tenant-b"), _encode(tenant, src), src)
+    _foreign(b, _encode(a, src), src, None)  # another deployment's key
+    ctx = RecordContext("tenant-a", b"key=k1|layout=2LTH|serde=aesgcm")
+    payload = _encode_ctx(a, src, ctx)
+    _foreign(a, payload, src, None)  # the empty salt's key
+    _foreign(a, payload, src, RecordContext("tenant-b", ctx.associated_data))  # another salt's key
+    _foreign(a, payload, src, RecordContext("tenant-a", b"key=k2|layout=2LTH|serde=aesgcm"))  # relabelled
+    _foreign(b, payload, src, ctx)
     out = torch.empty_like(src)
-    for_cache_salt(a, "tenant-a").deserialize_batch([_encode(tenant, src)], [out])
+    a.deserialize_batch([payload], [out], [RecordContext("tenant-a", ctx.associated_data)])
     assert torch.equal(out, src)
 
 
-def test_aesgcm_nonces_are_fresh() -> None:
-    processor = create_serde_processor({"type": "aesgcm", "key_env": "KVTIER_TEST_KEY"})
-    src = torch.zeros(64, dtype=torch.uint8)
-    one, two = _encode(processor, src), _encode(processor, src)
-    assert not torch.equal(one[:12], two[:12]) and not torch.equal(one, two)
-
-
-def test_for_cache_salt_in_a_chain_and_without_aesgcm() -> None:
+def test_aesgcm_context_in_a_chain() -> None:
     chain = create_serde_processor([{"type": "fp8"}, {"type": "aesgcm", "key_env": "KVTIER_TEST_KEY"}])
     src = kv_like((2, 2, 8, 16), torch.bfloat16)
-    salted = for_cache_salt(chain, "t1")
-    _decode_fails(chain, _encode(salted, src), src)
+    ctx = RecordContext("t1", b"header")
+    payload = _encode_ctx(chain, src, ctx)
+    _foreign(chain, payload, src, None)
+    _foreign(chain, payload, src, RecordContext("t1", b"other header"))
     out = torch.empty_like(src)
-    salted.deserialize_batch([_encode(salted, src)], [out])
+    chain.deserialize_batch([payload], [out], [ctx])
     assert (out.float() - src.float()).abs().max() <= 0.07 * src.float().abs().max()
-    plain = create_serde_processor([{"type": "fp8"}, {"type": "zstd"}])
-    assert for_cache_salt(plain, "t1") is plain
 
 
 def test_aesgcm_key_config_errors(key_file: str, tmp_path: Path) -> None:
@@ -184,8 +198,9 @@ def test_aesgcm_key_config_errors(key_file: str, tmp_path: Path) -> None:
         create_serde_processor({"type": "aesgcm", "key_file": key_file, "key_env": "KVTIER_TEST_KEY"})
     with pytest.raises(ConfigError, match=r"key_env: environment variable 'KVTIER_NOPE' is not set"):
         create_serde_processor({"type": "aesgcm", "key_env": "KVTIER_NOPE"})
-    with pytest.raises(ConfigError, match="key_file: cannot read"):
+    with pytest.raises(ConfigError, match="key_file: cannot read") as err:
         create_serde_processor({"type": "aesgcm", "key_file": str(tmp_path / "missing")})
+    assert str(tmp_path) not in str(err.value) and err.value.__cause__ is None  # never where the key lives
     short = tmp_path / "short"
     short.write_text("abcd")
     with pytest.raises(ConfigError, match="128- or 256-bit key"):

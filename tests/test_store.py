@@ -11,8 +11,8 @@ import torch
 
 import kvtier
 from kvtier import CapacityError, ConfigError, ObjectKey, Store
+from kvtier.l2.adapters import FaultyAdapter
 from kvtier.serde import registered_serdes
-from kvtier.storage.adapters import FaultyAdapter
 from kvtier.storage.keys import chunk_hashes
 from kvtier.testing.adapters import chunk, ensure_test_serde
 

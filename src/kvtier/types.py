@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 from urllib.parse import quote, unquote
 
+import blake3
 import torch
 
 from kvtier.errors import ConfigError
@@ -130,11 +131,29 @@ class LayoutDesc:
         return cls(tuple(data["shape"]), parse_dtype(data["dtype"]), KVFormat(data.get("kv_format", "flat")))
 
 
-# A model name may contain "/" (org/model), a salt may not; neither may contain "%" or "@" (used by to_str),
-# whitespace or control characters, so every key maps to a safe file name and Redis key.
+# A model name may contain "/" (org/model); neither it may contain "%" or "@" (used by to_str), whitespace or
+# control characters, so every key maps to a safe file name and Redis key. A salt may be any string: only its
+# digest is ever written.
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9._\-+:/]{1,200}")
-_SALT_RE = re.compile(r"[A-Za-z0-9._\-+:=]{0,128}")
 _HASH_RE = re.compile(r"[0-9a-f]{1,128}")
+_SALT_DIGEST_RE = re.compile(r"[0-9a-f]{32}")
+
+# The key of the salt digest. A cache_salt is a tenant's secret (vLLM documents it as one), yet every kvtier server
+# sharing an L2 store must derive the same record name from the same salt, with no shared secret to configure. So
+# the digest is keyed with a fixed, public key: it separates this use of the salt from any other (the same salt
+# hashed elsewhere gives unrelated values) and, being blake3, reveals nothing of the salt beyond what guessing it
+# whole reveals. Its secrecy rests on the salt's entropy, as vLLM's own use of the salt does: an engine's salt is
+# a random token, out of reach of guessing; a guessable salt ("alice") is guessable from its digest too.
+# Changing this key renames every salted record (old ones become unreachable and age out): never change it.
+SALT_DIGEST_KEY = blake3.blake3(b"kvtier cache_salt digest v1").digest()
+
+
+def salt_digest(cache_salt: str) -> str:
+    """The keyed digest of a salt that names its records (32 hex digits); the empty salt stays empty."""
+    if not cache_salt:
+        return ""
+    data = cache_salt.encode("utf-8", "surrogatepass")
+    return blake3.blake3(data, key=SALT_DIGEST_KEY).hexdigest(length=16)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -142,14 +161,16 @@ class ObjectKey:
     """The key of one stored chunk: ``(model_name, chunk_hash, kv_rank, cache_salt)``.
 
     ``chunk_hash`` is a lower-case hex string (an ``int`` or ``bytes`` is converted). ``cache_salt`` separates
-    tenants: two salts never see each other's data. Every field is checked so that :meth:`to_str` is safe
-    as a file name component and as a Redis key.
+    tenants: two salts never see each other's data. It may be any string and is a secret: it is kept in memory
+    (an authenticated serde derives the tenant's key from it) and never written, logged or counted; records,
+    file and object names, Redis keys, stats and events carry only :attr:`salt_digest`. ``repr()`` hides it.
     """
 
     model_name: str
     chunk_hash: str
     kv_rank: int = 0
-    cache_salt: str = ""
+    cache_salt: str = field(default="", repr=False)
+    _digest: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         h: Any = self.chunk_hash
@@ -172,19 +193,31 @@ class ObjectKey:
             raise ConfigError(f"model_name: {self.model_name!r} has an empty or '..' path segment")
         if isinstance(self.kv_rank, bool) or not isinstance(self.kv_rank, int) or not 0 <= self.kv_rank < 1 << 16:
             raise ConfigError(f"kv_rank: expected an integer in [0, 65535], got {self.kv_rank!r}")
-        if not isinstance(self.cache_salt, str) or not _SALT_RE.fullmatch(self.cache_salt):
-            raise ConfigError(
-                f"cache_salt: expected 0-128 characters of A-Z a-z 0-9 . _ - + : =, got {self.cache_salt!r}"
-            )
+        if not isinstance(self.cache_salt, str):  # never echo the value: it is a secret
+            raise ConfigError(f"cache_salt: expected a string, got {type(self.cache_salt).__name__}")
+        object.__setattr__(self, "_digest", salt_digest(self.cache_salt))
+
+    @property
+    def salt_digest(self) -> str:
+        """The keyed digest of :attr:`cache_salt` (``""`` for the empty salt): all of the salt that is written."""
+        return self._digest
 
     def to_str(self) -> str:
-        """Canonical string ``model@rank@salt@hash``, safe as a file name and a Redis key; see :meth:`from_str`."""
-        return f"{quote(self.model_name, safe='')}@{self.kv_rank}@{self.cache_salt}@{self.chunk_hash}"
+        """Canonical string ``model@rank@saltdigest@hash``, safe as a file name and a Redis key; it holds the
+        salt's keyed digest, never the salt (see :meth:`from_str`)."""
+        return f"{quote(self.model_name, safe='')}@{self.kv_rank}@{self._digest}@{self.chunk_hash}"
 
     @classmethod
     def from_str(cls, text: str) -> ObjectKey:
-        """Parse :meth:`to_str` output; raises :class:`ConfigError` on anything else."""
+        """Parse :meth:`to_str` output of a key without salt; raises :class:`ConfigError` on anything else.
+
+        A salted key cannot be rebuilt from its string: the string holds only the salt's digest.
+        """
         parts = text.split("@")
         if len(parts) != 4 or not parts[1].isdigit():
-            raise ConfigError(f"object key: expected 'model@rank@salt@hash', got {text!r}")
-        return cls(unquote(parts[0]), parts[3], int(parts[1]), parts[2])
+            raise ConfigError(f"object key: expected 'model@rank@saltdigest@hash', got {text!r}")
+        if parts[2]:
+            if not _SALT_DIGEST_RE.fullmatch(parts[2]):
+                raise ConfigError(f"object key: expected a salt digest of 32 hex digits in {text!r}")
+            raise ConfigError("object key: a salted key holds only its salt's digest; it cannot be parsed back")
+        return cls(unquote(parts[0]), parts[3], int(parts[1]))

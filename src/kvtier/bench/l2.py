@@ -22,9 +22,9 @@ import torch
 from kvtier.bench import redis_l2
 from kvtier.bench.common import Figure, Report, median_rate, parse_shape, progress, timed
 from kvtier.bench.data import DEFAULT_CHUNK_SHAPE, load_kv_file, synthetic_kv
+from kvtier.l2.adapters import FSAdapter, create_l2_adapter
+from kvtier.l2.tier import byte_view
 from kvtier.serde import registered_serdes
-from kvtier.storage.adapters import FSAdapter, create_l2_adapter
-from kvtier.storage.serde_layer import byte_view
 from kvtier.types import ObjectKey, parse_dtype
 
 #: targets of the storage issue: (figure, baseline figure, minimum ratio)

@@ -25,9 +25,9 @@ import torch
 from kvtier.bench.common import Figure, Report, median_rate, progress, timed
 from kvtier.bench.data import DEFAULT_CHUNK_SHAPE, load_kv_file, synthetic_kv
 from kvtier.bench.redis_server import LocalRedis
+from kvtier.l2.adapters import RedisAdapter, create_l2_adapter
+from kvtier.l2.tier import L2Tier, byte_view
 from kvtier.serde import registered_serdes
-from kvtier.storage.adapters import RedisAdapter, create_l2_adapter
-from kvtier.storage.serde_layer import L2Tier, byte_view
 from kvtier.types import ObjectKey
 
 MiB = 1 << 20

@@ -14,9 +14,20 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.errors import ConfigError, SerdeError
-from kvtier.serde.base import BytesDeserializer, Deserializer, Serializer, as_byte_view
-from kvtier.serde.raw import RawDeserializer, RawSerializer
+from kvtier.errors import ConfigError, IntegrityError, SerdeError
+from kvtier.serde.base import (
+    BytesBytesStage,
+    BytesDeserializer,
+    Deserializer,
+    RecordContext,
+    Serializer,
+    TensorBytesStage,
+    as_byte_view,
+    deserialize_with,
+    serialize_with,
+)
+from kvtier.serde.processor import AsyncSerdeProcessor
+from kvtier.serde.raw import RawDeserializer, RawSerializer, RawStage
 from kvtier.types import LayoutDesc
 
 
@@ -69,8 +80,11 @@ class ScratchPool:
 class ChainSerializer(Serializer):
     """Runs stages in order; the last one writes into the caller's ``dst``.
 
-    The first stage always takes the tensor (the registry puts raw first when a chain has none).
+    The first stage always takes the tensor (the registry puts raw first when a chain has none). The record
+    context goes to every stage that takes one.
     """
+
+    takes_context = True
 
     def __init__(self, stages: Sequence[Serializer], scratch: ScratchPool) -> None:
         self.stages = list(stages)
@@ -88,7 +102,7 @@ class ChainSerializer(Serializer):
     def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
         return self._bounds(layout_desc)[-1]
 
-    def serialize(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+    def serialize(self, src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None = None) -> int:
         bounds = self._bounds(LayoutDesc.of(src))
         cur = src
         last = len(self.stages) - 1
@@ -101,7 +115,7 @@ class ChainSerializer(Serializer):
         for i in range(first, last + 1):
             stage = self.stages[i]
             out = dst if i == last else self._scratch.get(i, bounds[i])
-            written = stage.serialize(cur, out)
+            written = serialize_with(stage, cur, out, context)
             if written > out.numel():
                 raise SerdeError(f"serde stage {i} wrote {written} bytes into a {out.numel()}-byte buffer")
             cur = out[:written]
@@ -109,30 +123,83 @@ class ChainSerializer(Serializer):
 
 
 class ChainDeserializer(Deserializer):
-    """Undoes the bytes stages last-to-first into scratch buffers, then the first stage into ``dst``."""
+    """Undoes the bytes stages last-to-first into scratch buffers, then the first stage into ``dst``.
 
-    def __init__(self, stages: Sequence[Deserializer], scratch: ScratchPool) -> None:
+    ``serializers`` (the chain's serializer stages; typed stages are their own) give the size bound of every
+    intermediate result for ``dst``'s layout: a bytes stage's decoded size is read from its own framing, so a
+    damaged header could otherwise ask for a scratch buffer of terabytes. A size above the bound is an
+    IntegrityError before anything is allocated.
+    """
+
+    takes_context = True
+
+    def __init__(
+        self, stages: Sequence[Deserializer], scratch: ScratchPool, serializers: Sequence[Serializer] | None = None
+    ) -> None:
         self.stages = list(stages)
         for i, stage in enumerate(self.stages[1:], start=1):
             if not isinstance(stage, BytesDeserializer):
                 raise ConfigError(f"serde[{i}]: a bytes stage's deserializer must be a BytesDeserializer")
         self._scratch = scratch
+        if serializers is None and all(isinstance(stage, Serializer) for stage in self.stages):
+            serializers = [stage for stage in self.stages if isinstance(stage, Serializer)]
+        if serializers is not None and len(serializers) != len(self.stages):
+            raise ConfigError(f"serde chain: {len(serializers)} serializers for {len(self.stages)} deserializers")
+        self._sizer = None if serializers is None else ChainSerializer(serializers, scratch)
 
-    def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def _bounds(self, dst: torch.Tensor) -> list[int] | None:
+        if self._sizer is None:
+            return None
+        try:
+            return self._sizer._bounds(LayoutDesc.of(dst))
+        except (ValueError, TypeError, KeyError) as exc:  # a stage that cannot size this layout: decode fails
+            raise SerdeError(f"serde chain: cannot size {tuple(dst.shape)} {dst.dtype}: {exc}") from exc
+
+    def deserialize(self, src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None = None) -> None:
         cur = src
         # With raw first, the stage after it decodes straight into dst's memory (no scratch, no final copy).
         into_dst = len(self.stages) > 1 and isinstance(self.stages[0], RawDeserializer)
+        bounds = self._bounds(dst) if len(self.stages) > 2 or not into_dst else None
         for i in range(len(self.stages) - 1, 0, -1):
             stage = self.stages[i]
             assert isinstance(stage, BytesDeserializer)  # checked in __init__
             size = stage.decoded_size(cur)
+            if bounds is not None and size > bounds[i - 1]:
+                raise IntegrityError(
+                    f"serde stage {i} says its payload decodes to {size} bytes, more than the {bounds[i - 1]} "
+                    "the stage before can have written for this layout"
+                )
             if i == 1 and into_dst:
                 out = as_byte_view(dst)
                 if size != out.numel():
                     raise SerdeError(f"payload decodes to {size} bytes, the destination needs {out.numel()}")
-                stage.deserialize(cur, out)
+                deserialize_with(stage, cur, out, context)
                 return
             out = self._scratch.get(100 + i, size)
-            stage.deserialize(cur, out)
+            deserialize_with(stage, cur, out, context)
             cur = out
-        self.stages[0].deserialize(cur, dst)
+        deserialize_with(self.stages[0], cur, dst, context)
+
+
+def pipeline_of(stages: Sequence[TensorBytesStage | BytesBytesStage], max_workers: int = 1) -> AsyncSerdeProcessor:
+    """A processor running typed ``stages`` in order (raw put first when the first takes bytes), order checked.
+
+    Its identity comes from the stages' ``get_config()`` and format versions, as for any processor built
+    without a config: ``pipeline_of([Fp8Stage(...), ZstdStage...])`` and the equal config give records that
+    each accepts only when the stages write the same bytes.
+    """
+    if not stages:
+        raise ConfigError("serde: a chain needs at least one stage")
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, TensorBytesStage | BytesBytesStage):
+            raise ConfigError(f"serde[{i}]: expected a typed stage, got {type(stage).__name__}")
+    chain: list[TensorBytesStage | BytesBytesStage] = list(stages)
+    check_chain_order(chain, [s.name or type(s).__name__ for s in chain])
+    if chain[0].consumes == "bytes":
+        chain.insert(0, RawStage())
+    if len(chain) == 1:
+        return AsyncSerdeProcessor(chain[0], chain[0], max_workers=max_workers)
+    scratch = ScratchPool()
+    return AsyncSerdeProcessor(
+        ChainSerializer(chain, scratch), ChainDeserializer(chain, scratch, chain), max_workers=max_workers
+    )

@@ -15,7 +15,7 @@ import xxhash
 
 from kvtier.config import ConfigReader
 from kvtier.errors import IntegrityError
-from kvtier.serde.base import BytesDeserializer, BytesSerializer, as_byte_view, check_dst_capacity
+from kvtier.serde.base import BytesBytesStage, as_byte_view, check_dst_capacity
 from kvtier.serde.processor import AsyncSerdeProcessor
 from kvtier.types import LayoutDesc
 
@@ -27,8 +27,14 @@ def _digest(data: np.ndarray) -> bytes:
     return xxhash.xxh3_64_digest(data.data)
 
 
-class ChecksumSerializer(BytesSerializer):
-    """Copies the bytes into ``dst`` and appends their 8-byte xxh3-64 digest."""
+class ChecksumStage(BytesBytesStage):
+    """Appends the 8-byte xxh3-64 digest of the bytes; on the way back verifies it before copying them out
+    (nothing is written to ``dst`` when the check fails)."""
+
+    name = "checksum"
+
+    def get_config(self) -> dict[str, Any]:
+        return {"type": self.name, "algorithm": "xxh3_64"}
 
     def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
         return layout_desc.nbytes + DIGEST_SIZE
@@ -40,10 +46,6 @@ class ChecksumSerializer(BytesSerializer):
         dst[:n].copy_(data)
         dst[n : n + DIGEST_SIZE].numpy()[:] = np.frombuffer(_digest(data.numpy()), dtype=np.uint8)
         return n + DIGEST_SIZE
-
-
-class ChecksumDeserializer(BytesDeserializer):
-    """Verifies the digest, then copies the bytes into ``dst``; nothing is written when the check fails."""
 
     def decoded_size(self, src: torch.Tensor) -> int:
         if src.numel() < DIGEST_SIZE:
@@ -66,4 +68,5 @@ def checksum_factory(config: dict[str, Any]) -> AsyncSerdeProcessor:
     reader = ConfigReader(config, "serde 'checksum'")
     reader.string("algorithm", "xxh3_64", choices=ALGORITHMS)
     reader.finish()
-    return AsyncSerdeProcessor(ChecksumSerializer(), ChecksumDeserializer())
+    stage = ChecksumStage()
+    return AsyncSerdeProcessor(stage, stage)

@@ -31,7 +31,7 @@ import torch
 
 from kvtier.config import ConfigReader
 from kvtier.errors import IntegrityError
-from kvtier.serde.base import BytesDeserializer, BytesSerializer, as_byte_view, check_dst_capacity
+from kvtier.serde.base import BytesBytesStage, as_byte_view, check_dst_capacity
 from kvtier.serde.processor import AsyncSerdeProcessor
 from kvtier.types import LayoutDesc
 
@@ -187,13 +187,19 @@ class ZstdCodec(_Codec):
             raise IntegrityError(f"zstd payload decompressed to a size other than the {out.size} bytes its header says")
 
 
-class CompressSerializer(BytesSerializer):
-    """Frames, optionally shuffles, and compresses; stores the data as is when compression does not shrink it."""
+class CompressStage(BytesBytesStage):
+    """Frames, optionally shuffles, and compresses; stores the data as is when compression does not shrink it.
+    The way back decompresses (and unshuffles) into ``dst``; a damaged payload raises IntegrityError."""
 
-    def __init__(self, codec: _Codec, shuffle: bool) -> None:
+    def __init__(self, codec: _Codec, shuffle: bool = False) -> None:
         self.codec = codec
+        self.name = codec.name  # lz4 and zstd share this framing
         self.shuffle = shuffle
+        # one per thread, used by one call at a time: the shuffled planes on the way in, or on the way out
         self._scratch = _Scratch()
+
+    def get_config(self) -> dict[str, Any]:
+        return {"type": self.codec.name, "level": self.codec.level, "shuffle": self.shuffle}
 
     def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
         # The codec may write at most n bytes of body: whatever would not shrink is stored as is, so the
@@ -217,14 +223,6 @@ class CompressSerializer(BytesSerializer):
             flags, written = _STORED, n
         out[:HEADER_SIZE] = np.frombuffer(_HEADER.pack(flags, n), dtype=np.uint8)
         return HEADER_SIZE + written
-
-
-class CompressDeserializer(BytesDeserializer):
-    """Decompresses (and unshuffles) into ``dst``; a damaged payload raises IntegrityError."""
-
-    def __init__(self, codec: _Codec) -> None:
-        self.codec = codec
-        self._scratch = _Scratch()
 
     def decoded_size(self, src: torch.Tensor) -> int:
         return _read_header(src, self.codec.name)[1]
@@ -251,8 +249,8 @@ def _factory(codec_cls: type[_Codec], name: str, default_level: int, levels: tup
         level = reader.integer("level", default_level, min=levels[0], max=levels[1])
         shuffle = reader.boolean("shuffle", False)
         reader.finish()
-        codec = codec_cls(level)
-        return AsyncSerdeProcessor(CompressSerializer(codec, shuffle), CompressDeserializer(codec))
+        stage = CompressStage(codec_cls(level), shuffle)
+        return AsyncSerdeProcessor(stage, stage)
 
     factory.__doc__ = f'``{{"type": "{name}", "level": {default_level}, "shuffle": false}}``'
     return factory

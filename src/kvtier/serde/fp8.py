@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from kvtier.config import ConfigReader
-from kvtier.errors import IntegrityError, SerdeError
-from kvtier.serde.base import Deserializer, Serializer, as_byte_view, check_dst_capacity
+from kvtier.errors import ConfigError, IntegrityError, SerdeError
+from kvtier.serde.base import TensorBytesStage, as_byte_view, check_dst_capacity
 from kvtier.serde.processor import AsyncSerdeProcessor
 from kvtier.types import LayoutDesc
 
@@ -135,18 +135,28 @@ def _check_source(tensor: torch.Tensor, what: str) -> None:
         raise SerdeError(f"fp8 {what} must be contiguous")
 
 
-class _Fp8Params:
-    """The parameters both halves of the fp8 serde share: format, scaled or not, block length of flat tensors."""
+class Fp8Stage(TensorBytesStage):
+    """Quantizes a bf16 / fp16 / fp32 tensor to fp8 bytes (plus group exponents when scaled), and decodes them
+    into the destination's dtype with a table lookup (plus an exponent add when scaled)."""
+
+    name = "fp8"
 
     def __init__(self, fp8_dtype: torch.dtype, scaled: bool, block: int = DEFAULT_BLOCK) -> None:
+        if fp8_dtype not in _FORMATS:
+            raise ConfigError(f"fp8_dtype: expected one of {sorted(FP8_DTYPES)}, got {fp8_dtype}")
         self.fp8 = fp8_dtype
         self.fmt = _FORMATS[fp8_dtype]
         self.scaled = scaled
         self.block = block
 
-
-class Fp8Serializer(_Fp8Params, Serializer):
-    """Quantizes a bf16 / fp16 / fp32 tensor to fp8 bytes (plus group exponents when scaled)."""
+    def get_config(self) -> dict[str, Any]:
+        fp8_name = next(name for name, dtype in FP8_DTYPES.items() if dtype == self.fp8)
+        return {
+            "type": self.name,
+            "fp8_dtype": fp8_name,
+            "scale": "group" if self.scaled else "none",
+            "block": self.block,
+        }
 
     def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
         extra = _group_count(layout_desc.shape, self.block) if self.scaled else 0
@@ -202,10 +212,6 @@ class Fp8Serializer(_Fp8Params, Serializer):
             g0 += b * c
         return n + ngroups
 
-
-class Fp8Deserializer(_Fp8Params, Deserializer):
-    """Decodes fp8 bytes into the destination's dtype with a table lookup (plus an exponent add when scaled)."""
-
     def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         _check_source(dst, "destination")
         shape = tuple(dst.shape)
@@ -249,6 +255,10 @@ class Fp8Deserializer(_Fp8Params, Deserializer):
             )
             g0 += b * c
 
+
+# The names of the two halves before stages were typed: one object is both now.
+Fp8Serializer = Fp8Stage
+Fp8Deserializer = Fp8Stage
 
 _warmed: set[tuple[torch.dtype, bool]] = set()
 _warm_lock = threading.Lock()
@@ -314,4 +324,5 @@ def fp8_factory(config: dict[str, Any]) -> AsyncSerdeProcessor:
     block = reader.integer("block", DEFAULT_BLOCK, min=1, max=1 << 20)
     reader.finish()
     start_warm_up(fp8, scaled)
-    return AsyncSerdeProcessor(Fp8Serializer(fp8, scaled, block), Fp8Deserializer(fp8, scaled, block))
+    stage = Fp8Stage(fp8, scaled, block)
+    return AsyncSerdeProcessor(stage, stage)

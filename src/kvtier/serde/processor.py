@@ -19,7 +19,7 @@ import torch
 
 from kvtier.config import canonical_json, config_hash
 from kvtier.errors import BatchError, ConfigError
-from kvtier.serde.base import Deserializer, Serializer
+from kvtier.serde.base import Deserializer, RecordContext, Serializer, deserialize_with, serialize_with
 from kvtier.types import LayoutDesc
 
 
@@ -47,18 +47,53 @@ class SerdeIdentity:
     config_hash: bytes
 
     @classmethod
-    def of_config(cls, config: Any) -> SerdeIdentity:
+    def of_config(cls, config: Any, stages: Sequence[Serializer] | None = None) -> SerdeIdentity:
         """The identity of a serde config. ``max_workers`` is left out: the thread count does not change a byte
-        of output, so changing it must not turn every stored record into a foreign one."""
+        of output, so changing it must not turn every stored record into a foreign one.
+
+        ``stages``: the serializer stages built from ``config`` (a chain's implicit raw first stage included);
+        each one's :meth:`~kvtier.serde.base.Serializer.identity_config` then rewrites its part (aesgcm replaces
+        where its key lives by which key it is; a stage of format version > 1 adds its version).
+        """
         if config is None:
             return cls("none", config_hash(None))
-        stages = config if isinstance(config, list) else [config]
-        stages = [
+        items = config if isinstance(config, list) else [config]
+        items = [
             {k: v for k, v in stage.items() if k != "max_workers"} if isinstance(stage, dict) else stage
-            for stage in stages
+            for stage in items
         ]
-        name = "+".join(str(stage.get("type", "?")) if isinstance(stage, dict) else "?" for stage in stages)
-        return cls(name, config_hash(stages if isinstance(config, list) else stages[0]))
+        if stages is not None and len(stages) >= len(items):
+            offset = len(stages) - len(items)  # a chain of bytes stages only got raw put first
+            items = [
+                (stages[offset + i].identity_config(item) or item) if isinstance(item, dict) else item
+                for i, item in enumerate(items)
+            ]
+        name = "+".join(str(stage.get("type", "?")) if isinstance(stage, dict) else "?" for stage in items)
+        return cls(name, config_hash(items if isinstance(config, list) else items[0]))
+
+    @classmethod
+    def of_stages(cls, serializers: Sequence[Serializer], deserializers: Sequence[Deserializer]) -> SerdeIdentity:
+        """The identity of stages built directly: the hash of their ``identity_config(None)`` (``get_config()``
+        plus format version). Raises ConfigError when a stage cannot describe itself or its halves disagree."""
+        items: list[dict[str, Any]] = []
+        for i, (ser, deser) in enumerate(zip(serializers, deserializers, strict=True)):
+            mine = ser.identity_config(None)
+            theirs = mine if id(deser) == id(ser) else deser.identity_config(None)  # one typed stage: both halves
+            if mine is not None and theirs is not None and canonical_json(mine) != canonical_json(theirs):
+                raise ConfigError(
+                    f"serde stage {i}: {type(ser).__name__} and {type(deser).__name__} describe different configs "
+                    f"({mine} vs {theirs})"
+                )
+            got = mine if mine is not None else theirs
+            if got is None:
+                raise ConfigError(
+                    f"serde stage {i} ({type(ser).__name__}, {type(deser).__name__}) has no identity: it was built "
+                    "without a config and neither half implements get_config(); build the processor with "
+                    "create_serde_processor() from a registered factory, or implement get_config()"
+                )
+            items.append(got)
+        name = "+".join(str(item.get("type", "?")) for item in items)
+        return cls(name, config_hash(items if len(items) > 1 else items[0]))
 
 
 class AsyncSerdeProcessor:
@@ -90,10 +125,34 @@ class AsyncSerdeProcessor:
     # -- identity -------------------------------------------------------------------------------------------
     @property
     def identity(self) -> SerdeIdentity:
-        """The pipeline identity written into every record (``custom`` when built without a config)."""
-        if self.config is None:
-            return SerdeIdentity(type(self.serializer).__name__, config_hash(type(self.serializer).__qualname__))
-        return SerdeIdentity.of_config(self.config)
+        """The pipeline identity written into every record; two pipelines that write different bytes differ.
+
+        From the config the processor was created from when it has one (a registered factory), else from its
+        stages' ``get_config()`` and format versions (built directly). A processor with neither raises
+        :class:`~kvtier.errors.ConfigError`: storage asks for it when it is configured and refuses such a serde.
+        """
+        serializers, deserializers = self._stage_lists()
+        if self.config is not None:
+            return SerdeIdentity.of_config(self.config, serializers)
+        return SerdeIdentity.of_stages(serializers, deserializers)
+
+    @property
+    def stages(self) -> list[Serializer]:
+        """The stages in order (a chain's, or the serializer alone); a typed stage is both halves."""
+        return self._stage_lists()[0]
+
+    def _stage_lists(self) -> tuple[list[Serializer], list[Deserializer]]:
+        ser_stages = getattr(self.serializer, "stages", None)
+        deser_stages = getattr(self.deserializer, "stages", None)
+        if isinstance(ser_stages, list) and isinstance(deser_stages, list) and len(ser_stages) == len(deser_stages):
+            return ser_stages, deser_stages
+        return [self.serializer], [self.deserializer]
+
+    def _display_name(self) -> str:
+        try:
+            return self.identity.name
+        except ConfigError:
+            return type(self.serializer).__name__
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AsyncSerdeProcessor):
@@ -106,32 +165,50 @@ class AsyncSerdeProcessor:
         return hash(canonical_json(self.config)) if self.config is not None else id(self)
 
     def __repr__(self) -> str:
-        return f"AsyncSerdeProcessor({self.identity.name}, max_workers={self.max_workers})"
+        return f"AsyncSerdeProcessor({self._display_name()}, max_workers={self.max_workers})"
 
     # -- sizes ----------------------------------------------------------------------------------------------
     def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
         return self.serializer.estimate_serialized_size(layout_desc)
 
     # -- batches --------------------------------------------------------------------------------------------
-    def submit_serialize(self, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> Future[BatchResult]:
+    # ``contexts[i]`` (optional) is the RecordContext of item ``i``: handed to every stage that declares
+    # ``takes_context`` (see kvtier.serde.base); without it such stages run for the empty salt, no associated data.
+    def submit_serialize(
+        self,
+        srcs: Sequence[torch.Tensor],
+        dsts: Sequence[torch.Tensor],
+        contexts: Sequence[RecordContext] | None = None,
+    ) -> Future[BatchResult]:
         """Serialize ``srcs[i]`` into ``dsts[i]`` on the pool; the future never raises, it holds a BatchResult."""
-        return self._submit(self._timed("serialize", self.serializer.serialize), srcs, dsts)
+        serializer = self.serializer
 
-    def submit_deserialize(self, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> Future[BatchResult]:
+        def run(src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None) -> int:
+            return serialize_with(serializer, src, dst, context)
+
+        return self._submit(self._timed("serialize", run), srcs, dsts, contexts)
+
+    def submit_deserialize(
+        self,
+        srcs: Sequence[torch.Tensor],
+        dsts: Sequence[torch.Tensor],
+        contexts: Sequence[RecordContext] | None = None,
+    ) -> Future[BatchResult]:
         """Deserialize ``srcs[i]`` into ``dsts[i]`` on the pool; the future holds a BatchResult."""
+        deserializer = self.deserializer
 
-        def run(src: torch.Tensor, dst: torch.Tensor) -> int:
-            self.deserializer.deserialize(src, dst)
+        def run(src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None) -> int:
+            deserialize_with(deserializer, src, dst, context)
             return 0
 
-        return self._submit(self._timed("deserialize", run), srcs, dsts)
+        return self._submit(self._timed("deserialize", run), srcs, dsts, contexts)
 
     def _timed(self, op: str, fn: Any) -> Any:
-        def call(src: torch.Tensor, dst: torch.Tensor) -> int:
+        def call(src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None) -> int:
             start = time.perf_counter()
             ok = False
             try:
-                result = fn(src, dst)
+                result = fn(src, dst, context)
                 ok = True
                 return int(result)
             finally:
@@ -155,19 +232,37 @@ class AsyncSerdeProcessor:
                 out[f"{op}_failures_total"] = failures
             return out
 
-    def serialize_batch(self, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> list[int]:
+    def serialize_batch(
+        self,
+        srcs: Sequence[torch.Tensor],
+        dsts: Sequence[torch.Tensor],
+        contexts: Sequence[RecordContext] | None = None,
+    ) -> list[int]:
         """Serialize a batch and wait; returns bytes written per item, raises BatchError if any item failed."""
-        result = self.submit_serialize(srcs, dsts).result()
+        result = self.submit_serialize(srcs, dsts, contexts).result()
         result.raise_if_failed("serialize batch")
         return result.sizes
 
-    def deserialize_batch(self, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> None:
+    def deserialize_batch(
+        self,
+        srcs: Sequence[torch.Tensor],
+        dsts: Sequence[torch.Tensor],
+        contexts: Sequence[RecordContext] | None = None,
+    ) -> None:
         """Deserialize a batch and wait; raises BatchError if any item failed."""
-        self.submit_deserialize(srcs, dsts).result().raise_if_failed("deserialize batch")
+        self.submit_deserialize(srcs, dsts, contexts).result().raise_if_failed("deserialize batch")
 
-    def _submit(self, fn: Any, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> Future[BatchResult]:
+    def _submit(
+        self,
+        fn: Any,
+        srcs: Sequence[torch.Tensor],
+        dsts: Sequence[torch.Tensor],
+        contexts: Sequence[RecordContext] | None,
+    ) -> Future[BatchResult]:
         if len(srcs) != len(dsts):
             raise ValueError(f"batch has {len(srcs)} sources but {len(dsts)} destinations")
+        if contexts is not None and len(contexts) != len(srcs):
+            raise ValueError(f"batch has {len(srcs)} sources but {len(contexts)} record contexts")
         outer: Future[BatchResult] = Future()
         outer.set_running_or_notify_cancel()
         n = len(srcs)
@@ -194,7 +289,7 @@ class AsyncSerdeProcessor:
         # One task per item: a chunk is megabytes, so the hand-off costs microseconds against milliseconds
         # of work, and items spread over the workers without a scheduler of our own.
         for i, (src, dst) in enumerate(zip(srcs, dsts, strict=True)):
-            fut: Future[int] = pool.submit(fn, src, dst)
+            fut: Future[int] = pool.submit(fn, src, dst, None if contexts is None else contexts[i])
             fut.add_done_callback(functools.partial(on_done, i))
         return outer
 
@@ -207,7 +302,7 @@ class AsyncSerdeProcessor:
                 raise RuntimeError("serde processor is closed")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
-                    self.max_workers, thread_name_prefix=f"kvtier-serde-{self.identity.name}"
+                    self.max_workers, thread_name_prefix=f"kvtier-serde-{self._display_name()}"
                 )
             return self._pool
 

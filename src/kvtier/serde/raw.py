@@ -14,13 +14,16 @@ import torch
 
 from kvtier.config import ConfigReader
 from kvtier.errors import SerdeError
-from kvtier.serde.base import Deserializer, Serializer, as_byte_view, check_dst_capacity
+from kvtier.serde.base import TensorBytesStage, as_byte_view, check_dst_capacity
 from kvtier.serde.processor import AsyncSerdeProcessor
 from kvtier.types import LayoutDesc, parse_dtype
 
 
-class RawSerializer(Serializer):
-    """Copies the tensor's bytes into ``dst``; the size is exact."""
+class RawStage(TensorBytesStage):
+    """The tensor's own bytes: ``serialize`` copies them into ``dst`` (exact size), ``deserialize`` copies them
+    back; a length mismatch is an error, never a partial fill."""
+
+    name = "raw"
 
     def serialize(self, src: torch.Tensor, dst: torch.Tensor) -> int:
         data = as_byte_view(src)
@@ -32,10 +35,6 @@ class RawSerializer(Serializer):
     def estimate_serialized_size(self, layout_desc: LayoutDesc) -> int:
         return layout_desc.nbytes
 
-
-class RawDeserializer(Deserializer):
-    """Copies the bytes back into ``dst``; a length mismatch is an error, never a partial fill."""
-
     def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         out = as_byte_view(dst)
         if src.numel() != out.numel():
@@ -43,10 +42,16 @@ class RawDeserializer(Deserializer):
         out.copy_(src)
 
 
+# The names of the two halves before stages were typed: one object is both now.
+RawSerializer = RawStage
+RawDeserializer = RawStage
+
+
 def raw_factory(config: dict[str, Any]) -> AsyncSerdeProcessor:
     """``{"type": "raw"}``: no parameters."""
     ConfigReader(config, "serde 'raw'").finish()
-    return AsyncSerdeProcessor(RawSerializer(), RawDeserializer())
+    stage = RawStage()
+    return AsyncSerdeProcessor(stage, stage)
 
 
 class FastSerializer:

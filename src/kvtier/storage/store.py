@@ -10,7 +10,13 @@ Data flow::
 Tensors handed back are the caller's own (copies out of L1); L1 memory is never exposed, so a later store or an
 eviction cannot change them. An object waiting for its L2 write stays pinned in L1, so the writer reads it
 without a copy. ``close()`` drains the queue: every store that returned is on every L2 adapter or counted as
-failed or dropped.
+failed or dropped; a store that meets a closing Store raises instead of being acknowledged and lost.
+
+Errors. Only :class:`~kvtier.errors.L2Error` (a backend failure) is turned into misses here (damaged and foreign
+records are misses inside the tier already); a caller's mistake or a bug raises to the caller. The write-behind
+worker is the exception: it survives any exception of one tier (counted as ``l2_write_failures`` and logged), so
+its pins and pending bytes are always released and ``flush()`` / ``close()`` never hang. An L2 tier that keeps
+failing is logged once when it starts failing and once when it recovers (with the count), not per call.
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtier.errors import CapacityError, ConfigError, KVTierError
-from kvtier.storage.adapters import create_l2_adapter
+from kvtier.errors import CapacityError, ConfigError, L2Error
+from kvtier.l2.adapters import create_l2_adapter
+from kvtier.l2.tier import L2Tier
 from kvtier.storage.keys import keys_for_tokens
 from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
 from kvtier.storage.policies import POLICIES
-from kvtier.storage.serde_layer import L2Tier
-from kvtier.types import ObjectKey
+from kvtier.types import LayoutDesc, ObjectKey
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -103,6 +109,7 @@ class Store:
         self._pending_bytes = 0  # bytes of L1 objects pinned until their L2 write
         self._lock = threading.Lock()
         self._closed = False
+        self._failing: dict[int, int] = {}  # id(tier) -> failed calls since it started failing (logged once)
         self.counts = {
             "stored": 0,
             "l1_store_refused": 0,
@@ -166,32 +173,34 @@ class Store:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
         if self._tiers and objs:
-            self._start_writer()
             nbytes = sum(o.nbytes for o in objs)
             with self._lock:
+                # Checked and queued under the lock close() takes to begin closing: a write is either queued
+                # before close()'s end marker (and done by close) or refused here, never acknowledged and lost.
+                closing = self._closed
                 # Objects waiting for their L2 write stay pinned in L1. Past half the pool, new writes are
                 # dropped instead, so that L1 always has unpinned room to evict and stores are not refused.
-                room = self._pending_bytes < self._pool.effective_capacity // 2
+                room = not closing and self._pending_bytes < self._pool.effective_capacity // 2
+                queued = False
                 if room:
-                    self._pending_bytes += nbytes
-            try:
-                if not room:
-                    raise queue.Full
-                self._queue.put_nowait(_Write(stored_keys, objs, nbytes))
-            except queue.Full:
-                self._pool.release(objs)
-                with self._lock:
-                    if room:
-                        self._pending_bytes -= nbytes
+                    self._start_writer_locked()
+                    try:
+                        self._queue.put_nowait(_Write(stored_keys, objs, nbytes))
+                        self._pending_bytes += nbytes
+                        queued = True
+                    except queue.Full:
+                        pass
+                if not queued and not closing:
                     self.counts["l2_writes_dropped"] += len(objs)
+            if not queued:
+                self._pool.release(objs)
+            if closing:
+                raise RuntimeError("kvtier Store is closed")
 
-    def _start_writer(self) -> None:
-        if self._writer is not None:
-            return
-        with self._lock:
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, name="kvtier-l2-writer", daemon=True)
-                self._writer.start()
+    def _start_writer_locked(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="kvtier-l2-writer", daemon=True)
+            self._writer.start()
 
     def _write_loop(self) -> None:
         while True:
@@ -199,21 +208,28 @@ class Store:
             try:
                 if item is None:
                     return
-                views = [self._pool.view(o) for o in item.objs]
-                for tier in self._tiers:
-                    try:
-                        tier.store(item.keys, views)
-                        written = "l2_written"
-                    except (KVTierError, OSError, RuntimeError, ValueError) as exc:
-                        log.warning("L2 %s: store of %d object(s) failed: %r", tier.name, len(item.keys), exc)
-                        written = "l2_write_failures"
-                    with self._lock:
-                        self.counts[written] += len(item.keys)
-                self._pool.release(item.objs)
-                with self._lock:
-                    self._pending_bytes -= item.nbytes
+                self._write(item)
             finally:
                 self._queue.task_done()
+
+    def _write(self, item: _Write) -> None:
+        """One queued write to every tier. Whatever a tier raises, the others still get the write, the worker
+        lives on and the objects' pins and pending bytes are released."""
+        try:
+            views = [self._pool.view(o) for o in item.objs]
+            for tier in self._tiers:
+                try:
+                    tier.store(item.keys, views)
+                except Exception as exc:  # any failure of one tier, a bug included: counted and logged, not fatal
+                    self._l2_failed(tier, exc, "l2_write_failures", len(item.keys))
+                else:
+                    self._l2_ok(tier)
+                    with self._lock:
+                        self.counts["l2_written"] += len(item.keys)
+        finally:
+            self._pool.release(item.objs)
+            with self._lock:
+                self._pending_bytes -= item.nbytes
 
     def flush(self) -> None:
         """Wait until every queued L2 write has been done (or has failed)."""
@@ -222,7 +238,8 @@ class Store:
 
     # -- lookup / retrieve ------------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[ObjectKey]) -> int:
-        """How many leading keys are in some tier (L1 or any L2 adapter)."""
+        """How many leading keys are in some tier (L1 or any L2 adapter). An L2 record counts when its header
+        says it is ours (this tier's serde identity, this key); a foreign record does not."""
         self._check_open()
         in_l1 = self._pool.contains(keys)
         first_miss = next((i for i, hit in enumerate(in_l1) if not hit), len(keys))
@@ -233,10 +250,11 @@ class Store:
             if not todo:
                 break
             try:
-                present = tier.contains([rest[i] for i in todo])
-            except (KVTierError, OSError, RuntimeError) as exc:
-                self._l2_error(tier, exc)
+                present = tier.lookup([rest[i] for i in todo])  # header-checked: a foreign record is no hit
+            except L2Error as exc:
+                self._l2_failed(tier, exc)
                 continue
+            self._l2_ok(tier)
             for i, p in zip(todo, present, strict=True):
                 found[i] = found[i] or p
         # Everything before first_miss is in L1; after it, L1 hits count too.
@@ -266,6 +284,10 @@ class Store:
         self._check_open()
         if len(keys) != len(outs):
             raise ValueError(f"retrieve_into got {len(keys)} keys but {len(outs)} outputs")
+        for i, dst in enumerate(outs):
+            # An L2 hit may be decoded straight into ``dst`` (when L1 has no room): that needs its own memory.
+            if not isinstance(dst, torch.Tensor) or not dst.is_contiguous() or dst.device.type != "cpu":
+                raise ValueError(f"retrieve_into: outs[{i}] must be a contiguous CPU tensor")
         objs = self._pool.acquire(keys)
         n = 0
         try:
@@ -298,67 +320,87 @@ class Store:
         out: list[torch.Tensor | None],
         into: Sequence[torch.Tensor] | None = None,
     ) -> None:
-        """Load ``keys[i]`` for ``i`` in ``indices`` from L2 into L1, then into ``into[i]`` (when given) or a new
-        tensor; set ``out[i]`` on a hit."""
+        """Load ``keys[i]`` for ``i`` in ``indices`` from the first L2 tier that holds it, into L1, then into
+        ``into[i]`` (when given) or a new tensor; set ``out[i]`` on a hit. One read per record: the destination
+        is sized from the record's header, checked against its length by the tier before it asks."""
         for tier in self._tiers:
             if not indices:
                 return
-            try:
-                present = tier.contains([keys[i] for i in indices])
-                cand = [i for i, p in zip(indices, present, strict=True) if p]
-                layouts = tier.layouts([keys[i] for i in cand]) if cand else []
-            except (KVTierError, OSError, RuntimeError) as exc:
-                self._l2_error(tier, exc)
-                continue
-            batch: list[int] = []
-            objs: list[L1Object | None] = []
-            dsts: list[torch.Tensor] = []
-            for i, layout in zip(cand, layouts, strict=True):
-                if layout is None:
-                    continue
+            batch = list(indices)
+            reserved: dict[int, L1Object] = {}
+
+            def alloc(
+                j: int, layout: LayoutDesc, batch: list[int] = batch, reserved: dict[int, L1Object] = reserved
+            ) -> torch.Tensor | None:
+                i = batch[j]
+                old = reserved.pop(j, None)
+                if old is not None:  # asked again for the same record (an adapter retried): one reservation
+                    self._pool.release([old])
                 if into is not None and not self._fits(layout.shape, layout.dtype, into[i]):
-                    continue  # the record is fine; the caller asked for another shape: a miss for this call
+                    return None  # the record is fine; the caller asked for another shape: a miss for this call
+                if layout.nbytes > self._pool.capacity:
+                    return None  # no object this Store stores is that large: not a record to load here
                 try:
-                    obj: L1Object | None = self._pool.reserve(keys[i], layout.shape, layout.dtype)
-                except CapacityError:
-                    obj = None  # L1 is pinned full: load straight into the caller's tensor, skip L1
-                batch.append(i)
-                objs.append(obj)
-                if obj is not None:
-                    dsts.append(self._pool.view(obj))
-                elif into is not None:
-                    dsts.append(into[i])
-                else:
-                    dsts.append(torch.empty(layout.shape, dtype=layout.dtype))
-            if not batch:
-                continue
+                    obj = self._pool.reserve(keys[i], layout.shape, layout.dtype)
+                except CapacityError:  # L1 is pinned full: load straight into the caller's tensor, skip L1
+                    return into[i] if into is not None else torch.empty(layout.shape, dtype=layout.dtype)
+                reserved[j] = obj
+                return self._pool.view(obj)
+
             try:
-                hits = tier.load_into([keys[i] for i in batch], dsts)
-            except (KVTierError, OSError, RuntimeError, ValueError) as exc:
-                self._pool.release([o for o in objs if o is not None])
-                self._l2_error(tier, exc)
+                got = tier.load([keys[i] for i in batch], alloc)
+            except L2Error as exc:
+                self._pool.release(list(reserved.values()))
+                self._l2_failed(tier, exc)
                 continue
-            for i, obj, dst, hit in zip(batch, objs, dsts, hits, strict=True):
-                if obj is None:
-                    if hit:
-                        out[i] = dst
-                    continue
-                if hit:
-                    self._pool.commit(obj, keep_pin=True)
-                    if into is not None:
-                        into[i].copy_(dst)
-                        out[i] = into[i]
+            except BaseException:
+                self._pool.release(list(reserved.values()))  # no decode writes into them any more: load waited
+                raise
+            self._l2_ok(tier)
+            hits = 0
+            for j, i in enumerate(batch):
+                obj = reserved.get(j)
+                dst = got[j]
+                if dst is not None:
+                    hits += 1
+                    if obj is None:
+                        out[i] = dst  # decoded straight into the caller's tensor or a fresh one
                     else:
-                        out[i] = dst.clone()
-                self._pool.release([obj])
+                        self._pool.commit(obj, keep_pin=True)
+                        if into is not None:
+                            into[i].copy_(dst)
+                            out[i] = into[i]
+                        else:
+                            out[i] = dst.clone()
+                if obj is not None:
+                    self._pool.release([obj])
             with self._lock:
-                self.counts["l2_prefetched"] += sum(hits)
+                self.counts["l2_prefetched"] += hits
             indices = [i for i in indices if out[i] is None]
 
-    def _l2_error(self, tier: L2Tier, exc: BaseException) -> None:
-        log.warning("L2 %s: %r (treated as misses)", tier.name, exc)
+    def _l2_failed(self, tier: L2Tier, exc: BaseException, counter: str = "l2_errors", n: int = 1) -> None:
+        """Count a failed call of ``tier``; log only the first of a run of failures (issue 12: an outage used to
+        log a line per call), with the traceback when it is not a backend failure (a bug to fix)."""
         with self._lock:
-            self.counts["l2_errors"] += 1
+            self.counts[counter] += n
+            failed = self._failing.get(id(tier), 0)
+            self._failing[id(tier)] = failed + 1
+        if not failed:
+            log.warning(
+                "L2 %s is failing (%s: %s); its calls are misses or failed writes until it recovers",
+                tier.name,
+                type(exc).__name__,
+                exc,
+                exc_info=None if isinstance(exc, L2Error) else exc,
+            )
+
+    def _l2_ok(self, tier: L2Tier) -> None:
+        if not self._failing:
+            return
+        with self._lock:
+            failed = self._failing.pop(id(tier), 0)
+        if failed:
+            log.warning("L2 %s recovered after %d failed call(s)", tier.name, failed)
 
     # -- the rest ---------------------------------------------------------------------------------------------
     def clear_l1(self) -> None:
@@ -384,18 +426,39 @@ class Store:
             raise RuntimeError("kvtier Store is closed")
 
     def close(self) -> None:
-        """Finish every pending L2 write, then release L1 and the adapters. Idempotent."""
+        """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
+        closing began raise; the worker never dies, so the end marker is always taken and this never hangs."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = True  # from here on store() refuses to queue (checked under this lock)
             writer = self._writer
         if writer is not None:
-            self._queue.put(None)  # after every queued write: nothing acknowledged is lost
+            while writer.is_alive():
+                try:
+                    self._queue.put(None, timeout=0.1)  # after every queued write: nothing acknowledged is lost
+                    break
+                except queue.Full:
+                    continue  # the worker is draining a full queue
             writer.join()
+            self._drain_unwritten()
         for tier in self._tiers:
             tier.close()
         self._pool.close()
+
+    def _drain_unwritten(self) -> None:
+        """Release what a worker that died (it cannot, short of the interpreter stopping) left queued."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._pool.release(item.objs)
+                with self._lock:
+                    self._pending_bytes -= item.nbytes
+                    self.counts["l2_write_failures"] += len(item.keys)
+            self._queue.task_done()
 
     def __enter__(self) -> Store:
         return self

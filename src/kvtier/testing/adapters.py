@@ -9,10 +9,12 @@ Example, in a backend's tests::
             return {"type": "mine", "url": ..., **({"max_capacity_gb": capacity_gb} if capacity_gb else {})}
 
 ``capacity_gb`` is set by the capacity tests; an unbounded adapter sets ``bounded = False`` and ignores it.
-The suite checks the bytes contract (batches, scatter/gather, misses, overwrite, delete, capacity, close, lazy
-start) and the shared serde + record layer on top of the adapter (round trips with no serde, raw and a
-bytes-stage chain; damaged, truncated and foreign records are misses and are removed; a failed batch leaves
-nothing visible).
+The suite checks the bytes contract (batches, scatter/gather, header-first loads, misses, overwrite, delete,
+capacity, re-store at full capacity, close, lazy start) and the shared tier on top of the adapter (round trips
+with no serde, raw and a bytes-stage chain; damaged records are misses and are removed, foreign ones are misses
+left in place; a batch over several pipelined rounds mixing hits, misses, damaged and foreign records, with records
+removed or damaged between the lookup and the load through the fault-injecting adapter: every hit exact, nothing
+raised; a failed batch leaves nothing visible).
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import pytest
 import torch
 
 from kvtier.errors import BatchError, CapacityError, SerdeError
-from kvtier.record import RecordMeta, pack_record
+from kvtier.l2.adapters import MISS, FaultyAdapter, L2Adapter, create_backend, create_l2_adapter
+from kvtier.l2.record import RecordMeta, pack_record
+from kvtier.l2.tier import L2Tier, byte_view, layout_of
 from kvtier.serde import AsyncSerdeProcessor, BytesDeserializer, BytesSerializer, LayoutDesc, register_serde_factory
 from kvtier.serde.processor import SerdeIdentity
 from kvtier.serde.registry import registered_serdes
-from kvtier.storage.adapters import MISS, L2Adapter, create_backend, create_l2_adapter
-from kvtier.storage.serde_layer import L2Tier, byte_view, layout_of
 from kvtier.testing.serde import kv_like
 from kvtier.types import ObjectKey
 
@@ -222,34 +224,131 @@ class L2AdapterTests:
             finally:
                 tier.close()
 
-    def test_damaged_truncated_and_foreign_records_are_misses_and_removed(self, tmp_path: Path) -> None:
-        with self.make_tier(tmp_path) as tier:
-            good = chunk(1)
-            (key,) = keys(1)
-            name = key.to_str()
-            meta = RecordMeta(tier.identity, layout_of(good), name)
-            record = pack_record(meta, byte_view(good.clone()))
-            flipped = bytearray(record)
-            flipped[len(record) - 10] ^= 1
-            foreign_serde = pack_record(RecordMeta(SerdeIdentity("other", bytes(16)), meta.layout, name), record[-100:])
-            other_key = pack_record(RecordMeta(tier.identity, meta.layout, keys(1, start=7)[0].to_str()), record[-100:])
-            cases = {
-                "flipped bit": bytes(flipped),
-                "truncated": record[:-1],
-                "padded": record + b"\0",
-                "foreign serde": foreign_serde,
-                "another key's record": other_key,
-                "not a record": b"hello world" * 10,
-                "empty": b"",
-            }
-            for what, data in cases.items():
-                tier.adapter.store_records([name], [[data]])
-                out = torch.zeros_like(good)
-                assert tier.load_into([key], [out]) == [False], what
-                assert tier.contains([key]) == [False], f"{what}: an unusable record must be removed"
-                tier.adapter.store_records([name], [[data]])
-                assert tier.layouts([key]) in ([None], [meta.layout]), what
-            assert tier.stats()["integrity_misses"] >= len(cases)
+    def _cases(self, tier: L2Tier, key: ObjectKey, good: torch.Tensor) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """Records to put under ``key``: physically damaged ones, and intact ones that are not ``tier``'s."""
+        name = key.to_str()
+        meta = RecordMeta(tier.identity, layout_of(good), name)
+        record = pack_record(meta, byte_view(good.clone()))
+        flipped = bytearray(record)
+        flipped[len(record) - 10] ^= 1
+        header_flip = bytearray(record)
+        header_flip[48 + 8 + 6] ^= 0x40  # a high bit of a shape field: the header contradicts the length
+        damaged = {
+            "flipped payload bit": bytes(flipped),
+            "flipped shape bit": bytes(header_flip),
+            "truncated": record[:-1],
+            "padded": record + b"\0",
+            "not a record": b"hello world" * 10,
+            "empty": b"",
+        }
+        foreign = {
+            "foreign serde": pack_record(
+                RecordMeta(SerdeIdentity("other", bytes(16)), meta.layout, name), record[-100:]
+            ),
+            "another key's record": pack_record(
+                RecordMeta(tier.identity, meta.layout, keys(1, start=7)[0].to_str()), record[-100:]
+            ),
+        }
+        return damaged, foreign
+
+    def test_damaged_records_are_removed_foreign_ones_kept(self, tmp_path: Path) -> None:
+        for serde in (None, [{"type": "raw"}, {"type": ensure_test_serde()}]):
+            with self.make_tier(tmp_path / str(serde is None), serde) as tier:
+                good = chunk(1)
+                (key,) = keys(1)
+                damaged, foreign = self._cases(tier, key, good)
+                for what, data in {**damaged, **foreign}.items():
+                    tier.adapter.store_records([key.to_str()], [[data]])
+                    assert tier.lookup([key]) == [False] or what in damaged, f"{what}: not a hit for lookup()"
+                    out = torch.zeros_like(good)
+                    assert tier.load_into([key], [out]) == [False], what
+                    kept = tier.contains([key]) == [True]
+                    assert kept == (what in foreign), f"{what}: damaged is removed, foreign is left in place"
+                stats = tier.stats()
+                assert stats["integrity_misses"] == len(damaged) and stats["foreign_misses"] == len(foreign)
+
+    def test_mixed_batch_hits_misses_damaged_and_foreign(self, tmp_path: Path) -> None:
+        """One batch spanning several pipelined rounds: every hit exact, nothing raised, damaged removed, foreign
+        kept, with damage both before the call and between the lookup and the load."""
+        for serde in self.serde_configs():
+            self._check_mixed_batch(tmp_path / str(abs(hash(json.dumps(serde)))), serde)
+
+    def _check_mixed_batch(self, path: Path, serde: Any) -> None:
+        config = {"type": "faulty", "inner": self.adapter_config(path)}
+        if serde is not None:
+            config["serde"] = serde
+        with create_l2_adapter(json.loads(json.dumps(config))) as tier:
+            ks = keys(14)
+            src = [chunk(i) for i in range(14)]
+            tier.store(ks, src)
+            assert tier.lookup(ks) == [True] * 14
+            bad = {1: "flipped payload bit", 5: "truncated", 9: "flipped shape bit"}
+            strange = {2: "foreign serde", 10: "another key's record"}
+            for i, what in {**bad, **strange}.items():
+                damaged, foreign = self._cases(tier, ks[i], src[i])
+                tier.adapter.store_records([ks[i].to_str()], [[{**damaged, **foreign}[what]]])
+            tier.delete([ks[3]])  # a miss
+            late = {6: "removed", 7: "flipped payload bit", 12: "foreign serde"}
+
+            def between(inner: L2Adapter, batch: Any) -> None:  # after the caller's lookup, before the read
+                for i, what in late.items():
+                    if ks[i].to_str() not in batch:
+                        continue
+                    if what == "removed":
+                        inner.delete([ks[i].to_str()])
+                    else:
+                        damaged, foreign = self._cases(tier, ks[i], src[i])
+                        inner.store_records([ks[i].to_str()], [[{**damaged, **foreign}[what]]])
+
+            faulty = tier.adapter
+            assert isinstance(faulty, FaultyAdapter)
+            faulty.before_load = between
+            outs = [torch.zeros_like(s) for s in src]
+            hits = tier.load_into(ks, outs)
+            faulty.before_load = None
+            misses = {3, *bad, *strange, *late}
+            assert hits == [i not in misses for i in range(14)], serde
+            for i in range(14):
+                if hits[i]:
+                    assert torch.equal(outs[i].view(torch.uint8), src[i].view(torch.uint8)), f"{serde}: key {i}"
+            present = tier.contains(ks)
+            for i in {*bad, 7}:
+                assert not present[i], f"{serde}: damaged record {i} is removed"
+            for i in {*strange, 12}:
+                assert present[i], f"{serde}: foreign record {i} is left in place"
+
+    def test_restore_at_full_capacity_evicts_nothing_else(self, tmp_path: Path) -> None:
+        if not self.bounded:
+            pytest.skip("adapter is unbounded")
+        with self.make_adapter(tmp_path, 64 * 1024 / (1 << 30)) as adapter:
+            cap = adapter.capacity_bytes
+            assert cap is not None
+            adapter.store_records(["b"], [[bytes(cap - cap // 2)]])
+            adapter.store_records(["a"], [[bytes(cap // 2)]])
+            assert adapter.used_bytes <= cap
+            for _ in range(3):  # the same key again and again, at full capacity
+                adapter.store_records(["a"], [[b"\1" * (cap // 2)]])
+                assert adapter.contains(["a", "b"]) == [True, True], "re-storing a key evicts no other record"
+                assert adapter.used_bytes <= cap
+
+    def test_load_records_with_reads_header_first(self, tmp_path: Path) -> None:
+        with self.make_adapter(tmp_path) as adapter:
+            recs = {"small": b"0123456789", "big": bytes(range(256)) * 40, "skip": b"x" * 5000}
+            adapter.store_records(list(recs), [[v] for v in recs.values()])
+            got: dict[str, bytearray] = {}
+            names = [*recs, "absent"]
+
+            def prepare(i: int, head: memoryview, length: int) -> Any:
+                name = names[i]
+                assert length == len(recs[name]) and bytes(head) == recs[name][:64]
+                if name == "skip":
+                    return None
+                got[name] = bytearray(length)
+                return [memoryview(got[name])[:3], memoryview(got[name])[3:]]
+
+            lengths = adapter.load_records_with(names, 64, prepare)
+            assert lengths == [len(v) for v in recs.values()] + [MISS]
+            assert {k: bytes(v) for k, v in got.items()} == {"small": recs["small"], "big": recs["big"]}
 
     def test_failed_serde_batch_leaves_nothing(self, tmp_path: Path) -> None:
         tier = self.make_tier(tmp_path, [{"type": "raw"}, {"type": ensure_test_serde()}])

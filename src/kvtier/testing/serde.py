@@ -1,4 +1,9 @@
-"""The serde conformance suite: size contract, round trip, config round trip, batch failure, threads."""
+"""The serde conformance suite: size contract, round trip, config round trip, identity, record contexts, batch
+failure, threads.
+
+Every serde passes the same suite by subclassing :class:`SerdeTests` and setting ``config``; the suite builds it
+from ``json.loads(json.dumps(config))``, as a server does from its command line.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from kvtier.errors import BatchError
-from kvtier.serde import AsyncSerdeProcessor, LayoutDesc, create_serde_processor
+from kvtier.errors import BatchError, IntegrityError
+from kvtier.serde import AsyncSerdeProcessor, LayoutDesc, RecordContext, create_serde_processor
 from kvtier.types import KVFormat
 
 
@@ -42,15 +47,27 @@ class SerdeTests:
     def make_processor(self) -> AsyncSerdeProcessor:
         return create_serde_processor(json.loads(json.dumps(self.config)))
 
-    def _round_trip(self, processor: AsyncSerdeProcessor, src: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _round_trip(
+        self, processor: AsyncSerdeProcessor, src: torch.Tensor, context: RecordContext | None = None
+    ) -> tuple[torch.Tensor, int]:
+        payload = self._encode(processor, src, context)
+        out = torch.empty_like(src)
+        processor.deserialize_batch([payload], [out], None if context is None else [context])
+        return out, payload.numel()
+
+    def _encode(
+        self, processor: AsyncSerdeProcessor, src: torch.Tensor, context: RecordContext | None = None
+    ) -> torch.Tensor:
         fmt = KVFormat.KV_LAYER_TOKEN_HIDDEN if src.dim() == 4 and src.shape[0] == 2 else KVFormat.FLAT
         bound = processor.estimate_serialized_size(LayoutDesc.of(src, fmt))
         dst = torch.empty(bound, dtype=torch.uint8)
-        (written,) = processor.serialize_batch([src], [dst])
+        (written,) = processor.serialize_batch([src], [dst], None if context is None else [context])
         assert 0 <= written <= bound, f"wrote {written} bytes, estimate was {bound}"
-        out = torch.empty_like(src)
-        processor.deserialize_batch([dst[:written].clone()], [out])
-        return out, written
+        return dst[:written].clone()
+
+    def takes_context(self, processor: AsyncSerdeProcessor) -> bool:
+        """Whether any stage of ``processor`` binds its bytes to the record context."""
+        return any(stage.takes_context for stage in processor.stages)
 
     def check_close(self, src: torch.Tensor, out: torch.Tensor) -> None:
         assert out.shape == src.shape and out.dtype == src.dtype
@@ -74,6 +91,43 @@ class SerdeTests:
         again = create_serde_processor(json.loads(json.dumps(first.config)))
         assert first == again
         assert first.identity == again.identity
+
+    def test_identity_is_stable_and_names_the_stages(self) -> None:
+        """Records written by one process are read by the next: the same config gives the same identity, and
+        the thread count is not part of it."""
+        first, again = self.make_processor(), self.make_processor()
+        assert first.identity == again.identity and len(first.identity.config_hash) == 16
+        stages = self.config if isinstance(self.config, list) else [self.config]
+        assert first.identity.name == "+".join(stage["type"] for stage in stages)
+        more = [{**stage, "max_workers": 3} for stage in stages]
+        assert create_serde_processor(more if isinstance(self.config, list) else more[0]).identity == first.identity
+        for stage in first.stages:  # a typed stage describes itself in plain JSON
+            described = stage.get_config()
+            assert described is None or json.loads(json.dumps(described)) == described
+
+    def test_round_trip_with_record_contexts(self) -> None:
+        """Contexts are accepted by every serde; the stages that do not take one ignore them."""
+        with self.make_processor() as processor:
+            src = kv_like((2, 2, 8, 16), self.dtypes[0], seed=3)
+            out, _ = self._round_trip(processor, src, RecordContext("tenant/1", b"record header"))
+            self.check_close(src, out)
+
+    def test_context_binding(self) -> None:
+        """A stage that takes the record context binds the bytes to it: another salt or other associated data
+        is an IntegrityError (ForeignRecordError for an authenticated stage), never other bytes. A serde
+        without such a stage ignores the context: its bytes decode under any context, or none."""
+        with self.make_processor() as processor:
+            src = kv_like((2, 2, 8, 16), self.dtypes[0], seed=4)
+            payload = self._encode(processor, src, RecordContext("tenant-a", b"header a"))
+            bound = self.takes_context(processor)
+            for other in (RecordContext("tenant-b", b"header a"), RecordContext("tenant-a", b"header b"), None):
+                out = torch.empty_like(src)
+                result = processor.submit_deserialize([payload], [out], None if other is None else [other]).result()
+                if bound:
+                    assert isinstance(result.errors.get(0), IntegrityError), f"decoded under {other!r}"
+                else:
+                    assert result.ok, result.errors
+                    self.check_close(src, out)
 
     def test_processor_is_lazy(self) -> None:
         processor = self.make_processor()

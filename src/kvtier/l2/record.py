@@ -2,8 +2,10 @@
 
 Every object an L2 adapter stores is one record. Reading a record checks everything that could make it wrong
 KV: a record from another serde pipeline, another layout or another key, a truncated or padded file, one
-flipped bit anywhere. Any mismatch raises :class:`~kvtier.errors.IntegrityError`, which adapters turn into a
-miss.
+flipped bit anywhere. Physical damage raises :class:`~kvtier.errors.IntegrityError` (the tier removes such a
+record); an intact record that is not ours raises its subclass :class:`~kvtier.errors.ForeignRecordError` (the
+tier leaves it in place). Either is a miss, never wrong KV. :func:`associated_data` gives the header fields an
+authenticated stage binds its output to.
 
 Format version 1, little-endian (frozen: golden files in ``tests/fixtures/records`` must keep decoding)::
 
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 import xxhash
 
-from kvtier.errors import IntegrityError
+from kvtier.errors import ForeignRecordError, IntegrityError
 from kvtier.serde.processor import SerdeIdentity
 from kvtier.types import DTYPE_CODES, DTYPES_BY_CODE, KVFormat, LayoutDesc
 
@@ -243,13 +245,44 @@ def read_record(
 
 
 def _check_expected(meta: RecordMeta, serde: SerdeIdentity | None, key: str | None, layout: LayoutDesc | None) -> None:
-    if serde is not None and meta.serde != serde:
-        raise IntegrityError(
-            f"record was written by serde {meta.serde.name!r} with another config, expected {serde.name!r}"
-        )
-    if key is not None and meta.key != key:
-        raise IntegrityError(f"record belongs to key {meta.key!r}, expected {key!r}")
+    check_ours(meta, serde, key)
     if layout is not None and (meta.layout.shape != layout.shape or meta.layout.dtype != layout.dtype):
         raise IntegrityError(
             f"record holds {list(meta.layout.shape)} {meta.layout.dtype}, expected {list(layout.shape)} {layout.dtype}"
         )
+
+
+def check_ours(meta: RecordMeta, serde: SerdeIdentity | None, key: str | None) -> None:
+    """Raise :class:`~kvtier.errors.ForeignRecordError` if an (intact) record was written by another serde
+    pipeline or for another key than expected: not ours, so a miss that is left in place."""
+    if serde is not None and meta.serde != serde:
+        raise ForeignRecordError(
+            f"record was written by serde {meta.serde.name!r} with another config, expected {serde.name!r}"
+        )
+    if key is not None and meta.key != key:
+        raise ForeignRecordError(f"record belongs to key {meta.key!r}, expected {key!r}")
+
+
+_AD_MAGIC = b"KVTR-AD1"
+
+
+def associated_data(meta: RecordMeta) -> bytes:
+    """The header fields fixed before encoding, as the associated data of an authenticated stage: the serde
+    identity (name and config hash), the layout (dtype, KV format, shape) and the object key (which carries the
+    salt's digest). A record moved under another key, relabelled with another layout or read by another
+    pipeline then fails authentication, even when its (unkeyed) checksum was recomputed."""
+    name, key = _encoded(meta)
+    flags = _FLAG_KV_LAYOUT if meta.layout.kv_format is KVFormat.KV_LAYER_TOKEN_HIDDEN else 0
+    shape = meta.layout.shape
+    return b"".join(
+        [
+            _AD_MAGIC,
+            meta.serde.config_hash,
+            struct.pack("<B", len(name)),
+            name,
+            struct.pack("<BBB", DTYPE_CODES[meta.layout.dtype], flags, len(shape)),
+            struct.pack(f"<{len(shape)}Q", *shape),
+            struct.pack("<H", len(key)),
+            key,
+        ]
+    )

@@ -1,11 +1,11 @@
 """L2 adapters: the contract (:mod:`.base`), the registry and the built-in backends."""
 
-from kvtier.storage.adapters.base import MISS, L2Adapter
-from kvtier.storage.adapters.faulty import FaultyAdapter, faulty_factory
-from kvtier.storage.adapters.fs import FSAdapter, fs_factory
-from kvtier.storage.adapters.memory import MemoryAdapter, memory_factory
-from kvtier.storage.adapters.redis_adapter import RedisAdapter, redis_factory
-from kvtier.storage.adapters.registry import (
+from kvtier.l2.adapters.base import MISS, L2Adapter
+from kvtier.l2.adapters.faulty import FaultyAdapter, faulty_factory
+from kvtier.l2.adapters.fs import FSAdapter, fs_factory
+from kvtier.l2.adapters.memory import MemoryAdapter, memory_factory
+from kvtier.l2.adapters.redis import RedisAdapter, redis_factory
+from kvtier.l2.adapters.registry import (
     create_backend,
     create_l2_adapter,
     register_l2_adapter,

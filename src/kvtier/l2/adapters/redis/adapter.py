@@ -28,8 +28,10 @@ and tensor memory) straight to the socket: no joined copy on the client. If the 
 outcome is unknown to the client: the batch is reported failed and its keys are deleted at the next chance (by
 the serde layer); whatever is found meanwhile is whole, checked records.
 
-Loads. A batch of ``GET`` commands is one pipeline (at most ``_LOAD_WINDOW`` bytes of destinations in flight) whose
-replies are received from the socket straight into the caller's buffers: no ``bytes`` object per value, no copy.
+Loads. A batch of ``GET`` commands is one pipeline (at most ``_LOAD_WINDOW`` bytes in flight) whose replies are
+received from the socket straight into the caller's buffers: no ``bytes`` object per value, no copy. A tier load
+(:meth:`RedisAdapter._load_with`) reads each value's header first and lets the tier choose the buffers for the rest
+in the same reply stream: one round trip per batch.
 A value of another type under a record key reads as an empty record, so the serde layer counts it damaged and
 removes it.
 
@@ -41,10 +43,12 @@ bounds its memory. With ``maxmemory-policy noeviction`` a full server answers
 ``allkeys-lru`` Redis may evict records itself, and the accounting of such a record is dropped when a load or an
 eviction meets it.
 
-Faults. Connection refused, timeouts and a server restart fail the batch at hand with the builtin
-``ConnectionError`` / ``TimeoutError`` (both ``OSError``), counted in :meth:`RedisAdapter.stats` and logged once
-per outage, not per batch or key. Every operation is idempotent, so a batch that hits a dead pooled connection is
-retried once on a fresh one; after a restart of Redis the next batch reconnects by itself.
+Faults. Connection refused, timeouts and a server restart fail the batch at hand with
+:class:`~kvtier.errors.L2Error` (as :class:`RedisUnreachable` / :class:`RedisTimeout`, also the builtin
+``ConnectionError`` / ``TimeoutError``); any other failure of the server is an ``L2Error`` too. Counted in
+:meth:`RedisAdapter.stats` and logged once per outage, not per batch or key. Every operation is idempotent, so a
+batch that hits a dead pooled connection is retried once on a fresh one; after a restart of Redis the next batch
+reconnects by itself.
 
 Cluster. With ``cluster: true`` records spread over the cluster's nodes by key slot (redis-py's ``RedisCluster``
 routes each command). A batch is a pipeline of ``SET``\\ s (each record atomic) whose keys are deleted again
@@ -58,24 +62,22 @@ cannot reach records on other slots, so ``max_capacity_gb`` is refused with a cl
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
-from kvtier.config import ConfigReader
-from kvtier.errors import BatchError, CapacityError, ConfigError
-from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter, scatter, total_length
+from kvtier.errors import BatchError, CapacityError, ConfigError, L2Error
+from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.adapters.redis.config import redact_url
+from kvtier.l2.adapters.redis.io import Packer, RespReader, is_wrong_type
+from kvtier.l2.adapters.redis.scripts import ACCOUNT_SCRIPT, DELETE_SCRIPT, TOUCH_SCRIPT
 
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 T = TypeVar("T")
 
-# Values above this many bytes go to the socket as their own buffer; smaller pieces are coalesced into one send.
-_INLINE_LIMIT = 16 * 1024
 # Failures other than an outage (a full server fails every store) are logged at most this often per kind.
 _LOG_EVERY_S = 60.0
 # A load pipeline fetches at most this many bytes of destinations at once: the server buffers the replies of a
@@ -83,144 +85,13 @@ _LOG_EVERY_S = 60.0
 # chunks must not be in flight at the same time.
 _LOAD_WINDOW = 256 << 20
 
-# KEYS: used, sizes, lru, clock. ARGV: capacity (-1: none), local (1: records share this node, 0: a cluster),
-# n, then n pairs (record key, size). Accounts the records the same pipeline just SET (on one node: those that
-# landed; a cluster script may not touch keys of other slots, and it runs only after every SET succeeded), then
-# evicts least recently used records (never one of this batch) until the bound holds (one node only).
-# Returns {records evicted, bytes used}.
-_ACCOUNT_SCRIPT = """
-local used_k, sizes_k, lru_k, clock_k = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local cap = tonumber(ARGV[1])
-local here = ARGV[2] == '1'
-local n = tonumber(ARGV[3])
-local clock = redis.call('INCRBY', clock_k, n) - n
-local batch = {}
-for i = 0, n - 1 do
-  local key, size = ARGV[4 + 2 * i], tonumber(ARGV[5 + 2 * i])
-  local old = redis.call('HGET', sizes_k, key)
-  if old then redis.call('DECRBY', used_k, old) end
-  if not here or redis.call('EXISTS', key) == 1 then
-    redis.call('HSET', sizes_k, key, size)
-    redis.call('INCRBY', used_k, size)
-    redis.call('ZADD', lru_k, clock + i + 1, key)
-    batch[key] = true
-  elseif old then
-    redis.call('HDEL', sizes_k, key)
-    redis.call('ZREM', lru_k, key)
-  end
-end
-local evicted = 0
-if cap >= 0 and here then
-  while tonumber(redis.call('GET', used_k) or '0') > cap do
-    local victim = redis.call('ZRANGE', lru_k, 0, 0)[1]
-    if not victim or batch[victim] then break end
-    redis.call('ZREM', lru_k, victim)
-    local size = redis.call('HGET', sizes_k, victim)
-    if size then
-      redis.call('HDEL', sizes_k, victim)
-      redis.call('DECRBY', used_k, size)
-    end
-    redis.call('UNLINK', victim)
-    evicted = evicted + 1
-  end
-end
-return {evicted, tonumber(redis.call('GET', used_k) or '0')}
-"""
 
-# KEYS: used, sizes, lru. ARGV: unlink (1: delete the records too, 0: only their accounting, as a cluster must),
-# then record keys. Returns the bytes used.
-_DELETE_SCRIPT = """
-local used_k, sizes_k, lru_k = KEYS[1], KEYS[2], KEYS[3]
-local unlink = ARGV[1] == '1'
-for i = 2, #ARGV do
-  local key = ARGV[i]
-  if unlink then redis.call('UNLINK', key) end
-  local size = redis.call('HGET', sizes_k, key)
-  if size then
-    redis.call('HDEL', sizes_k, key)
-    redis.call('DECRBY', used_k, size)
-  end
-  redis.call('ZREM', lru_k, key)
-end
-return tonumber(redis.call('GET', used_k) or '0')
-"""
-
-# KEYS: used, sizes, lru, clock. ARGV: record keys just loaded. A present record becomes the most recently used;
-# the accounting of an absent one (evicted by the server's own policy, deleted by hand) is dropped. Returns the
-# bytes used.
-_TOUCH_SCRIPT = """
-local used_k, sizes_k, lru_k, clock_k = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local clock = redis.call('INCRBY', clock_k, #ARGV) - #ARGV
-for i, key in ipairs(ARGV) do
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('ZADD', lru_k, 'XX', clock + i, key)
-  else
-    local size = redis.call('HGET', sizes_k, key)
-    if size then
-      redis.call('HDEL', sizes_k, key)
-      redis.call('DECRBY', used_k, size)
-      redis.call('ZREM', lru_k, key)
-    end
-  end
-end
-return tonumber(redis.call('GET', used_k) or '0')
-"""
+class RedisUnreachable(L2Error, ConnectionError):
+    """The Redis server cannot be reached (refused, reset, closed): an :class:`L2Error` and a ``ConnectionError``."""
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its password (for logs, stats and errors)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def check_url(url: str, cluster: bool, where: str) -> None:
-    """Reject a URL redis-py would not accept, naming the field; pure parsing, no connection."""
-    from redis.connection import parse_url
-
-    field = f"{where}.url"
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"{field}: expected a redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH URL, "
-            f"got scheme {scheme!r} in {redact_url(url)!r}"
-        )
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-        kwargs: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        raise ConfigError(f"{field}: {exc} in {redact_url(url)!r}") from exc
-    if scheme == "unix":
-        if not parts.path:
-            raise ConfigError(f"{field}: a unix:// URL needs a socket path, got {redact_url(url)!r}")
-        if cluster:
-            raise ConfigError(f"{field}: a cluster is reached over TCP (redis:// or rediss://), not a unix socket")
-    else:
-        if not parts.hostname:
-            raise ConfigError(f"{field}: expected a host name in {redact_url(url)!r}")
-        if port == 0:
-            raise ConfigError(f"{field}: expected a port in 1-65535, got 0")
-        path = parts.path.strip("/")
-        if path and not path.isdigit():
-            raise ConfigError(f"{field}: the path must be a database number (/0, /1, ...), got {parts.path!r}")
-    db = kwargs.get("db", 0)
-    if not isinstance(db, int) or db < 0:
-        raise ConfigError(f"{field}: expected a database number >= 0, got {db!r}")
-    if cluster and db != 0:
-        raise ConfigError(f"{field}: a Redis Cluster has only database 0, got {db}")
-
-
-def check_key_prefix(prefix: str, where: str) -> None:
-    if not 1 <= len(prefix) <= 200 or any(c.isspace() or not c.isprintable() or c in "{}@" for c in prefix):
-        raise ConfigError(
-            f"{where}.key_prefix: expected 1-200 printable characters without spaces, '{{', '}}' or '@', got {prefix!r}"
-        )
+class RedisTimeout(L2Error, TimeoutError):
+    """A Redis command timed out: an :class:`L2Error` and a ``TimeoutError``."""
 
 
 class _Outage:
@@ -321,6 +192,7 @@ class RedisAdapter(L2Adapter):
         self._health = _Outage(redact_url(url))
         self._client: Any = None
         self._last_used = 0
+        self._largest_seen = 0  # bytes of the largest record loaded so far
 
     # -- resources --------------------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -366,13 +238,13 @@ class RedisAdapter(L2Adapter):
                 result = op()
             except rx.TimeoutError as exc:
                 self._health.failed("timeouts", exc)
-                raise TimeoutError(f"redis {self._health.name}: {exc}") from exc
+                raise RedisTimeout(f"redis {self._health.name}: {exc}") from exc
             except rx.ConnectionError as exc:
                 # After a server restart the pool may hand out a socket that is already dead: one fresh try.
                 if attempt == 0 and not isinstance(exc, rx.AuthenticationError):
                     continue
                 self._health.failed("connection_errors", exc)
-                raise ConnectionError(f"redis {self._health.name}: {exc}") from exc
+                raise RedisUnreachable(f"redis {self._health.name}: {exc}") from exc
             except CapacityError as exc:
                 self._health.failed("oom_errors", exc)
                 raise
@@ -381,9 +253,7 @@ class RedisAdapter(L2Adapter):
                     self._health.failed("oom_errors", exc)
                     raise CapacityError(f"redis {self._health.name} is out of memory: {exc}") from exc
                 self._health.failed("other_errors", exc)
-                if isinstance(exc, BatchError):
-                    raise
-                raise BatchError(f"redis {self._health.name}: {exc}") from exc
+                raise L2Error(f"redis {self._health.name}: {exc}") from exc
             self._health.ok()
             return result
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
@@ -443,14 +313,14 @@ class RedisAdapter(L2Adapter):
         """One pipeline: SET per record, then the accounting script; packed by hand so that each value is sent
         from its own buffers (redis-py packs one buffer per argument: header + payload would need a joined copy).
         Returns the number of records evicted."""
-        out = _Packer()
+        out = Packer()
         for key, parts in zip(full, views, strict=True):
             out.command([b"SET", key.encode(), parts])
         cap = -1 if self._capacity is None else self._capacity
         args = [str(cap), "1", str(len(full))]
         for key, size in zip(full, sizes, strict=True):
             args += [key, str(size)]
-        script = [_ACCOUNT_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta), *(a.encode() for a in args)]
+        script = [ACCOUNT_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta), *(a.encode() for a in args)]
         out.command([b"EVAL", *script])
         replies = self._send(out.finish(), len(full) + 1)
         errors: dict[int, BaseException] = {i: r for i, r in enumerate(replies) if isinstance(r, Exception)}
@@ -496,7 +366,7 @@ class RedisAdapter(L2Adapter):
             args: list[str] = ["-1", "0", str(len(full))]
             for key, size in zip(full, sizes, strict=True):
                 args += [key, str(size)]
-            _, used = self._client.eval(_ACCOUNT_SCRIPT, 4, *self._meta, *args)
+            _, used = self._client.eval(ACCOUNT_SCRIPT, 4, *self._meta, *args)
             self._last_used = int(used)
         except BaseException:
             self._delete_cluster_quietly(full)
@@ -510,7 +380,7 @@ class RedisAdapter(L2Adapter):
         self._drop_accounting(full)
 
     def _drop_accounting(self, full: list[str]) -> None:
-        self._last_used = int(self._client.eval(_DELETE_SCRIPT, 3, *self._meta[:3], "0", *full))
+        self._last_used = int(self._client.eval(DELETE_SCRIPT, 3, *self._meta[:3], "0", *full))
 
     def _delete_cluster_quietly(self, full: list[str]) -> None:
         from redis import exceptions as rx
@@ -539,20 +409,84 @@ class RedisAdapter(L2Adapter):
             start = end
         return out
 
-    def _get_into(self, full: list[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
-        """Pipelined GETs whose values are received straight into the caller's buffers (no ``bytes`` per value,
-        no copy), then the recency / accounting touch."""
-        out = _Packer()
+    def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
+        """One pipelined ``GET`` per record, each value received header first into ``prepare``'s buffers."""
+        full = [self._key(k) for k in keys]
+        out: list[int] = []
+        # Sizes are unknown before the replies come: bound the bytes in flight by the largest record seen so far.
+        window = max(1, _LOAD_WINDOW // (self._largest_seen or 32 << 20))  # a 32 MiB chunk until one is seen
+        for start in range(0, len(full), window):
+            part = full[start : start + window]
+
+            def at(j: int, head: memoryview, length: int, base: int = start) -> Sequence[Buffer] | None:
+                self._largest_seen = max(self._largest_seen, length)
+                return prepare(base + j, head, length)
+
+            if self.cluster:
+                out += self._run(lambda: self._get_cluster_with(part, head_size, at))  # noqa: B023 - runs right here
+            else:
+                out += self._run(lambda: self._get_with(part, head_size, at))  # noqa: B023 - runs right here
+        return out
+
+    def _get_with(self, full: list[str], head_size: int, prepare: Prepare) -> list[int]:
+        out = Packer()
         for key in full:
             out.command([b"GET", key.encode()])
         out.command(
-            [b"EVAL", _TOUCH_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta), *(k.encode() for k in full)]
+            [b"EVAL", TOUCH_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta), *(k.encode() for k in full)]
         )
         pool = self._client.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command(out.finish())
-            reader = _RespReader(conn)
+            reader = RespReader(conn)
+            lengths = [reader.bulk_with(j, head_size, prepare) for j in range(len(full))]
+            self._last_used = reader.integer()
+        except BaseException:
+            conn.disconnect()  # the stream may be mid-reply: this socket must not serve another batch
+            raise
+        finally:
+            pool.release(conn)
+        return lengths
+
+    def _get_cluster_with(self, full: list[str], head_size: int, prepare: Prepare) -> list[int]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in full:
+            pipe.get(key)
+        out = []
+        missing = []
+        for j, (key, value) in enumerate(zip(full, pipe.execute(raise_on_error=False), strict=True)):
+            if isinstance(value, Exception):
+                if not is_wrong_type(value):
+                    raise value
+                out.append(0)  # not a string: unusable, so the tier counts a damaged record and removes it
+                continue
+            if value is None:
+                out.append(MISS)
+                missing.append(key)
+                continue
+            bufs = prepare(j, memoryview(value)[:head_size], len(value))
+            if bufs is not None:
+                scatter(value, bufs)
+            out.append(len(value))
+        if missing:  # evicted by a node's own policy, or deleted by hand: drop their accounting
+            self._drop_accounting(missing)
+        return out
+
+    def _get_into(self, full: list[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
+        """Pipelined GETs whose values are received straight into the caller's buffers (no ``bytes`` per value,
+        no copy), then the recency / accounting touch."""
+        out = Packer()
+        for key in full:
+            out.command([b"GET", key.encode()])
+        out.command(
+            [b"EVAL", TOUCH_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta), *(k.encode() for k in full)]
+        )
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(out.finish())
+            reader = RespReader(conn)
             lengths = [reader.bulk_into(dst) for dst in dsts]
             self._last_used = reader.integer()
         except BaseException:
@@ -570,7 +504,7 @@ class RedisAdapter(L2Adapter):
         missing = []
         for key, value, dst in zip(full, pipe.execute(raise_on_error=False), dsts, strict=True):
             if isinstance(value, Exception):
-                if not _is_wrong_type(value):
+                if not is_wrong_type(value):
                     raise value
                 out.append(0)  # not a string: unusable, so the serde layer counts a damaged record and removes it
                 continue
@@ -599,7 +533,7 @@ class RedisAdapter(L2Adapter):
             for i in range(len(full)):
                 exists, head = res[2 * i], res[2 * i + 1]
                 for r in (exists, head):
-                    if isinstance(r, Exception) and not _is_wrong_type(r):
+                    if isinstance(r, Exception) and not is_wrong_type(r):
                         raise r
                 if isinstance(exists, Exception) or not exists:
                     heads.append(None)
@@ -628,7 +562,7 @@ class RedisAdapter(L2Adapter):
             self._run(lambda: self._delete_records(full))
 
     def _delete_records(self, full: list[str]) -> None:
-        self._last_used = int(self._client.eval(_DELETE_SCRIPT, 3, *self._meta[:3], "1", *full))
+        self._last_used = int(self._client.eval(DELETE_SCRIPT, 3, *self._meta[:3], "1", *full))
 
     def stats(self) -> dict[str, Any]:
         with self._health._lock:
@@ -643,146 +577,6 @@ class RedisAdapter(L2Adapter):
         }
 
 
-class _Packer:
-    """RESP commands as a list of buffers: small pieces coalesced, large values referenced, never copied."""
-
-    def __init__(self) -> None:
-        self.buffers: list[Buffer] = []
-        self._small = bytearray()
-
-    def command(self, args: Sequence[bytes | Sequence[memoryview]]) -> None:
-        self._small += b"*%d\r\n" % len(args)
-        for arg in args:
-            parts: Sequence[Buffer] = [arg] if isinstance(arg, bytes) else arg
-            self._small += b"$%d\r\n" % sum(memoryview(p).nbytes for p in parts)
-            for part in parts:
-                if memoryview(part).nbytes > _INLINE_LIMIT:
-                    self.buffers.append(bytes(self._small))
-                    self._small.clear()
-                    self.buffers.append(part)
-                else:
-                    self._small += part
-            self._small += b"\r\n"
-
-    def finish(self) -> list[Buffer]:
-        """The buffers to send, in order."""
-        if self._small:
-            self.buffers.append(bytes(self._small))
-            self._small.clear()
-        return self.buffers
-
-
-class _RespReader:
-    """Reads RESP replies from a redis-py connection's socket, bulk strings straight into caller buffers.
-
-    redis-py returns every bulk reply as a fresh ``bytes`` built through several intermediate copies; a 32 MiB
-    chunk would be copied three times before reaching its tensor. The pool hands out a connection only after
-    checking that nothing is pending on it, the reader consumes exactly the replies of the commands just sent,
-    and the caller drops the connection on any error, so redis-py's own parser never sees a half-read stream.
-    """
-
-    _READ_AHEAD = 64 * 1024
-
-    def __init__(self, conn: Any) -> None:
-        from redis import exceptions as rx
-
-        self._rx = rx
-        sock = getattr(conn, "_sock", None)
-        if sock is None:
-            raise rx.ConnectionError("connection closed before the replies were read")
-        self._sock: socket.socket = sock
-        self._buf = bytearray()
-        self._pos = 0
-
-    def _recv_more(self) -> None:
-        chunk = self._recv(lambda: self._sock.recv(self._READ_AHEAD))
-        del self._buf[: self._pos]
-        self._pos = 0
-        self._buf += chunk
-
-    def _recv(self, fn: Callable[[], T]) -> T:
-        try:
-            result = fn()
-        except TimeoutError as exc:  # socket.timeout
-            raise self._rx.TimeoutError("Timeout reading from socket") from exc
-        except OSError as exc:
-            raise self._rx.ConnectionError(f"Error while reading from socket: {exc}") from exc
-        if not result:
-            raise self._rx.ConnectionError("Connection closed by server.")
-        return result
-
-    def _line(self) -> bytes:
-        while True:
-            end = self._buf.find(b"\r\n", self._pos)
-            if end >= 0:
-                line = bytes(self._buf[self._pos : end])
-                self._pos = end + 2
-                if line[:1] == b"-":
-                    message = line[1:].decode(errors="replace")
-                    if message.startswith("OOM"):
-                        raise self._rx.OutOfMemoryError(message)
-                    raise self._rx.ResponseError(message)
-                return line
-            self._recv_more()
-
-    def _fill(self, view: memoryview) -> None:
-        """Fill ``view`` exactly: first from the read-ahead, then straight from the socket."""
-        have = min(len(self._buf) - self._pos, len(view))
-        if have:
-            view[:have] = self._buf[self._pos : self._pos + have]
-            self._pos += have
-        while have < len(view):
-            have += self._recv(lambda: self._sock.recv_into(view[have:]))  # noqa: B023 - called at once
-
-    def bulk_into(self, dst: Sequence[Buffer]) -> int:
-        """Read one bulk reply into ``dst`` (in order, as far as it reaches); its length, or MISS for nil."""
-        try:
-            line = self._line()
-        except self._rx.ResponseError as exc:
-            if _is_wrong_type(exc):
-                return 0  # not a string: unusable, so the serde layer counts a damaged record and removes it
-            raise
-        if line == b"_":  # RESP3 null
-            return MISS
-        if line[:1] == b"!":  # RESP3 blob error
-            message = self._blob(int(line[1:])).decode(errors="replace")
-            raise (self._rx.OutOfMemoryError if message.startswith("OOM") else self._rx.ResponseError)(message)
-        if line[:1] != b"$":
-            raise self._rx.InvalidResponse(f"expected a bulk string, got {line[:40]!r}")
-        n = int(line[1:])
-        if n < 0:
-            return MISS
-        left = n
-        for buf in dst:
-            view = memoryview(buf).cast("B")
-            take = min(len(view), left)
-            self._fill(view[:take])
-            left -= take
-        scratch = memoryview(bytearray(min(left, self._READ_AHEAD)))
-        while left:  # the record is larger than the buffers: the caller only needs its length
-            take = min(left, len(scratch))
-            self._fill(scratch[:take])
-            left -= take
-        self._fill(memoryview(bytearray(2)))  # the CRLF after the value
-        return n
-
-    def _blob(self, n: int) -> bytes:
-        data = bytearray(n + 2)
-        self._fill(memoryview(data))
-        return bytes(data[:n])
-
-    def integer(self) -> int:
-        line = self._line()
-        if line[:1] != b":":
-            raise self._rx.InvalidResponse(f"expected an integer, got {line[:40]!r}")
-        return int(line[1:])
-
-
-def _is_wrong_type(exc: BaseException) -> bool:
-    """A reply saying the key holds another type than a string (someone else's data under our prefix)."""
-    return str(exc).startswith("WRONGTYPE")
-
-
 def _is_oom(exc: BaseException) -> bool:
     from redis import exceptions as rx
 
@@ -791,34 +585,3 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, BatchError):
         return any(_is_oom(e) for e in exc.errors.values())
     return False
-
-
-def redis_factory(config: dict[str, Any], where: str) -> RedisAdapter:
-    reader = ConfigReader(config, where)
-    url = reader.string("url")
-    cluster = reader.boolean("cluster", False)
-    key_prefix = reader.string("key_prefix", "kvtier")
-    gb = reader.number("max_capacity_gb", None, min=0.0)
-    timeout_s = reader.number("timeout_s", 10.0, min=0.001)
-    connect_timeout_s = reader.number("connect_timeout_s", 5.0, min=0.001)
-    max_connections = reader.integer("max_connections", 64, min=1)
-    reader.finish()
-    check_url(url, cluster, where)
-    check_key_prefix(key_prefix, where)
-    if cluster and gb is not None:
-        raise ConfigError(
-            f"{where}.max_capacity_gb: not supported with cluster: true "
-            "(the accounting script cannot reach records on other slots); bound each node with maxmemory "
-            "and allkeys-lru"
-        )
-    if gb is not None and gb <= 0:
-        raise ConfigError(f"{where}.max_capacity_gb: expected a value > 0, got {gb!r}")
-    return RedisAdapter(
-        url,
-        cluster=cluster,
-        key_prefix=key_prefix,
-        capacity_bytes=None if gb is None else max(1, int(gb * GiB)),
-        timeout_s=timeout_s,
-        connect_timeout_s=connect_timeout_s,
-        max_connections=max_connections,
-    )

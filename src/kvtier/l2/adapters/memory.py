@@ -9,7 +9,7 @@ from typing import Any
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError
-from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter, scatter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
 
 GiB = 1 << 30
 
@@ -68,6 +68,22 @@ class MemoryAdapter(L2Adapter):
                 continue
             if len(data) <= total_length(dst):
                 scatter(data, dst)
+            out.append(len(data))
+        return out
+
+    def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
+        out = []
+        for i, key in enumerate(keys):
+            with self._lock:
+                data = self._records.get(key)
+                if data is not None:
+                    self._records.move_to_end(key)
+            if data is None:
+                out.append(MISS)
+                continue
+            bufs = prepare(i, memoryview(data)[:head_size], len(data))
+            if bufs is not None:
+                scatter(data, bufs)
             out.append(len(data))
         return out
 

@@ -2,9 +2,10 @@
 
 An L2 adapter (local disk, memory, Redis, ...) knows nothing about tensors, serdes or the record format. It stores,
 loads, tests and deletes *records*: byte strings under string keys (``ObjectKey.to_str()``). One shared layer,
-:class:`kvtier.storage.serde_layer.L2Tier`, sits above every adapter and does the rest: it runs the adapter's
-serde, frames the payload as a :mod:`kvtier.record`, checks every record it loads and turns damaged or foreign
-records into misses (and deletes them). A new backend therefore implements only bytes I/O.
+:class:`kvtier.l2.tier.L2Tier`, sits above every adapter and does the rest: it runs the adapter's
+serde, frames the payload as a :mod:`kvtier.l2.record`, checks every record it loads and turns damaged records
+into misses it deletes, foreign ones into misses it leaves in place. A new backend therefore implements only
+bytes I/O.
 
 Contract for every implementation (the conformance suite :class:`kvtier.testing.L2AdapterTests` checks it):
 
@@ -14,9 +15,16 @@ Contract for every implementation (the conformance suite :class:`kvtier.testing.
 * **Scatter / gather.** A record to store is a sequence of buffers (e.g. a small header and the tensor's own
   memory) written back to back; ``load_records`` reads a record into a sequence of caller buffers, so a raw
   payload can land straight in its destination. Neither keeps references to the buffers after returning.
+* **One read per record.** :meth:`L2Adapter.load_records_with` reads a record once: the adapter learns its
+  length, reads its first bytes (the header), asks the caller where the whole record goes (the caller checks the
+  header against the length before it allocates anything) and reads the rest there. The default is built on
+  ``_load`` and ``_read_heads`` (up to three round trips); a backend overrides ``_load_with`` to do it in one.
 * **Errors.** A missing key is not an error (``load_records`` reports ``MISS``). A failure of the backend itself
-  raises: :class:`~kvtier.errors.CapacityError` when a record cannot fit (larger than the capacity, disk full),
-  :class:`~kvtier.errors.BatchError` or ``OSError`` for I/O failures.
+  (I/O, timeout, outage) raises :class:`~kvtier.errors.L2Error`, the one backend error: the public methods
+  translate any ``OSError`` a backend raises into it, and a backend translates its client library's own errors
+  (redis-py's) at its boundary. :class:`~kvtier.errors.CapacityError` says a record cannot fit (larger than the
+  capacity, disk full). Anything else (``TypeError``, ``ValueError``, ...) is a bug or a caller's mistake and
+  reaches the caller unchanged.
 * **Capacity.** ``capacity_bytes`` (``None``: unbounded) bounds ``used_bytes``, the bytes of stored records. A
   bounded adapter evicts to make room; a record larger than the capacity raises ``CapacityError``.
 * **Lazy resources.** Constructing an adapter checks its config and nothing else: files, connections and
@@ -29,15 +37,24 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from kvtier.config import canonical_json
+from kvtier.errors import L2Error
 
 #: ``load_records`` result for a key that holds no record.
 MISS = -1
 
 Buffer = Any  # anything memoryview() accepts: bytes, bytearray, memoryview, numpy array
+
+#: ``prepare(index, head, length)``: ``head`` is the first ``min(head_size, length)`` bytes of record ``index``
+#: (valid only during the call), ``length`` its whole length; returns the buffers the whole record (head
+#: included) is read into, back to back, or ``None`` to skip the record (nothing more of it is read). Called in
+#: the thread that called :meth:`L2Adapter.load_records_with`, in key order; what it raises reaches that caller.
+Prepare = Callable[[int, memoryview, int], Sequence[Buffer] | None]
+
+T = TypeVar("T")
 
 
 class L2Adapter(ABC):
@@ -84,6 +101,42 @@ class L2Adapter(ABC):
     def _delete(self, keys: Sequence[str]) -> None:
         """Remove the records of ``keys``; absent keys are ignored."""
 
+    def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
+        """Read each record once through ``prepare`` (see :data:`Prepare`); return its length or :data:`MISS`.
+
+        This default works for any backend from ``_load`` and ``_read_heads``: a first load into a
+        ``head_size`` buffer gives each record's length (and all of a small one), ``_read_heads`` the head of a
+        larger one, and a second load reads it whole into the buffers ``prepare`` gave. A record replaced
+        between those calls reports its new length, which the caller sees differ and treats as a miss. Override
+        it to read each record in one go (every built-in adapter does).
+        """
+        heads = [bytearray(head_size) for _ in keys]
+        lengths = self._load(keys, [[h] for h in heads])
+        out = list(lengths)
+        big = [i for i, n in enumerate(lengths) if n > head_size]
+        big_heads = self._read_heads([keys[i] for i in big], head_size) if big else []
+        later: list[tuple[int, Sequence[Buffer]]] = []
+        for i, n in enumerate(lengths):
+            if n == MISS:
+                continue
+            if n <= head_size:
+                bufs = prepare(i, memoryview(heads[i])[:n], n)
+                if bufs is not None:
+                    scatter(memoryview(heads[i])[:n], bufs)
+                continue
+            head = big_heads[big.index(i)]
+            if head is None or len(head) < head_size:  # deleted or replaced by a shorter record meanwhile
+                out[i] = MISS if head is None else len(head)
+                continue
+            bufs = prepare(i, memoryview(head), n)
+            if bufs is not None:
+                later.append((i, bufs))
+        if later:
+            again = self._load([keys[i] for i, _ in later], [bufs for _, bufs in later])
+            for (i, _), n in zip(later, again, strict=True):
+                out[i] = n
+        return out
+
     def _will_load(self, keys: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """Optional: start fetching these records (read-ahead); the default does nothing."""
 
@@ -106,8 +159,7 @@ class L2Adapter(ABC):
         """Store a batch of records, all or nothing (see the module docstring)."""
         _same_length(keys, records, "records")
         if keys:
-            self._ensure_started()
-            self._store(keys, records)
+            self._call("store", self._store, keys, records)
 
     def load_records(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
         """Read each record into the buffers ``dsts[i]`` (filled in order) and return its stored length, or
@@ -116,36 +168,51 @@ class L2Adapter(ABC):
         _same_length(keys, dsts, "dsts")
         if not keys:
             return []
-        self._ensure_started()
-        return self._load(keys, dsts)
+        return self._call("load", self._load, keys, dsts)
+
+    def load_records_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
+        """Read each record once, header first: ``prepare(i, head, length)`` sees the first ``head_size`` bytes
+        and the length of record ``i`` and returns where the whole record goes (``None``: skip it). Returns each
+        record's length (``MISS`` when absent). The caller compares it with the length ``prepare`` saw: they
+        differ only when the record was replaced meanwhile, and the buffers then hold no usable record."""
+        if not keys:
+            return []
+        return self._call("load", self._load_with, keys, head_size, prepare)
 
     def will_load(self, keys: Sequence[str]) -> None:
         """A hint that ``keys`` are about to be loaded, so a backend can start reading them (the fs adapter
         issues read-ahead) while the caller decodes earlier records. Best effort: never raises for a miss."""
         if keys:
-            self._ensure_started()
-            self._will_load(keys)
+            self._call("read-ahead", self._will_load, keys)
 
     def read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
         """The first ``size`` bytes of each record (all of it when shorter), ``None`` when absent: enough to
         parse a record header and learn the layout before loading."""
         if not keys:
             return []
-        self._ensure_started()
-        return self._read_heads(keys, size)
+        return self._call("read_heads", self._read_heads, keys, size)
 
     def contains(self, keys: Sequence[str]) -> list[bool]:
         """Whether each key holds a record (a damaged record still counts until a load finds it damaged)."""
         if not keys:
             return []
-        self._ensure_started()
-        return self._contains(keys)
+        return self._call("contains", self._contains, keys)
 
     def delete(self, keys: Sequence[str]) -> None:
         """Remove the records of ``keys``; absent keys are ignored."""
         if keys:
+            self._call("delete", self._delete, keys)
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Start the adapter if needed and run one backend operation, translating a backend failure (any
+        ``OSError``) into :class:`~kvtier.errors.L2Error` at this boundary."""
+        try:
             self._ensure_started()
-            self._delete(keys)
+            return fn(*args)
+        except L2Error:
+            raise
+        except OSError as exc:
+            raise L2Error(f"L2 {self.type_name or type(self).__name__}: {what} failed: {exc}") from exc
 
     @property
     def started(self) -> bool:

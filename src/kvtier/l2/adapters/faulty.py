@@ -8,17 +8,19 @@ what a real backend reports, so the layers above can be tested on failure paths 
   ``OSError`` (a backend that fails mid-batch and keeps its all-or-nothing promise);
 * ``load_error``: every load / read_heads / contains batch raises it;
 * ``corrupt_loads``: flip one bit in the middle of every record a load returns (damage on the way back);
+* ``before_load``: called with the inner adapter and the batch's keys when a load starts, after the caller's
+  lookup: it may remove, damage or replace records there (a concurrent eviction, a writer sharing the store);
 * counters ``stores``, ``loads`` of batches seen.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvtier.config import ConfigReader
-from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter
+from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare
 
 
 class FaultyAdapter(L2Adapter):
@@ -31,6 +33,7 @@ class FaultyAdapter(L2Adapter):
         self.fail_store_after: int | None = None
         self.load_error: BaseException | None = None
         self.corrupt_loads = False
+        self.before_load: Callable[[L2Adapter, Sequence[str]], None] | None = None
         self.stores = 0
         self.loads = 0
 
@@ -57,11 +60,34 @@ class FaultyAdapter(L2Adapter):
         self.loads += 1
         if self.load_error is not None:
             raise self.load_error
+        if self.before_load is not None:
+            self.before_load(self.inner, keys)
         lengths = self.inner.load_records(keys, dsts)
         if self.corrupt_loads:
             for dst, length in zip(dsts, lengths, strict=True):
                 if length != MISS:
                     _flip_middle_bit(dst, length)
+        return lengths
+
+    def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
+        self.loads += 1
+        if self.load_error is not None:
+            raise self.load_error
+        if self.before_load is not None:
+            self.before_load(self.inner, keys)
+        given: dict[int, Sequence[Buffer]] = {}
+
+        def watch(i: int, head: memoryview, length: int) -> Sequence[Buffer] | None:
+            bufs = prepare(i, head, length)
+            if bufs is not None:
+                given[i] = bufs
+            return bufs
+
+        lengths = self.inner.load_records_with(keys, head_size, watch)
+        if self.corrupt_loads:
+            for i, bufs in given.items():
+                if lengths[i] != MISS:
+                    _flip_middle_bit(bufs, lengths[i])
         return lengths
 
     def _will_load(self, keys: Sequence[str]) -> None:
@@ -98,7 +124,7 @@ def _flip_middle_bit(dst: Sequence[Buffer], length: int) -> None:
 
 
 def faulty_factory(config: dict[str, Any], where: str) -> FaultyAdapter:
-    from kvtier.storage.adapters.registry import create_backend
+    from kvtier.l2.adapters.registry import create_backend
 
     reader = ConfigReader(config, where)
     inner = reader.raw("inner")

@@ -12,13 +12,20 @@
 * **Disk full.** A batch that meets ``ENOSPC`` removes its temporary files and raises ``CapacityError``;
   records already stored keep loading.
 
+* **One process per directory.** ``base_path`` holds a lock file (``.kvtier.lock``, ``flock``) taken by the
+  first operation and held until ``close()``: the index lives in memory, so a second process (or a second
+  adapter in this one) on the same ``base_path`` would evict and account behind its back. It is refused with a
+  :class:`~kvtier.errors.ConfigError` naming the path and the holder's pid; share one kvtier server instead.
+
 File names are ``<2 hex>/<32 hex>.kvtr``: a hash of the key (a key can be longer than a file name may be); the
-record header holds the key itself, so a load checks it.
+record header holds the key itself, so a load checks it. A key carries only its salt's digest, so no file name
+or record reveals a ``cache_salt``.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -31,14 +38,15 @@ import blake3
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError, ConfigError, IntegrityError
-from kvtier.record import MAX_HEADER_SIZE, parse_header
-from kvtier.storage.adapters.base import MISS, Buffer, L2Adapter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.record import MAX_HEADER_SIZE, parse_header
 from kvtier.storage.policies import POLICIES, create_policy
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
 SUFFIX = ".kvtr"
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".kvtier.lock"
 
 
 def file_name(key: str) -> str:
@@ -61,6 +69,7 @@ class FSAdapter(L2Adapter):
         self._used = 0  # bytes of indexed records plus room reserved by batches being written
         self._lock = threading.Lock()
         self._tmp_ids = itertools.count()
+        self._lock_fd: int | None = None
         self.counts = {"evictions": 0, "removed_at_start": 0, "disk_full": 0}
 
     @property
@@ -79,6 +88,7 @@ class FSAdapter(L2Adapter):
     # -- start: rebuild the index from the record headers -----------------------------------------------------
     def _start(self) -> None:
         self.base_path.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         found: list[tuple[float, str, int]] = []
         for shard in sorted(self.base_path.iterdir()):
             if not shard.is_dir() or len(shard.name) != 2:
@@ -100,6 +110,29 @@ class FSAdapter(L2Adapter):
         if self._capacity is not None and self._used > self._capacity:  # the capacity shrank since last run
             with self._lock:
                 self._evict_locked(self._used - self._capacity)
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.base_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"fs L2: base_path {str(self.base_path)!r} is in use by another kvtier adapter (pid {holder}); "
+                "give each process its own base_path, or share one kvtier server"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def _read_index_entry(self, path: Path) -> tuple[float, str, int] | None:
         try:
@@ -126,11 +159,15 @@ class FSAdapter(L2Adapter):
     def _store(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
         sizes = [total_length(r) for r in records]
         need = sum(sizes)
-        if self._capacity is not None and need > self._capacity:
-            raise CapacityError(f"fs L2: batch of {need} bytes exceeds max_capacity_gb ({self._capacity} bytes)")
+        latest = sum(dict(zip(keys, sizes, strict=True)).values())  # a key twice in a batch: the last one stays
+        if self._capacity is not None and latest > self._capacity:
+            raise CapacityError(f"fs L2: batch of {latest} bytes exceeds max_capacity_gb ({self._capacity} bytes)")
         with self._lock:
             if self._capacity is not None:
-                self._evict_locked(self._used + need - self._capacity)
+                # A record this batch replaces frees its bytes when the new one lands: credit them now, and never
+                # pick one of the batch's own keys as a victim, so a re-store at full capacity evicts nothing else.
+                replaced = sum(self._index.get(k, 0) for k in set(keys))
+                self._evict_locked(self._used + latest - replaced - self._capacity, protect=set(keys))
             self._used += need  # reserved now, so concurrent batches cannot overshoot the capacity together
         temps: list[tuple[Path, Path]] = []
         try:
@@ -188,13 +225,15 @@ class FSAdapter(L2Adapter):
             self._used -= size
             self._policy.remove(key)
 
-    def _evict_locked(self, need: int) -> None:
-        """Remove records, policy order, until ``need`` bytes are free."""
+    def _evict_locked(self, need: int, protect: set[str] | None = None) -> None:
+        """Remove records, policy order, until ``need`` bytes are free; never one of ``protect``."""
         if need <= 0:
             return
-        for key in self._policy.victims():
+        for key in list(self._policy.victims()):
             if need <= 0:
                 break
+            if protect and key in protect:
+                continue
             size = self._index.get(key, 0)
             self.path_for(key).unlink(missing_ok=True)
             self._drop_locked(key)
@@ -228,6 +267,47 @@ class FSAdapter(L2Adapter):
                 with self._lock:
                     self._policy.access(key)
                 out.append(size)
+            return out
+        finally:
+            for open_fd in fds:
+                if open_fd is not None:
+                    os.close(open_fd)
+
+    def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
+        """One read per record: ``pread`` of the head, ``prepare``, then ``preadv`` of the rest straight into the
+        buffers it gave (a raw payload lands in its destination tensor); the file is opened once."""
+        fds: list[int | None] = []
+        try:
+            for key in keys:
+                try:
+                    fd = os.open(self.path_for(key), os.O_RDONLY)
+                except FileNotFoundError:
+                    fds.append(None)
+                    continue
+                fds.append(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)  # the disk reads ahead while we check and decode
+            out = []
+            for i, (key, maybe_fd) in enumerate(zip(keys, fds, strict=True)):
+                if maybe_fd is None:
+                    with self._lock:
+                        self._drop_locked(key)  # removed behind our back: forget it
+                    out.append(MISS)
+                    continue
+                size = os.fstat(maybe_fd).st_size
+                head = os.pread(maybe_fd, min(head_size, size), 0)
+                bufs = prepare(i, memoryview(head), size)
+                got = size
+                if bufs is not None:
+                    scatter(head, bufs)
+                    if len(head) < size:
+                        # a file cut short under us (by hand: our own writes replace whole files) reads short: the
+                        # caller sees the length differ, a miss, instead of a failed batch
+                        end = min(size, total_length(bufs))
+                        reached = _read_exact(maybe_fd, bufs, end, start=len(head), eof_ok=True)
+                        got = size if reached == end else reached
+                with self._lock:
+                    self._policy.access(key)
+                out.append(got)
             return out
         finally:
             for open_fd in fds:
@@ -272,23 +352,34 @@ class FSAdapter(L2Adapter):
         return {**super().stats(), "records": records, **self.counts}
 
 
-def _read_exact(fd: int, dst: Sequence[Buffer], size: int) -> None:
-    """Fill the first ``size`` bytes of ``dst`` from ``fd`` (preadv, continued after short reads)."""
+def _read_exact(fd: int, dst: Sequence[Buffer], size: int, start: int = 0, eof_ok: bool = False) -> int:
+    """Fill bytes ``[start, size)`` of the concatenation of ``dst`` from the same bytes of ``fd`` (preadv,
+    continued after short reads); return the offset reached. An early end of file raises ``EIO``, or with
+    ``eof_ok`` ends the read there."""
     views = []
-    left = size
+    skip = start
+    left = size - start
     for b in dst:
         v = memoryview(b).cast("B")
         if left <= 0:
             break
+        if skip >= len(v):
+            skip -= len(v)
+            continue
+        v = v[skip:]
+        skip = 0
         views.append(v[: min(len(v), left)])
         left -= len(views[-1])
-    offset = 0
+    offset = start
     while views:
         n = os.preadv(fd, views, offset)
         if n == 0:
+            if eof_ok:
+                return offset
             raise OSError(errno.EIO, "record file shrank while being read")
         offset += n
         _advance(views, n)
+    return offset
 
 
 def _advance(views: list[memoryview], n: int) -> None:
