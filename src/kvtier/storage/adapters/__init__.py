@@ -4,6 +4,7 @@ from kvtier.storage.adapters.base import MISS, L2Adapter
 from kvtier.storage.adapters.faulty import FaultyAdapter, faulty_factory
 from kvtier.storage.adapters.fs import FSAdapter, fs_factory
 from kvtier.storage.adapters.memory import MemoryAdapter, memory_factory
+from kvtier.storage.adapters.object_store import ObjectStoreAdapter, object_store_factory
 from kvtier.storage.adapters.redis_adapter import RedisAdapter, redis_factory
 from kvtier.storage.adapters.registry import (
     create_backend,
@@ -13,7 +14,13 @@ from kvtier.storage.adapters.registry import (
     unregister_l2_adapter,
 )
 
-BUILTIN_ADAPTERS = {"fs": fs_factory, "memory": memory_factory, "faulty": faulty_factory, "redis": redis_factory}
+BUILTIN_ADAPTERS = {
+    "fs": fs_factory,
+    "memory": memory_factory,
+    "faulty": faulty_factory,
+    "redis": redis_factory,
+    "object_store": object_store_factory,
+}
 
 
 def register_builtin_adapters() -> None:
@@ -30,6 +37,7 @@ __all__ = [
     "FaultyAdapter",
     "L2Adapter",
     "MemoryAdapter",
+    "ObjectStoreAdapter",
     "RedisAdapter",
     "create_backend",
     "create_l2_adapter",
