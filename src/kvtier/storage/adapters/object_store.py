@@ -156,6 +156,7 @@ class _Health:
             "throttled": 0,
             "credential_errors": 0,
             "missing_bucket": 0,
+            "capacity_errors": 0,
             "other_errors": 0,
             "outages": 0,
             "evictions": 0,
@@ -284,6 +285,11 @@ class ObjectStoreAdapter(L2Adapter):
                 f"{type(exc).__name__}"
             ) from None
 
+    def new_client(self) -> Any:
+        """A fresh obstore client with this adapter's settings (for benchmarks and tools: the same endpoint,
+        credentials, timeouts and retries)."""
+        return self._build("l2_adapter")
+
     def _start(self) -> None:
         self._store_obj = self._build("l2_adapter")
         self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="kvtier-objstore")
@@ -356,16 +362,16 @@ class ObjectStoreAdapter(L2Adapter):
 
         try:
             result = fn()
+        except L2Error as exc:  # raised by this adapter itself (a short body, ...)
+            self._health.failed("other_errors", str(exc))
+            raise
         except (BaseError, OSError) as exc:
-            if isinstance(exc, L2Error | CapacityError):
-                raise
             kind = self._classify(exc)
             message = f"{type(exc).__name__}: {self._scrub(str(exc))}"
             self._health.failed(kind, message)
+            # `from None`: the client's error carries the whole response (a 403 body names the access key id);
+            # the scrubbed first line above is what may reach logs.
             raise L2Error(f"object store {self._health.name}: {kind}: {message}") from None
-        except L2Error as exc:
-            self._health.failed("other_errors", str(exc))
-            raise
         self._health.ok()
         return result
 
@@ -473,10 +479,14 @@ class ObjectStoreAdapter(L2Adapter):
                 exc = CapacityError(
                     f"object store {self._health.name}: batch of {need} bytes exceeds the capacity of {self._capacity}"
                 )
-                self._health.failed("other_errors", str(exc))
+                self._health.failed("capacity_errors", str(exc))
                 raise exc
-            with self._lock:
-                victims = self._make_room(need, set(latest))
+            try:
+                with self._lock:
+                    victims = self._make_room(need, set(latest))
+            except CapacityError as exc:
+                self._health.failed("capacity_errors", str(exc))
+                raise
         self._pin(todo)
         created: list[str] = []
         created_lock = threading.Lock()
@@ -540,7 +550,9 @@ class ObjectStoreAdapter(L2Adapter):
                 obs.put(self._store_obj, name, iter(views), mode="create", use_multipart=False)
             except (AlreadyExistsError, PreconditionError):
                 self._health.count("uploads_skipped")
-                return int(obs.head(self._store_obj, name)["size"])
+                if self.shared:  # used_bytes is this server's estimate there: spare the round trip
+                    return size
+                return int(obs.head(self._store_obj, name)["size"])  # owned: the index must be exact
         self._health.count("uploads")
         return -1
 
