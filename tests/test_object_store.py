@@ -13,10 +13,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,6 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvtier.bench.local_s3 import TEST_CREDENTIALS, LocalS3, moto_available
 from kvtier.errors import CapacityError, ConfigError, L2Error
 from kvtier.storage.adapters import create_backend, create_l2_adapter
 from kvtier.storage.adapters.object_store import ObjectStoreAdapter, object_name, salt_digest
@@ -39,48 +36,18 @@ from kvtier.testing.adapters import chunk, keys
 from kvtier.types import ObjectKey
 
 pytest.importorskip("obstore", reason="the object_store extra is not installed (pip install 'kvtier[object_store]')")
-pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra installs it)")
+if not moto_available():
+    pytest.skip("moto[server] is not installed (the dev extra installs it)", allow_module_level=True)
 
 BUCKET = "kvtier-test"
-CREDS = {"access_key_id": "testing-key-id", "secret_access_key": "testing-secret-value", "region": "us-east-1"}
+CREDS = {**TEST_CREDENTIALS, "region": "us-east-1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class MotoServer:
-    """``python -m moto.server`` on a loopback port; ``stop()`` and ``start()`` again on the same port (moto
-    keeps nothing across a restart, so ``start`` recreates the bucket unless told not to)."""
+class MotoServer(LocalS3):
+    """The shared launcher, plus a boto3 client to look at the bucket from outside kvtier."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._env = env or {}
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, bucket: str | None = BUCKET) -> MotoServer:
-        env = {**os.environ, **self._env}
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.05)
-        if bucket:
-            self.s3().create_bucket(Bucket=bucket)
-        return self
+        super().__init__(bucket=BUCKET, env=env)
 
     def s3(self) -> Any:
         import boto3
@@ -92,12 +59,6 @@ class MotoServer:
             aws_secret_access_key=CREDS["secret_access_key"],
             region_name="us-east-1",
         )
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(10)
-            self._proc = None
 
     def names(self, prefix: str) -> list[str]:
         out = self.s3().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
@@ -542,3 +503,24 @@ def test_oversized_batch_leaves_the_index_unchanged(moto: MotoServer) -> None:
         with pytest.raises(CapacityError):
             a.store_records(["c"], [[bytes(6000)]])
         assert a.contains(["a", "b", "c"]) == [True, True, False] and a.used_bytes == 4000
+
+
+def test_bench_l2_object_store_runs_beside_the_plain_client(moto: MotoServer) -> None:
+    import argparse
+
+    from kvtier.bench import l2
+
+    parser = argparse.ArgumentParser()
+    l2.add_arguments(parser)
+    argv = ["--adapter", "object_store", "--endpoint", moto.endpoint, "--bucket", BUCKET, "--sizes", "1"]
+    args = parser.parse_args([*argv, "--mib-per-round", "2", "--rounds", "1", "--batch", "2", "--serde", "fp8"])
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in TEST_CREDENTIALS.items():
+            mp.setenv(f"AWS_{k.upper()}", v)  # --endpoint takes credentials from the environment, as a user's would
+        mp.setenv("AWS_REGION", "us-east-1")
+        report = l2.run(args)
+    figures = {f.name: f for f in report.figures}
+    assert figures["kvtier load 1 MiB"].note.endswith("bit-exact: True")
+    assert figures["kvtier store 1 MiB: KV per client CPU-second"].baseline == "plain put 1 MiB"
+    assert "kvtier+fp8 load 1 MiB" in figures
+    assert moto.names("kvtier-bench-") == [], "the bench removes what it stored"

@@ -568,10 +568,8 @@ class ObjectStoreAdapter(L2Adapter):
             for name, n in zip(names, lengths, strict=True):
                 if n == MISS:
                     self._index_drop(name)
-                elif name in self._index:
-                    self._index.move_to_end(name)
-                elif self.shared:
-                    self._index_put(name, n)
+                elif self.shared or name in self._index:
+                    self._index_put(name, n)  # most recently used; its size as read (exact from now on)
         return lengths
 
     def _get_into(self, item: tuple[str, Sequence[Buffer]]) -> int:
