@@ -403,6 +403,7 @@ class FaultProxy:
     def __init__(self, target_port: int) -> None:
         self.fail = 0
         self.stall = 0.0
+        self.stall_methods = {"GET", "PUT", "POST", "DELETE", "HEAD"}
         self.requests = 0
         proxy = self
 
@@ -415,7 +416,7 @@ class FaultProxy:
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests += 1
-                if proxy.stall:
+                if proxy.stall and self.command in proxy.stall_methods:
                     time.sleep(proxy.stall)
                 if proxy.fail > 0:
                     proxy.fail -= 1
@@ -524,3 +525,29 @@ def test_bench_l2_object_store_runs_beside_the_plain_client(moto: MotoServer) ->
     assert figures["kvtier store 1 MiB: KV per client CPU-second"].baseline == "plain put 1 MiB"
     assert "kvtier+fp8 load 1 MiB" in figures
     assert moto.names("kvtier-bench-") == [], "the bench removes what it stored"
+
+
+def test_a_record_being_read_is_never_evicted(moto: MotoServer) -> None:
+    """Eviction between two steps of a load: the GET of the least recently used record is held by the proxy
+    while a store needs room; the pinned record survives and another is evicted."""
+    proxy = FaultProxy(moto.port)
+    try:
+        adapter = create_backend(
+            l2(proxy.endpoint, f"pin/{uuid.uuid4().hex[:8]}", max_capacity_gb=5000 / (1 << 30), timeout_s=10)
+        )
+        with adapter:
+            adapter.store_records(["old"], [[b"o" * 2000]])
+            adapter.store_records(["mid"], [[b"m" * 2000]])
+            proxy.stall, proxy.stall_methods = 1.0, {"GET"}
+            got: list[int] = []
+            buf = bytearray(2000)
+            reader = threading.Thread(target=lambda: got.extend(adapter.load_records(["old"], [[buf]])))
+            reader.start()
+            time.sleep(0.3)  # the GET of "old" is in flight (held by the proxy)
+            adapter.store_records(["new"], [[b"n" * 2000]])  # needs room: "old" is the oldest but pinned
+            reader.join()
+            assert got == [2000] and bytes(buf) == b"o" * 2000
+            proxy.stall = 0
+            assert adapter.contains(["old", "mid", "new"]) == [True, False, True]
+    finally:
+        proxy.close()
