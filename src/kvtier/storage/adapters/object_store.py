@@ -81,7 +81,9 @@ _PROBE_BYTES = 4096
 _HEAD_CACHE_ENTRIES = 1024
 # The streamed body is handed over in pieces of at least this size: large enough to keep the per-piece
 # overhead (a round through the client's runtime) small, small enough to stay in cache on the way to the caller.
-_STREAM_PIECE = 1 * MiB
+# Measured against moto, client CPU-seconds per GB for 4 / 32 MiB objects: 64 KiB 0.64 / 0.72, 256 KiB 0.60 /
+# 0.72, 1 MiB 0.69 / 0.74, 4 MiB 0.83 / 0.88; obstore's whole-body bytes() + a copy: 0.58 / 1.08.
+_STREAM_PIECE = 256 * 1024
 # In shared mode a record at least this large is looked up (HEAD) before its upload: a PUT sends its body
 # even when ``If-None-Match`` then refuses it, and other servers often store the same chunk.
 _PROBE_BEFORE_PUT = 1 * MiB
