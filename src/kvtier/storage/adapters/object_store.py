@@ -266,7 +266,8 @@ class ObjectStoreAdapter(L2Adapter):
             "timeout": f"{int(self._timeout_s * 1000)}ms",
             "connect_timeout": f"{int(self._connect_timeout_s * 1000)}ms",
             # An http:// endpoint (a local S3-compatible server) is taken as asked for; https stays the default.
-            "allow_http": endpoint.startswith("http://"),
+            # So is Azurite (``use_emulator``: the endpoint comes from AZURITE_BLOB_STORAGE_URL).
+            "allow_http": endpoint.startswith("http://") or config.get("use_emulator", "").lower() == "true",
         }
         retry = {
             "max_retries": self._max_retries,
@@ -670,11 +671,23 @@ class ObjectStoreAdapter(L2Adapter):
                 self._heads.pop(name, None)
         obs = self._obs()
         for start in range(0, len(names), 1000):  # S3 deletes at most 1000 objects per request
+            part = names[start : start + 1000]
             try:
-                obs.delete(self._store_obj, names[start : start + 1000])
+                obs.delete(self._store_obj, part)
             except FileNotFoundError as exc:
                 if not self._is_missing(exc):
                     raise
+                # Azure reports the first absent blob of a bulk delete and no more: delete one by one, so that
+                # neither an absent record nor another failure hides behind it.
+                if len(part) > 1:
+                    self._map(self._delete_one, part)
+
+    def _delete_one(self, name: str) -> None:
+        try:
+            self._obs().delete(self._store_obj, name)
+        except FileNotFoundError as exc:
+            if not self._is_missing(exc):
+                raise
 
     def _delete_quietly(self, names: list[str]) -> None:
         try:
