@@ -551,3 +551,51 @@ def test_a_record_being_read_is_never_evicted(moto: MotoServer) -> None:
             assert adapter.contains(["old", "mid", "new"]) == [True, False, True]
     finally:
         proxy.close()
+
+
+def test_two_kvtier_servers_share_one_bucket_through_an_endpoint_restart() -> None:
+    from kvtier import client as client_module
+    from kvtier.server import process
+
+    s3 = MotoServer().start()
+    chunk_tokens = 16
+
+    def data(i: int) -> torch.Tensor:
+        return torch.randn((2, 2, chunk_tokens, 64), generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+
+    def wait_for(fn: Any, want: int, timeout_s: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        got = fn()
+        while got != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+            got = fn()
+        return int(got)
+
+    config = json.dumps(l2(s3.endpoint, f"servers/{uuid.uuid4().hex[:8]}", shared=True, serde={"type": "fp8"}))
+    args = ["--l1-size-gb", "0.0625", "--chunk-size", str(chunk_tokens), "--l2-adapter", config]
+    try:
+        with (
+            process.ServerProcess([*args, "--log-level", "warning"]) as a,
+            process.ServerProcess([*args, "--log-level", "warning"]) as b,
+            client_module.Client(a.address, timeout_s=20) as ca,
+            client_module.Client(b.address, timeout_s=20) as cb,
+        ):
+            keys = ca.keys_for_tokens("org/shared", list(range(2 * chunk_tokens)), cache_salt="tenant-a")
+            ca.store(keys, [data(0), data(1)])
+            assert wait_for(lambda: cb.lookup(keys), 2) == 2, "stored through A, a hit through B"
+            got = cb.retrieve(keys)
+            assert got[1] is not None and torch.allclose(got[1].float(), data(1).float(), rtol=0.07, atol=0.02)
+            other = cb.keys_for_tokens("org/shared", list(range(2 * chunk_tokens)), cache_salt="tenant-b")
+            assert cb.lookup(other) == 0, "cache_salt isolation holds across servers"
+
+            s3.stop()
+            more = ca.keys_for_tokens("org/shared", list(range(4 * chunk_tokens)), cache_salt="tenant-a")[2:]
+            ca.store(more, [data(2), data(3)])  # S3 down: the store still lands in A's L1
+            assert ca.lookup(more) == 2
+
+            s3.start()  # moto forgot everything: the bucket is created again, both servers carry on
+            later = ca.keys_for_tokens("org/shared", list(range(6 * chunk_tokens)), cache_salt="tenant-a")[4:]
+            ca.store(later, [data(4), data(5)])
+            assert wait_for(lambda: cb.lookup(later), 2) == 2, "written through again after the restart"
+    finally:
+        s3.stop()
