@@ -270,8 +270,10 @@ def test_the_same_key_from_many_threads_at_once(moto: MotoServer) -> None:
 
 
 def test_multipart_upload_for_large_records(moto: MotoServer) -> None:
-    tier = create_l2_adapter(l2(moto.endpoint, f"mp/{uuid.uuid4().hex[:8]}", multipart_threshold_mb=5))
-    with tier:
+    prefix = f"mp/{uuid.uuid4().hex[:8]}"
+    tier = create_l2_adapter(l2(moto.endpoint, prefix, multipart_threshold_mb=5))
+    other = create_l2_adapter(l2(moto.endpoint, prefix, multipart_threshold_mb=5, shared=True))
+    with tier, other:
         big = torch.randint(0, 255, (6 << 20,), dtype=torch.uint8)  # 6 MiB: two parts of the 5 MiB minimum
         (key,) = keys(1)
         tier.store([key], [big])
@@ -280,6 +282,8 @@ def test_multipart_upload_for_large_records(moto: MotoServer) -> None:
         assert tier.load_into([key], [out]) == [True] and torch.equal(out, big)
         tier.store([key], [big])  # already there: not uploaded again
         assert tier.adapter.stats()["multipart_uploads"] == 1
+        other.store([key], [big])  # another server: a multipart upload is not conditional, so it looks first
+        assert other.adapter.stats()["multipart_uploads"] == 0 and other.adapter.stats()["uploads_skipped"] == 1
 
 
 def test_fp8_serde_through_the_object_store(moto: MotoServer) -> None:

@@ -532,10 +532,13 @@ class ObjectStoreAdapter(L2Adapter):
         multipart = size > self._multipart_threshold
         if multipart or (self.shared and size >= _PROBE_BEFORE_PUT):
             try:
-                return int(obs.head(self._store_obj, name)["size"])
+                existing = int(obs.head(self._store_obj, name)["size"])
             except FileNotFoundError as exc:
                 if not self._is_missing(exc):
                     raise
+            else:
+                self._health.count("uploads_skipped")
+                return existing
         if multipart:
             obs.put(
                 self._store_obj,
