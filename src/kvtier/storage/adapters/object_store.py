@@ -257,7 +257,8 @@ class ObjectStoreAdapter(L2Adapter):
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise MissingDependencyError("the object_store L2 adapter", "obstore", "object_store") from exc
         config = {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in self._options.items()}
-        endpoint = str(config.get("endpoint", config.get("endpoint_url", config.get("aws_endpoint", ""))))
+        names = ("endpoint", "endpoint_url", "aws_endpoint", "aws_endpoint_url", "azure_storage_endpoint")
+        endpoint = next((config[k] for k in names if k in config), "")
         if self.scheme == "s3":
             # The body is not hashed into the signature: TLS protects it in transit and every record carries its
             # own checksum; hashing it costs the client about 0.4 CPU-seconds per GB (measured, BENCHMARKS.md).
