@@ -35,8 +35,10 @@ a large record is looked up first (``HEAD``). The record's buffers (header, tens
 they are, without a joined copy. When any record of a batch fails, the records the batch created are deleted
 before the error is raised.
 
-Loads. One ``GET`` per record, streamed straight into the caller's buffers as the body arrives (no whole-record
-``bytes`` in between); a record larger than the buffers is reported by its size without its body being read.
+Loads. One ``GET`` per record, streamed into the caller's buffers as the body arrives: the client has no
+read-into-a-buffer call, so it hands the body over in pieces of 256 KiB that it owns, each copied once into the
+destination (no whole-record ``bytes`` in between, nothing allocated per record); a record larger than the
+buffers is reported by its size without its body being read.
 ``read_heads`` is a ranged ``GET``; in shared mode ``contains`` is a ranged ``GET`` of the first bytes too (a
 ``HEAD`` cannot tell a missing bucket from a missing key), and keeps them for the ``read_heads`` that follows,
 saving that round trip.
