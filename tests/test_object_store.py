@@ -603,3 +603,29 @@ def test_two_kvtier_servers_share_one_bucket_through_an_endpoint_restart() -> No
             assert wait_for(lambda: cb.lookup(later), 2) == 2, "written through again after the restart"
     finally:
         s3.stop()
+
+
+def test_the_same_key_stored_again_and_again_costs_one_upload(moto: MotoServer) -> None:
+    with create_backend(l2(moto.endpoint, f"again/{uuid.uuid4().hex[:8]}", max_capacity_gb=1)) as adapter:
+        buf = bytearray(3000)
+        for i in range(300):
+            adapter.store_records(["k"], [[bytes([i % 7]) * 3000]])
+            assert adapter.load_records(["k"], [[buf]]) == [3000]
+        assert adapter.used_bytes == 3000 and adapter.stats()["records"] == 1
+        assert adapter.stats()["uploads"] == 1 and adapter.stats()["uploads_skipped"] == 299
+        assert bytes(buf) == bytes(3000), "the first record, written once"
+
+
+def test_an_endpoint_down_at_start_then_up(caplog: pytest.LogCaptureFixture) -> None:
+    server = MotoServer()  # not started: connection refused
+    adapter = create_backend(l2(server.endpoint, "late", max_retries=0))
+    try:
+        with pytest.raises(L2Error, match="connection_errors"):
+            adapter.contains(["k"])  # the start (listing the prefix) fails: the next operation tries again
+        assert not adapter.started
+        server.start()
+        adapter.store_records(["k"], [[b"v"]])
+        assert adapter.contains(["k"]) == [True] and adapter.started
+    finally:
+        adapter.close()
+        server.stop()

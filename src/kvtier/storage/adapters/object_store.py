@@ -94,6 +94,38 @@ _SHARED_INDEX_ENTRIES = 100_000
 _LOG_EVERY_S = 60.0
 # Strings that mark a missing bucket / container in a 404 (S3, GCS, Azure): an outage, not a missing key.
 _NO_BUCKET = ("NoSuchBucket", "ContainerNotFound", "The specified bucket does not exist", "bucket does not exist")
+_CREDENTIAL_MARKS = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AuthenticationFailed",
+    "AuthorizationFailure",
+    "status code: 401",
+    "status code: 403",
+)
+_THROTTLE_MARKS = ("SlowDown", "status code: 503", "status code: 429", "ServerBusy", "rateLimitExceeded")
+# Option values that are not secrets: error messages keep them (an endpoint in a message helps); all others are
+# replaced by *** wherever they appear.
+_PLAIN_OPTIONS = frozenset(
+    {
+        "endpoint",
+        "endpoint_url",
+        "aws_endpoint",
+        "aws_endpoint_url",
+        "azure_storage_endpoint",
+        "region",
+        "aws_region",
+        "default_region",
+        "aws_default_region",
+        "account_name",
+        "azure_storage_account_name",
+        "use_emulator",
+        "unsigned_payload",
+        "virtual_hosted_style_request",
+        "skip_signature",
+    }
+)
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_\-+:][A-Za-z0-9._\-+:]{0,199}")
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,199}")
 
@@ -246,7 +278,9 @@ class ObjectStoreAdapter(L2Adapter):
         self._lock = threading.Lock()
         self._heads: OrderedDict[str, bytes] = OrderedDict()  # shared mode: heads fetched by contains
         self._secrets = sorted(
-            (str(v) for v in self._options.values() if isinstance(v, str) and len(v) >= 4), key=len, reverse=True
+            (str(v) for k, v in self._options.items() if k.lower() not in _PLAIN_OPTIONS and len(str(v)) >= 4),
+            key=len,
+            reverse=True,
         )
         # Build the client once here to check the options (pure parsing, no connection), then drop it.
         self._build(where)
@@ -345,6 +379,8 @@ class ObjectStoreAdapter(L2Adapter):
         return line
 
     def _classify(self, exc: BaseException) -> str:
+        """The kind of a client error, read from its text: obstore's exceptions carry the HTTP status and the
+        transport error only there (``status: 503``, ``kind: Timeout``, ``kind: Connect``)."""
         from obstore import exceptions as ox
 
         text = str(exc)
@@ -352,13 +388,13 @@ class ObjectStoreAdapter(L2Adapter):
             return "credential_errors"
         if any(s in text for s in _NO_BUCKET):
             return "missing_bucket"
-        if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403 Forbidden")):
+        if any(s in text for s in _CREDENTIAL_MARKS):
             return "credential_errors"
-        if "SlowDown" in text or "503" in text or "429" in text:
+        if any(s in text for s in _THROTTLE_MARKS):
             return "throttled"
-        if "timed out" in text or "timeout" in text.lower():
+        if any(s in text for s in ("kind: Timeout", "TimedOut", "timed out")):  # not "retry_timeout"
             return "timeouts"
-        if "error sending request" in text or "onnection" in text:
+        if any(s in text for s in ("kind: Connect", "error sending request", "onnection refused", "onnection reset")):
             return "connection_errors"
         return "other_errors"
 
