@@ -579,7 +579,7 @@ def test_two_kvtier_servers_share_one_bucket_through_an_endpoint_restart() -> No
     args = ["--l1-size-gb", "0.0625", "--chunk-size", str(chunk_tokens), "--l2-adapter", config]
     try:
         with (
-            process.ServerProcess([*args, "--log-level", "warning"]) as a,
+            process.ServerProcess([*args, "--log-level", "info"]) as a,
             process.ServerProcess([*args, "--log-level", "warning"]) as b,
             client_module.Client(a.address, timeout_s=20) as ca,
             client_module.Client(b.address, timeout_s=20) as cb,
@@ -601,6 +601,10 @@ def test_two_kvtier_servers_share_one_bucket_through_an_endpoint_restart() -> No
             later = ca.keys_for_tokens("org/shared", list(range(6 * chunk_tokens)), cache_salt="tenant-a")[4:]
             ca.store(later, [data(4), data(5)])
             assert wait_for(lambda: cb.lookup(later), 2) == 2, "written through again after the restart"
+            logged, stats = a.stderr(), json.dumps(a.get("/stats"))
+            assert "serving" in logged and "object_store" in logged and "object store" in logged  # the outage
+            for secret in (CREDS["secret_access_key"], CREDS["access_key_id"]):
+                assert secret not in logged and secret not in stats, "options never in logs or stats"
     finally:
         s3.stop()
 

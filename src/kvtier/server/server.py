@@ -64,6 +64,25 @@ class StoreLike(Protocol):
 _OP_NAMES = {cls: str(cls.__struct_config__.tag) for cls in p.Request.__args__}
 
 
+def _loggable(value: Any) -> Any:
+    """A config as it may be logged: L2 adapters' ``options`` (credentials) masked, URL passwords hidden."""
+    from kvtier.storage.adapters.redis_adapter import redact_url
+
+    if isinstance(value, list):
+        return [_loggable(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if k == "options" and isinstance(v, dict):
+            out[k] = dict.fromkeys(v, "***")
+        elif k == "url" and isinstance(v, str):
+            out[k] = redact_url(v)
+        else:
+            out[k] = _loggable(v)
+    return out
+
+
 def _frame_tensor(frame: zmq.Frame, meta: p.Meta) -> torch.Tensor:
     """A tensor viewing a received frame's bytes (no copy); checked against the announced size."""
     nbytes = meta.nbytes()
@@ -430,7 +449,7 @@ class Server:
                 http_port=self.config.http_port,
                 workers=self.config.workers,
                 pid=os.getpid(),
-                config=self.config.to_json(),
+                config=_loggable(self.config.to_json()),
             ),
         )
         poller = zmq.Poller()
