@@ -633,3 +633,19 @@ def test_an_endpoint_down_at_start_then_up(caplog: pytest.LogCaptureFixture) -> 
     finally:
         adapter.close()
         server.stop()
+
+
+def test_the_server_start_up_log_masks_credentials() -> None:
+    from kvtier.server.server import _loggable
+
+    config = {
+        "l1_size_gb": 1,
+        "l2_adapters": [
+            {"type": "object_store", "url": "s3://b/p", "options": {"secret_access_key": "s3cr3t", "region": "x"}},
+            {"type": "redis", "url": "redis://:hunter2@cache:6379/0"},
+            {"type": "faulty", "inner": {"type": "object_store", "url": "s3://b/q", "options": {"sas_key": "zz"}}},
+        ],
+    }
+    text = json.dumps(_loggable(config))
+    assert "s3cr3t" not in text and "hunter2" not in text and '"zz"' not in text
+    assert '"secret_access_key": "***"' in text and "redis://:***@cache:6379/0" in text and "s3://b/p" in text
