@@ -408,6 +408,7 @@ class FaultProxy:
         self.fail = 0
         self.stall = 0.0
         self.stall_methods = {"GET", "PUT", "POST", "DELETE", "HEAD"}
+        self.truncate = False  # GET bodies: send half of it under the full Content-Length, then hang up
         self.requests = 0
         proxy = self
 
@@ -442,7 +443,10 @@ class FaultProxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if proxy.truncate and self.command == "GET" and len(data) > 1000:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
 
@@ -649,3 +653,25 @@ def test_the_server_start_up_log_masks_credentials() -> None:
     text = json.dumps(_loggable(config))
     assert "s3cr3t" not in text and "hunter2" not in text and '"zz"' not in text
     assert '"secret_access_key": "***"' in text and "redis://:***@cache:6379/0" in text and "s3://b/p" in text
+
+
+def test_a_body_cut_short_is_an_l2_error_and_a_miss_never_wrong_kv(moto: MotoServer) -> None:
+    proxy = FaultProxy(moto.port)
+    try:
+        config = l2(proxy.endpoint, f"cut/{uuid.uuid4().hex[:8]}", max_retries=1)
+        store = Store(l1_size_gb=0.01, l2_adapters=[config])
+        with store:
+            keys_ = store.keys_for_tokens("org/m", list(range(512)))[:2]
+            store.store(keys_, [chunk(0), chunk(1)])
+            store.flush()
+            store.clear_l1()
+            proxy.truncate = True
+            assert store.retrieve(keys_) == [None, None], "a torn transfer is a miss"
+            (tier,) = store._tiers
+            with pytest.raises(L2Error):
+                tier.adapter.load_records([keys_[0].to_str()], [[bytearray(chunk(0).nbytes + 4096)]])
+            proxy.truncate = False
+            got = store.retrieve(keys_)
+            assert got[0] is not None and torch.equal(got[0], chunk(0)), "the record itself was never damaged"
+    finally:
+        proxy.close()
