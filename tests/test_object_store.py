@@ -675,3 +675,20 @@ def test_a_body_cut_short_is_an_l2_error_and_a_miss_never_wrong_kv(moto: MotoSer
             assert got[0] is not None and torch.equal(got[0], chunk(0)), "the record itself was never damaged"
     finally:
         proxy.close()
+
+
+def test_reading_back_a_record_this_server_stored_is_one_request(moto: MotoServer) -> None:
+    proxy = FaultProxy(moto.port)
+    try:
+        with create_l2_adapter(l2(proxy.endpoint, f"one/{uuid.uuid4().hex[:8]}")) as tier:
+            ks = keys(2)
+            tier.store(ks, [chunk(0), chunk(1)])
+            proxy.requests = 0
+            assert tier.contains(ks) == [True, True]
+            layouts = tier.layouts(ks)
+            assert proxy.requests == 0, "lookup and header parse from what the server knows"
+            outs = [torch.empty(lay.shape, dtype=lay.dtype) for lay in layouts if lay is not None]
+            assert tier.load_into(ks, outs) == [True, True] and torch.equal(outs[1], chunk(1))
+            assert proxy.requests == 2, "one GET per record"
+    finally:
+        proxy.close()

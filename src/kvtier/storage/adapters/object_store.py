@@ -39,9 +39,10 @@ Loads. One ``GET`` per record, streamed into the caller's buffers as the body ar
 read-into-a-buffer call, so it hands the body over in pieces of 256 KiB that it owns, each copied once into the
 destination (no whole-record ``bytes`` in between, nothing allocated per record); a record larger than the
 buffers is reported by its size without its body being read.
-``read_heads`` is a ranged ``GET``; in shared mode ``contains`` is a ranged ``GET`` of the first bytes too (a
-``HEAD`` cannot tell a missing bucket from a missing key), and keeps them for the ``read_heads`` that follows,
-saving that round trip.
+``read_heads`` is a ranged ``GET`` unless the head is known: in shared mode ``contains`` is a ranged ``GET`` of the
+first bytes (a ``HEAD`` cannot tell a missing bucket from a missing key) and keeps them for the ``read_heads``
+that follows; in owned mode the heads of the records this server stored are kept (bounded), so a lookup then
+costs one round trip, the load itself.
 
 Faults. Failures of the store (endpoint down, timeouts, throttling after the client's retries, credentials
 refused, a missing bucket, which kvtier never creates) raise :class:`~kvtier.errors.L2Error`, counted in
@@ -76,8 +77,9 @@ R = TypeVar("R")
 
 SUFFIX = ".kvtr"
 _SCHEMES = ("s3", "gs", "az")
-# Bytes a shared-mode ``contains`` fetches and keeps for the ``read_heads`` that follows (a record header is at
-# most kvtier.record.MAX_HEADER_SIZE, 1.5 KiB); a ranged GET of 4 KiB costs the same round trip as a HEAD.
+# Bytes of a record's head kept for ``read_heads``: fetched by a shared-mode ``contains`` (a ranged GET of 4 KiB
+# costs the same round trip as a HEAD) or known from a store (a record header is at most
+# kvtier.record.MAX_HEADER_SIZE, 1.5 KiB).
 _PROBE_BYTES = 4096
 # Heads kept from contains probes: bounded, oldest dropped (a lookup reads them back within the same call).
 _HEAD_CACHE_ENTRIES = 1024
@@ -128,6 +130,16 @@ _PLAIN_OPTIONS = frozenset(
 )
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_\-+:][A-Za-z0-9._\-+:]{0,199}")
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,199}")
+
+
+def _head_of(views: Sequence[memoryview]) -> bytes:
+    """The first ``_PROBE_BYTES`` of a record given as buffers."""
+    out = bytearray()
+    for v in views:
+        out += v[: _PROBE_BYTES - len(out)]
+        if len(out) >= _PROBE_BYTES:
+            break
+    return bytes(out)
 
 
 def salt_digest(salt: str) -> str:
@@ -276,7 +288,7 @@ class ObjectStoreAdapter(L2Adapter):
         self._reserved = 0  # bytes of uploads in flight, counted against the capacity
         self._pins: dict[str, int] = {}  # names being read or written: never evicted
         self._lock = threading.Lock()
-        self._heads: OrderedDict[str, bytes] = OrderedDict()  # shared mode: heads fetched by contains
+        self._heads: OrderedDict[str, bytes] = OrderedDict()  # record heads from contains() probes and stores
         self._secrets = sorted(
             (str(v) for k, v in self._options.items() if k.lower() not in _PLAIN_OPTIONS and len(str(v)) >= 4),
             key=len,
@@ -554,12 +566,16 @@ class ObjectStoreAdapter(L2Adapter):
             if created:
                 self._delete_quietly(created)
             raise
+        mine = set(created)
         with self._lock:
             if self._capacity is not None:
                 self._reserved -= need
             for name, size in zip(todo, stored, strict=True):
                 self._index_put(name, size)
-                self._heads.pop(name, None)
+                if name in mine:  # its head is known: the layouts() of a later load needs no round trip
+                    self._keep_head(name, _head_of(latest[name]))
+                else:  # someone else's record: its head is whatever it is
+                    self._heads.pop(name, None)
         self._unpin(todo)
 
     def _upload(self, name: str, views: list[memoryview], size: int) -> int:
@@ -613,6 +629,7 @@ class ObjectStoreAdapter(L2Adapter):
             for name, n in zip(names, lengths, strict=True):
                 if n == MISS:
                     self._index_drop(name)
+                    self._heads.pop(name, None)
                 elif self.shared or name in self._index:
                     self._index_put(name, n)  # most recently used; its size as read (exact from now on)
         return lengths
@@ -655,7 +672,9 @@ class ObjectStoreAdapter(L2Adapter):
         todo: list[int] = []
         with self._lock:
             for i, name in enumerate(names):
-                cached = self._heads.pop(name, None)
+                # Shared mode: a head from contains() serves the one read that follows (others may delete and
+                # rewrite the record). Owned mode: heads of records this server wrote stay while they are held.
+                cached = self._heads.pop(name, None) if self.shared else self._heads.get(name)
                 # A cached head serves when it holds `size` bytes or the whole (shorter) record.
                 if cached is not None and (len(cached) >= size or len(cached) < _PROBE_BYTES):
                     out[i] = cached[:size]
@@ -670,6 +689,7 @@ class ObjectStoreAdapter(L2Adapter):
                     out[i] = head
                     if head is None:  # gone (a lifecycle rule, a restarted test endpoint): forget it
                         self._index_drop(names[i])
+                        self._heads.pop(names[i], None)
         return out
 
     def _get_head(self, name: str, size: int) -> bytes | None:
@@ -682,7 +702,7 @@ class ObjectStoreAdapter(L2Adapter):
             raise
         except Exception as exc:
             # A range of an empty object is "not satisfiable" (416): the object is there and holds nothing.
-            if "416" in str(exc) or "InvalidRange" in str(exc):
+            if "status code: 416" in str(exc) or "InvalidRange" in str(exc):
                 return b""
             raise
 
@@ -695,11 +715,15 @@ class ObjectStoreAdapter(L2Adapter):
         with self._lock:
             for name, head in zip(names, heads, strict=True):
                 if head is not None:
-                    self._heads[name] = head
-                    self._heads.move_to_end(name)
-            while len(self._heads) > _HEAD_CACHE_ENTRIES:
-                self._heads.popitem(last=False)
+                    self._keep_head(name, head)
         return [h is not None for h in heads]
+
+    def _keep_head(self, name: str, head: bytes) -> None:
+        """Remember a record's first bytes (bounded, oldest dropped); caller holds ``_lock``."""
+        self._heads[name] = head
+        self._heads.move_to_end(name)
+        while len(self._heads) > _HEAD_CACHE_ENTRIES:
+            self._heads.popitem(last=False)
 
     # -- delete -----------------------------------------------------------------------------------------------
     def _delete(self, keys: Sequence[str]) -> None:
