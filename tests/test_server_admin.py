@@ -353,9 +353,9 @@ def test_scrub_removes_any_secret_from_any_text() -> None:
 
 
 def test_builtin_type_names_of_the_early_check_match_the_registries() -> None:
+    from kvtier.l2.adapters import BUILTIN_ADAPTERS
     from kvtier.serde.builtin import BUILTIN_SERDES
     from kvtier.server.config import BUILTIN_ADAPTER_TYPES, BUILTIN_SERDE_TYPES
-    from kvtier.storage.adapters import BUILTIN_ADAPTERS
 
     assert set(BUILTIN_ADAPTERS) == BUILTIN_ADAPTER_TYPES
     assert set(BUILTIN_SERDES) == BUILTIN_SERDE_TYPES

@@ -130,10 +130,15 @@ _URL_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]*:)([^@\s'\"]
 _MIN_SCRUB_LEN = 4
 
 
+# Keys whose whole value is secret, whatever its shape: an object store's ``options`` carry credentials under
+# names chosen by its client library (``application_credentials``, ``sas_key``, ...), so every value is hidden.
+_SECRET_CONTAINERS = frozenset({"options"})
+
+
 def is_secret_key(name: str) -> bool:
     """Whether a config key names a secret (its value never appears in logs, stats, metrics or errors)."""
     lower = name.lower()
-    return lower in _SECRET_KEYS or lower.endswith(_SECRET_SUFFIXES)
+    return lower in _SECRET_KEYS or lower in _SECRET_CONTAINERS or lower.endswith(_SECRET_SUFFIXES)
 
 
 def redact_url(text: str) -> str:
@@ -157,6 +162,17 @@ def redact_config(value: Any) -> Any:
     return value
 
 
+def _strings_in(node: Any) -> list[str]:
+    """Every non-empty string value below ``node``."""
+    if isinstance(node, str):
+        return [node] if node else []
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings_in(v)]
+    if isinstance(node, list | tuple):
+        return [s for v in node for s in _strings_in(v)]
+    return []
+
+
 def secret_values(value: Any, environ: Mapping[str, str] | None = None) -> list[str]:
     """Every secret string in a config: values of secret keys, URL passwords (as written and percent-decoded),
     and the key material an ``key_env`` field points to (read from ``environ``). For :func:`scrub`."""
@@ -167,6 +183,8 @@ def secret_values(value: Any, environ: Mapping[str, str] | None = None) -> list[
             for k, v in node.items():
                 if isinstance(k, str) and is_secret_key(k) and isinstance(v, str) and v:
                     found.add(v)
+                elif isinstance(k, str) and k.lower() in _SECRET_CONTAINERS:
+                    found.update(_strings_in(v))
                 elif k == "key_env" and isinstance(v, str) and environ is not None and environ.get(v):
                     material = environ[v]
                     found.update({material, material.strip()})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kvtier.bench import redis_l2
+from kvtier.bench import object_store_l2, redis_l2
 from kvtier.bench.common import Figure, Report, median_rate, parse_shape, progress, timed
 from kvtier.bench.data import DEFAULT_CHUNK_SHAPE, load_kv_file, synthetic_kv
 from kvtier.l2.adapters import FSAdapter, create_l2_adapter
@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="directory for the files (default: the temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     redis_l2.add_redis_arguments(parser)
+    object_store_l2.add_object_store_arguments(parser)
 
 
 def _drop_cache(paths: list[Path]) -> None:
@@ -66,6 +67,8 @@ def _drop_cache(paths: list[Path]) -> None:
 def run(args: argparse.Namespace) -> Report:
     if args.adapter == "redis":
         return redis_l2.run(args)
+    if args.adapter == "object_store":
+        return object_store_l2.run(args)
     if args.chunks < 1 or args.rounds < 1 or args.batch < 1 or args.workers < 1:
         raise SystemExit("--chunks, --batch, --workers and --rounds must be >= 1")
     serdes = args.serde or ["raw", *(["fp8"] if "fp8" in registered_serdes() else [])]

@@ -39,7 +39,10 @@ def add_redis_arguments(parser: argparse.ArgumentParser) -> None:
     """The options ``kvtier bench l2`` gains for ``--adapter redis`` (it shares ``--batch``, ``--rounds``,
     ``--serde``, ``--data`` and ``--json``; ``--chunks``, ``--shape`` and ``--dir`` are for fs)."""
     parser.add_argument(
-        "--adapter", choices=["fs", "redis"], default="fs", help="the L2 adapter to measure (default: fs)"
+        "--adapter",
+        choices=["fs", "redis", "object_store"],
+        default="fs",
+        help="the L2 adapter to measure (default: fs)",
     )
     parser.add_argument("--url", default=None, help="redis: a server to use (default: a private redis-server)")
     parser.add_argument("--sizes", default="32,4", help="redis: chunk sizes in MiB of bf16 KV (default: 32,4)")

@@ -261,7 +261,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 #: The adapter and serde types that ship with kvtier, so that a misspelt ``type`` is found before torch loads
 #: (the registries live beside torch-importing code). A test holds them equal to the registries' built-ins.
-BUILTIN_ADAPTER_TYPES = frozenset({"fs", "memory", "faulty", "redis"})
+BUILTIN_ADAPTER_TYPES = frozenset({"fs", "memory", "faulty", "redis", "object_store"})
 BUILTIN_SERDE_TYPES = frozenset({"raw", "fp8", "lz4", "zstd", "aesgcm", "checksum"})
 
 

@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any, Protocol
 
-import blake3
 import torch
 import zmq
 
@@ -51,7 +50,7 @@ from kvtier.server.config import ServerConfig
 from kvtier.server.logs import RateLimitedLog, fields
 from kvtier.server.metrics import ServerMetrics
 from kvtier.server.shm import RegionTable, align_up
-from kvtier.types import ObjectKey
+from kvtier.types import ObjectKey, salt_digest
 
 log = logging.getLogger("kvtier.server")
 #: The GIL switch interval the server runs with (CPython's default is 5 ms).
@@ -81,7 +80,7 @@ def hide_salts(text: str, salts: set[str]) -> str:
     """``text`` with each salt of ``salts`` (as written, or as ``repr`` quotes it) replaced by a short digest, so
     that logs can still tell tenants apart without holding their raw salts."""
     for salt in sorted(salts, key=len, reverse=True):
-        digest = "salt#" + blake3.blake3(salt.encode()).hexdigest(length=6)
+        digest = "salt#" + salt_digest(salt)  # the same keyed digest that names the salt's records
         for form in {salt, repr(salt)[1:-1]}:
             pattern = rf"(?<![{_SALT_CHARS}]){re.escape(form)}(?![{_SALT_CHARS}])"
             text = re.sub(pattern, digest, text)

@@ -81,6 +81,13 @@ def _is_started(adapter: L2Adapter) -> bool:
     return adapter.started  # a call, so that a type checker does not keep the earlier `not started` narrowing
 
 
+def _replace(adapter: L2Adapter, key: str, data: bytes) -> None:
+    """Put ``data`` under ``key`` whatever is there: delete, then store, so that a write-once adapter (an object
+    store's conditional put keeps the first record of a key) is damaged as surely as one that overwrites."""
+    adapter.delete([key])
+    adapter.store_records([key], [[data]])
+
+
 class L2AdapterTests:
     """Subclass and implement :meth:`adapter_config`."""
 
@@ -258,7 +265,7 @@ class L2AdapterTests:
                 (key,) = keys(1)
                 damaged, foreign = self._cases(tier, key, good)
                 for what, data in {**damaged, **foreign}.items():
-                    tier.adapter.store_records([key.to_str()], [[data]])
+                    _replace(tier.adapter, key.to_str(), data)
                     assert tier.lookup([key]) == [False] or what in damaged, f"{what}: not a hit for lookup()"
                     out = torch.zeros_like(good)
                     assert tier.load_into([key], [out]) == [False], what
@@ -286,7 +293,7 @@ class L2AdapterTests:
             strange = {2: "foreign serde", 10: "another key's record"}
             for i, what in {**bad, **strange}.items():
                 damaged, foreign = self._cases(tier, ks[i], src[i])
-                tier.adapter.store_records([ks[i].to_str()], [[{**damaged, **foreign}[what]]])
+                _replace(tier.adapter, ks[i].to_str(), {**damaged, **foreign}[what])
             tier.delete([ks[3]])  # a miss
             late = {6: "removed", 7: "flipped payload bit", 12: "foreign serde"}
 
@@ -298,7 +305,7 @@ class L2AdapterTests:
                         inner.delete([ks[i].to_str()])
                     else:
                         damaged, foreign = self._cases(tier, ks[i], src[i])
-                        inner.store_records([ks[i].to_str()], [[{**damaged, **foreign}[what]]])
+                        _replace(inner, ks[i].to_str(), {**damaged, **foreign}[what])
 
             faulty = tier.adapter
             assert isinstance(faulty, FaultyAdapter)

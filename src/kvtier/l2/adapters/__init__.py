@@ -4,6 +4,7 @@ from kvtier.l2.adapters.base import MISS, L2Adapter
 from kvtier.l2.adapters.faulty import FaultyAdapter, faulty_factory
 from kvtier.l2.adapters.fs import FSAdapter, fs_factory
 from kvtier.l2.adapters.memory import MemoryAdapter, memory_factory
+from kvtier.l2.adapters.object_store import ObjectStoreAdapter, object_store_factory
 from kvtier.l2.adapters.redis import RedisAdapter, redis_factory
 from kvtier.l2.adapters.registry import (
     create_backend,
@@ -13,7 +14,13 @@ from kvtier.l2.adapters.registry import (
     unregister_l2_adapter,
 )
 
-BUILTIN_ADAPTERS = {"fs": fs_factory, "memory": memory_factory, "faulty": faulty_factory, "redis": redis_factory}
+BUILTIN_ADAPTERS = {
+    "fs": fs_factory,
+    "memory": memory_factory,
+    "faulty": faulty_factory,
+    "redis": redis_factory,
+    "object_store": object_store_factory,
+}
 
 
 def register_builtin_adapters() -> None:
@@ -30,6 +37,7 @@ __all__ = [
     "FaultyAdapter",
     "L2Adapter",
     "MemoryAdapter",
+    "ObjectStoreAdapter",
     "RedisAdapter",
     "create_backend",
     "create_l2_adapter",
