@@ -69,9 +69,12 @@ def make_llm(extra: dict[str, Any], dtype: str = "bfloat16", **kwargs: Any) -> A
 
 
 def close_llm(llm: Any) -> None:
+    from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
     from kvtier.integrations.vllm.config import close_embedded_stores
 
     llm.llm_engine.engine_core.shutdown()
+    ensure_kv_transfer_shutdown()  # vLLM keeps the worker-side connector in a global
     del llm
     gc.collect()
     close_embedded_stores()

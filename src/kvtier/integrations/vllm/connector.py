@@ -473,6 +473,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return errors
 
     def shutdown(self) -> None:
+        _live.discard(self)
         if self.config.server is not None:
             self.store.close()
         else:
