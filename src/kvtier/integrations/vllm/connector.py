@@ -285,12 +285,15 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             start = computed - state.pending_load
             first, end = start // c, computed // c
             blocks = state.blocks[first * bpc : end * bpc]
+            skip = start // self.block_size - first * bpc
             if end > first and len(blocks) == (end - first) * bpc:
-                skip = start // self.block_size - first * bpc
                 meta.loads.append(LoadOp(req_id, state.keys[first:end], blocks, skip))
-                state.loaded_blocks = blocks[skip:]
-                state.load_start_block = first * bpc + skip
                 state.saved = max(state.saved, end)
+            else:  # cannot happen with whole-chunk hits; if it does, vLLM must recompute, never read those blocks
+                log.error("kvtier: load of request %s does not map onto its blocks; recomputed", req_id)
+                meta.loads.append(LoadOp(req_id, [], blocks, skip))
+            state.loaded_blocks = blocks[skip:]
+            state.load_start_block = first * bpc + skip
             state.pending_load = 0
         full = min(len(state.keys), (computed + scheduled) // c)
         if full > state.saved and len(state.blocks) >= full * bpc:
