@@ -82,6 +82,14 @@ def close_llm(llm: Any) -> None:
 
 def generate(llm: Any, ids: list[int], max_tokens: int = 32, cache_salt: str | None = None) -> tuple[list[int], int]:
     """Greedy ``max_tokens`` tokens of one prompt: (token ids, vLLM's count of prompt tokens not computed)."""
+    tokens, cached, _ = generate_with_margins(llm, ids, max_tokens, cache_salt)
+    return tokens, cached
+
+
+def generate_with_margins(
+    llm: Any, ids: list[int], max_tokens: int = 32, cache_salt: str | None = None
+) -> tuple[list[int], int, list[float]]:
+    """Like :func:`generate`, plus each step's margin: chosen token's logprob minus the runner-up's."""
     from vllm.inputs import TokensPrompt
 
     from vllm import SamplingParams
@@ -89,8 +97,29 @@ def generate(llm: Any, ids: list[int], max_tokens: int = 32, cache_salt: str | N
     p = TokensPrompt(prompt_token_ids=ids)
     if cache_salt is not None:
         p["cache_salt"] = cache_salt
-    (out,) = llm.generate([p], SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)
-    return list(out.outputs[0].token_ids), int(out.num_cached_tokens or 0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=2)
+    (out,) = llm.generate([p], params, use_tqdm=False)
+    completion = out.outputs[0]
+    margins = []
+    for tok, step in zip(completion.token_ids, completion.logprobs or [], strict=False):
+        others = [lp.logprob for t, lp in step.items() if t != tok]
+        margins.append(step[tok].logprob - max(others) if others else float("inf"))
+    return list(completion.token_ids), int(out.num_cached_tokens or 0), margins
+
+
+def same_greedy(reference: list[int], margins: list[float], tokens: list[int], tie: float = 0.5) -> bool:
+    """``tokens`` equal ``reference``, or first differ where the reference's top two were within ``tie`` nats (4 bf16
+    steps of a logit near 20).
+
+    A hit is exact KV but not the miss's arithmetic in bf16 (vLLM computes the tail alone, not inside a larger
+    prefill batch; a batch of requests decodes in other shapes than one alone), so logits differ by rounding and a
+    near-tie may flip. Wrong KV changes the output where the model was sure: that is what this rejects.
+    """
+    for i, (a, b) in enumerate(zip(reference, tokens, strict=True)):
+        if a != b:
+            print(f"greedy outputs differ at {i}: margin {margins[i]:.4f} nats")
+            return margins[i] < tie
+    return True
 
 
 def worker_stats() -> dict[str, float]:

@@ -8,8 +8,9 @@ vLLM computed entirely by itself.
 
 In bf16 a hit is exact KV but not the same arithmetic as the miss: vLLM computes the tail alone instead of inside
 a larger prefill batch, so logits differ by rounding and a greedy near-tie can flip (it did for 5 of 15 offsets of
-401-token prompts, none of 60 others). The prompts below have no such near-tie in their 32 tokens; the KV itself
-is checked against another engine in test_engine_cross.py, and the negative control shows a wrong chunk is seen.
+401-token prompts, none of 60 others). Outputs must therefore be identical, or first differ where the miss run's
+top two tokens were within 0.5 nats (bf16 logits near 20 step by 0.125); the negative control shows that wrong
+KV fails this check, and the KV itself is compared with another engine's in test_engine_cross.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import CHUNK, MODEL_NAME, close_llm, generate, make_llm, model_dir, prompt, worker_stats
+from engine_helpers import (
+    CHUNK,
+    MODEL_NAME,
+    close_llm,
+    generate_with_margins,
+    make_llm,
+    model_dir,
+    prompt,
+    same_greedy,
+    worker_stats,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -59,10 +70,22 @@ def store(llm: Any) -> Any:
 def loaded_by(llm: Any, ids: list[int], **kwargs: Any) -> tuple[list[int], int, dict[str, float]]:
     """Generate; return the tokens, the tokens the connector loaded for this request, and the stats delta."""
     before = worker_stats()
-    tokens, _ = generate(llm, ids, **kwargs)
+    tokens, _, margins = generate_with_margins(llm, ids, **kwargs)
     after = worker_stats()
     delta = {k: after[k] - before[k] for k in after}
+    delta["margins"] = margins  # type: ignore[assignment]
     return tokens, int(delta["loaded_tokens"]), delta
+
+
+class Reference:
+    """A prompt's first (miss) run: what every later run of it is compared with."""
+
+    def __init__(self, llm: Any, ids: list[int], **kwargs: Any) -> None:
+        self.tokens, self.loaded, self.delta = loaded_by(llm, ids, **kwargs)
+        self.margins: list[float] = self.delta["margins"]  # type: ignore[assignment]
+
+    def matches(self, tokens: list[int], tie: float = 0.5) -> bool:
+        return same_greedy(self.tokens, self.margins, tokens, tie)
 
 
 def drop_files(path: Path) -> int:
@@ -84,65 +107,64 @@ def test_one_store_for_both_roles(llm: Any, store: Any) -> None:
 
 def test_l1_then_l2_raw_hits_are_exact(llm: Any, store: Any) -> None:
     ids = prompt(3 * CHUNK + 17, seed=2)
-    reference, loaded, delta = loaded_by(llm, ids)
-    assert loaded == 0 and delta["saved_chunks"] == 3
+    ref = Reference(llm, ids)
+    assert ref.loaded == 0 and ref.delta["saved_chunks"] == 3
     # chunked prefill: the 401-token prompt is prefilled over two steps, its chunks saved in each
-    assert delta["save_ops"] == 2
+    assert ref.delta["save_ops"] == 2
 
     tokens, loaded, _ = loaded_by(llm, ids)  # L1 hit
     assert loaded == 3 * CHUNK
-    assert tokens == reference
+    assert ref.matches(tokens)
 
     store.flush()
     store.clear_l1()
     tokens, loaded, _ = loaded_by(llm, ids)  # raw fs hit
     assert loaded == 3 * CHUNK
-    assert tokens == reference
+    assert ref.matches(tokens)
     assert store.stats()["l2_prefetched"] >= 3
 
 
 def test_l2_fp8_hit_greedy_matches(llm: Any, store: Any, dirs: dict[str, Path]) -> None:
-    """fp8 is lossy (3 mantissa bits), so identical greedy output is a property of the prompt: these two real-text
-    prompts keep all 32 tokens; `kvtier bench kv-quality` measures the logits error."""
+    """fp8 is lossy (3 mantissa bits): identical output, or a first difference at a near-tie."""
     for seed in (40, 41):
         ids = prompt(3 * CHUNK + 5, seed=seed)
-        reference, _, _ = loaded_by(llm, ids)
+        ref = Reference(llm, ids)
         store.flush()
         store.clear_l1()
         assert drop_files(dirs["raw"]) >= 3  # the raw tier loses its records: the fp8 tier serves
         tokens, loaded, delta = loaded_by(llm, ids)
         assert loaded == 3 * CHUNK and delta["load_error_blocks"] == 0
-        assert tokens == reference
+        assert ref.matches(tokens)
 
 
 def test_never_the_last_prompt_token_and_short_prompts(llm: Any) -> None:
-    exact = prompt(2 * CHUNK, seed=2)  # two full chunks: the second holds the last prompt token
-    reference, loaded, delta = loaded_by(llm, exact)
-    assert loaded == 0 and delta["saved_chunks"] == 2
+    exact = prompt(2 * CHUNK, seed=60)  # two full chunks: the second holds the last prompt token
+    ref = Reference(llm, exact)
+    assert ref.loaded == 0 and ref.delta["saved_chunks"] == 2
     tokens, loaded, _ = loaded_by(llm, exact)
     assert loaded == CHUNK  # only the first chunk: the last token's logits must be computed
-    assert tokens == reference
+    assert ref.matches(tokens)
 
     for n in (1, 5, CHUNK - 1, CHUNK):
-        short = prompt(n, seed=3 + n)
-        reference, loaded, _ = loaded_by(llm, short)
+        short = prompt(n, seed=61 + n)
+        ref = Reference(llm, short)
         tokens, loaded_again, _ = loaded_by(llm, short)
-        assert loaded == loaded_again == 0
-        assert tokens == reference
+        assert ref.loaded == loaded_again == 0
+        assert tokens == ref.tokens  # nothing loaded: the same computation
 
 
 def test_cache_salt_separates_and_any_salt_is_accepted(llm: Any) -> None:
     ids = prompt(2 * CHUNK + 9, seed=4)
-    reference, _, _ = loaded_by(llm, ids, cache_salt="tenant-a")
+    ref = Reference(llm, ids, cache_salt="tenant-a")
     tokens, loaded, _ = loaded_by(llm, ids, cache_salt="tenant-a")
-    assert loaded == 2 * CHUNK and tokens == reference
+    assert loaded == 2 * CHUNK and ref.matches(tokens)
     for salt in ("tenant-b", "", "tenant a/ü\n=;", "=" * 300):
         tokens, loaded, delta = loaded_by(llm, ids, cache_salt=salt)
         assert loaded == 0, salt
-        assert tokens == reference
+        assert tokens == ref.tokens  # a miss: the same computation as the reference
         assert delta["saved_chunks"] == 2
     tokens, loaded, _ = loaded_by(llm, ids, cache_salt="tenant a/ü\n=;")
-    assert loaded == 2 * CHUNK and tokens == reference
+    assert loaded == 2 * CHUNK and ref.matches(tokens)
 
 
 def test_records_gone_between_lookup_and_load_are_recomputed(
@@ -151,7 +173,7 @@ def test_records_gone_between_lookup_and_load_are_recomputed(
     from kvtier.integrations.vllm.connector import KVTierConnector
 
     ids = prompt(3 * CHUNK + 5, seed=5)
-    reference, _, _ = loaded_by(llm, ids)
+    ref = Reference(llm, ids)
     store.flush()
     original = KVTierConnector.build_connector_meta
     removed: list[int] = []
@@ -169,40 +191,41 @@ def test_records_gone_between_lookup_and_load_are_recomputed(
     assert removed and removed[0] >= 6
     assert loaded == 0
     assert delta["load_error_blocks"] == 3  # reported to vLLM, which recomputed them
-    assert tokens == reference
+    assert tokens == ref.tokens  # recomputed from scratch: the reference's computation
     # The recomputed chunks were saved again: the next request hits.
     tokens, loaded, _ = loaded_by(llm, ids)
-    assert loaded == 3 * CHUNK and tokens == reference
+    assert loaded == 3 * CHUNK and ref.matches(tokens)
 
 
 def test_negative_control_foreign_chunk_changes_the_output(llm: Any, store: Any) -> None:
     ids, other = prompt(2 * CHUNK + 3, seed=6), prompt(2 * CHUNK + 3, seed=7)
-    reference, _, _ = loaded_by(llm, ids)
+    ref = Reference(llm, ids)
     loaded_by(llm, other)
     keys = store.keys_for_tokens(MODEL_NAME, ids)
-    (foreign,) = store.retrieve(store.keys_for_tokens(MODEL_NAME, other)[:1])
-    assert foreign is not None
-    store.store(keys[:1], [foreign])  # another chunk's KV under this prompt's first key
+    foreign = store.retrieve(store.keys_for_tokens(MODEL_NAME, other))
+    assert len(foreign) == 2 and all(f is not None for f in foreign)
+    store.store(keys, foreign)  # another prompt's chunks under this prompt's keys
     tokens, loaded, _ = loaded_by(llm, ids)
     assert loaded == 2 * CHUNK
-    assert tokens != reference
+    assert not ref.matches(tokens)  # not a near-tie flip: the model was sure, and the output changed
 
 
 def test_preempted_requests_resume_exactly(llm: Any) -> None:
-    """Three 400-token requests generating 60 tokens need 12 blocks of a 10-block cache: vLLM preempts and
-    resumes (re-scheduling the prompt, whose chunks kvtier now holds)."""
+    """Three 376-token requests (3 blocks each) generating 60 tokens need 12 blocks of a 10-block cache: vLLM
+    preempts and resumes (re-scheduling the prompt, whose chunks kvtier now holds)."""
     from vllm.inputs import TokensPrompt
 
     from kvtier.integrations.vllm.connector import live_connectors
     from vllm import SamplingParams
 
-    prompts = [prompt(3 * CHUNK + 16, seed=20 + i) for i in range(3)]
+    prompts = [prompt(2 * CHUNK + 120, seed=20 + i) for i in range(3)]
     params = SamplingParams(max_tokens=60, temperature=0)
-    alone = [generate(llm, p, max_tokens=60)[0] for p in prompts]
+    alone = [generate_with_margins(llm, p, max_tokens=60) for p in prompts]
     (scheduler,) = live_connectors("scheduler")
     resumed = scheduler.stats["resumed_requests"]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    assert [list(o.outputs[0].token_ids) for o in outs] == alone
+    for out, (tokens, _, margins) in zip(outs, alone, strict=True):
+        assert same_greedy(tokens, margins, list(out.outputs[0].token_ids))  # batched decode rounds otherwise
     assert scheduler.stats["resumed_requests"] > resumed
     assert not scheduler._requests  # finished requests leave no state behind
 
@@ -224,7 +247,8 @@ def test_aborted_request_leaves_no_state(llm: Any) -> None:
     assert not scheduler._requests
     tokens, loaded, _ = loaded_by(llm, ids)
     assert loaded == 2 * CHUNK  # the chunks saved before the abort serve the next request
-    assert tokens == generate(llm, ids)[0]
+    ref = Reference(llm, ids, cache_salt="abort-ref")  # a miss of the same tokens under another salt
+    assert ref.matches(tokens)
 
 
 def test_a_store_filled_by_vllm_serves_transformers_bf16(llm: Any, store: Any) -> None:

@@ -171,6 +171,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._lock = threading.Lock()
         # scheduler side
         self._requests: dict[str, _Request] = {}
+        self._allocated: set[str] = set()  # requests given blocks since they arrived (to see resumptions)
         self._keys_memo: OrderedDict[tuple[str, int, str], list[ObjectKey]] = OrderedDict()
         # worker side
         self._layers: list[torch.Tensor] = []
@@ -241,6 +242,9 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         keys = self._keys(request)
         req_id = str(request.request_id)
+        if req_id in self._allocated:  # blocks again for a request that had them: resumed after a preemption
+            self.stats["resumed_requests"] += 1
+        self._allocated.add(req_id)
         state = self._requests.get(req_id)
         if not keys and state is None:
             return  # shorter than a chunk: nothing to load or save
@@ -267,7 +271,6 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 continue
             new_blocks = cached.new_block_ids[i]
             if req_id in resumed:
-                self.stats["resumed_requests"] += 1
                 state.blocks = list(new_blocks[0]) if new_blocks is not None else []
             elif new_blocks is not None:
                 state.blocks.extend(new_blocks[0])
@@ -318,6 +321,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         """Saves are copied out of the paged cache within their step, so blocks are freed at once."""
         req_id = str(request.request_id)
         self._requests.pop(req_id, None)
+        self._allocated.discard(req_id)
         for memo in [m for m in self._keys_memo if m[0] == req_id]:
             del self._keys_memo[memo]
         return False, None
