@@ -417,15 +417,15 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             except _STORE_ERRORS as exc:
                 log.warning("kvtier load of %d chunk(s) failed, recomputed: %r", len(op.keys), exc)
                 got = 0
-            for c in range(got):
-                lo = max(0, op.skip - c * bpc)  # blocks of this chunk that vLLM's prefix cache already holds
-                if lo >= bpc:
-                    continue
-                blocks = op.blocks[c * bpc + lo : (c + 1) * bpc]
-                src = staging[c].view(2, len(self._layers), bpc, t, layout.kv_heads, layout.head_dim)
+            if got * bpc > op.skip:
+                # All hit chunks at once per layer and K/V: [got * bpc blocks, T, H, D], past the blocks that
+                # vLLM's own prefix cache already holds.
+                blocks = op.blocks[op.skip : got * bpc]
+                shape = (got * bpc, t, layout.kv_heads, layout.head_dim)
                 for i, cache in enumerate(self._layers):
                     for kv in (0, 1):
-                        layout.scatter(cache, blocks, src[kv, i, lo:], kv)
+                        src = staging[:got, kv, i].reshape(shape)[op.skip :]
+                        layout.scatter(cache, blocks, src, kv)
                 loaded += len(blocks) * t
             failed = op.blocks[max(got * bpc, op.skip) :]
             if failed:

@@ -169,22 +169,37 @@ class BlockLayout:
 
     def gather(self, cache: torch.Tensor, blocks: Sequence[int], out: torch.Tensor, kv: int) -> None:
         """Copy K (``kv`` 0) or V (1) of ``blocks`` of ``cache`` into ``out`` ``[len(blocks), T, H, D]``."""
-        idx = torch.as_tensor(list(blocks), dtype=torch.int64)
         if self.strided is not None:
             s = self.strided[kv]
-            out.view(len(blocks), *s.size).copy_(self._view(cache, kv).index_select(0, idx))
+            view, dst = self._view(cache, kv), out.view(len(blocks), *s.size)
+            for j, first, n in _runs(blocks):  # slices of consecutive blocks: plain strided copies, no gather
+                dst[j : j + n].copy_(view[first : first + n])
             return
+        idx = torch.as_tensor(list(blocks), dtype=torch.int64)
         flat = cache.view(cache.shape[0], self.block_elems)
         out.copy_(flat.index_select(0, idx)[:, self.offsets[kv].reshape(-1)].view(out.shape))
 
     def scatter(self, cache: torch.Tensor, blocks: Sequence[int], src: torch.Tensor, kv: int) -> None:
         """Write ``src`` ``[len(blocks), T, H, D]`` as K (``kv`` 0) or V (1) of ``blocks`` of ``cache``."""
-        idx = torch.as_tensor(list(blocks), dtype=torch.int64)
         if self.strided is not None:
             s = self.strided[kv]
-            self._view(cache, kv).index_copy_(0, idx, src.reshape(len(blocks), *s.size))
+            view, rows = self._view(cache, kv), src.reshape(len(blocks), *s.size)
+            for j, first, n in _runs(blocks):
+                view[first : first + n].copy_(rows[j : j + n])
             return
+        idx = torch.as_tensor(list(blocks), dtype=torch.int64)
         flat = cache.view(cache.shape[0], self.block_elems)
         rows = flat.index_select(0, idx)
         rows[:, self.offsets[kv].reshape(-1)] = src.reshape(len(blocks), -1).to(rows.dtype)
         flat.index_copy_(0, idx, rows)
+
+
+def _runs(blocks: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(position, first block, count)`` of each run of consecutive block ids (vLLM often allocates runs)."""
+    runs: list[tuple[int, int, int]] = []
+    for j, b in enumerate(blocks):
+        if runs and runs[-1][1] + runs[-1][2] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((j, int(b), 1))
+    return runs
