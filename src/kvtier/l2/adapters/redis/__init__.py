@@ -3,10 +3,11 @@ accounting), :mod:`.io` (zero-copy RESP on redis-py's socket) and :mod:`.adapter
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from kvtier.config import ConfigReader
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, MissingDependencyError
 from kvtier.l2.adapters.redis.adapter import RedisAdapter
 from kvtier.l2.adapters.redis.config import check_key_prefix, check_url, redact_url
 
@@ -14,6 +15,9 @@ GiB = 1 << 30
 
 
 def redis_factory(config: dict[str, Any], where: str) -> RedisAdapter:
+    # redis-py is the `redis` extra: a config that names this adapter without it fails at start, saying what to add.
+    if importlib.util.find_spec("redis") is None:
+        raise MissingDependencyError("the redis L2 adapter", "redis", "redis")
     reader = ConfigReader(config, where)
     url = reader.string("url")
     cluster = reader.boolean("cluster", False)
