@@ -694,3 +694,10 @@ def test_reading_back_a_record_this_server_stored_is_one_request(moto: MotoServe
             assert proxy.requests == 2, "one GET per record"
     finally:
         proxy.close()
+
+
+def test_an_option_the_client_panics_on_is_a_config_error() -> None:
+    # obstore's Rust core panics on some keys (a PanicException, a BaseException): a clear ConfigError at start.
+    config = {"type": "object_store", "url": "s3://b/p", "options": {**CREDS, "allow_http": "true"}}
+    with pytest.raises(ConfigError, match=r"l2_adapter\.options"):
+        create_l2_adapter(config).adapter.new_client()

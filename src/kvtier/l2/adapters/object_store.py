@@ -55,7 +55,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -66,6 +65,7 @@ from urllib.parse import quote, unquote
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError, ConfigError, L2Error, MissingDependencyError
 from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.adapters.health import BackendHealth
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,6 @@ _STREAM_PIECE = 256 * 1024
 _PROBE_BEFORE_PUT = 1 * MiB
 # Shared mode remembers the sizes of the records it stored or found, for used_bytes; bounded.
 _SHARED_INDEX_ENTRIES = 100_000
-_LOG_EVERY_S = 60.0
 # Strings that mark a missing bucket / container in a 404 (S3, GCS, Azure): an outage, not a missing key.
 _NO_BUCKET = ("NoSuchBucket", "ContainerNotFound", "The specified bucket does not exist", "bucket does not exist")
 _CREDENTIAL_MARKS = (
@@ -186,62 +185,8 @@ def parse_url(url: str, where: str) -> tuple[str, str, str]:
     return scheme, bucket, prefix
 
 
-class _Health:
-    """Counts failures by kind and logs an outage once, when it starts and when it ends."""
-
-    OUTAGE_KINDS = ("connection_errors", "timeouts", "throttled", "credential_errors", "missing_bucket")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.lock = threading.Lock()
-        self.down_since_failures = 0
-        self._last_logged: dict[str, float] = {}
-        self.counts = {
-            "batches": 0,
-            "failed_batches": 0,
-            "connection_errors": 0,
-            "timeouts": 0,
-            "throttled": 0,
-            "credential_errors": 0,
-            "missing_bucket": 0,
-            "capacity_errors": 0,
-            "other_errors": 0,
-            "outages": 0,
-            "evictions": 0,
-            "uploads": 0,
-            "uploads_skipped": 0,
-            "multipart_uploads": 0,
-            "head_cache_hits": 0,
-        }
-
-    def count(self, what: str, n: int = 1) -> None:
-        with self.lock:
-            self.counts[what] += n
-
-    def ok(self) -> None:
-        with self.lock:
-            self.counts["batches"] += 1
-            failures, self.down_since_failures = self.down_since_failures, 0
-        if failures:
-            log.warning("L2 object store %s: reachable again after %d failed batch(es)", self.name, failures)
-
-    def failed(self, kind: str, message: str) -> None:
-        now = time.monotonic()
-        with self.lock:
-            self.counts["batches"] += 1
-            self.counts["failed_batches"] += 1
-            self.counts[kind] += 1
-            if kind in self.OUTAGE_KINDS:
-                first = self.down_since_failures == 0
-                if first:
-                    self.counts["outages"] += 1
-                self.down_since_failures += 1
-            else:
-                first = now - self._last_logged.get(kind, -_LOG_EVERY_S) >= _LOG_EVERY_S
-                if first:
-                    self._last_logged[kind] = now
-        if first:
-            log.warning("L2 object store %s: %s (%s); its batches fail until it is back", self.name, kind, message)
+_OUTAGE_KINDS = ("connection_errors", "timeouts", "throttled", "credential_errors", "missing_bucket")
+_COUNTERS = ("capacity_errors", "evictions", "uploads", "uploads_skipped", "multipart_uploads", "head_cache_hits")
 
 
 class ObjectStoreAdapter(L2Adapter):
@@ -278,7 +223,8 @@ class ObjectStoreAdapter(L2Adapter):
         self._connect_timeout_s = connect_timeout_s
         self._max_retries = max_retries
         self._retry_timeout_s = retry_timeout_s
-        self._health = _Health(url)
+        self._url = url
+        self._health = BackendHealth(f"object store {url}", log, _OUTAGE_KINDS, _COUNTERS)
         self._store_obj: Any = None
         self._pool: ThreadPoolExecutor | None = None
         # Index: object name -> record bytes, least recently used first. Owned mode: every record under the
@@ -330,7 +276,11 @@ class ObjectStoreAdapter(L2Adapter):
         except UnknownConfigurationKeyError as exc:
             bad = [k for k in config if k in str(exc)] or ["?"]
             raise ConfigError(f"{where}.options: unknown key {bad[0]!r} for {self.scheme}://") from None
-        except Exception as exc:  # obstore raises plain ValueError / its own errors for bad settings
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            # obstore raises plain ValueError / its own errors for bad settings, and for some keys its Rust core
+            # panics (pyo3's PanicException derives from BaseException, not Exception): all are a bad config.
             # The message may quote a value: name the keys only.
             raise ConfigError(
                 f"{where}.options: the {self.scheme}:// client refused the settings (keys {sorted(config)}): "
@@ -380,7 +330,7 @@ class ObjectStoreAdapter(L2Adapter):
             self._index = OrderedDict((path, size) for _, path, size in found)
             self._used = sum(size for _, _, size in found)
         if found:
-            log.info("L2 object store %s: %d record(s), %d bytes found", self._health.name, len(found), self._used)
+            log.info("L2 object store %s: %d record(s), %d bytes found", self._url, len(found), self._used)
 
     # -- errors -----------------------------------------------------------------------------------------------
     def _scrub(self, text: str) -> str:
@@ -425,7 +375,7 @@ class ObjectStoreAdapter(L2Adapter):
             self._health.failed(kind, message)
             # `from None`: the client's error carries the whole response (a 403 body names the access key id);
             # the scrubbed first line above is what may reach logs.
-            raise L2Error(f"object store {self._health.name}: {kind}: {message}") from None
+            raise L2Error(f"object store {self._url}: {kind}: {message}") from None
         self._health.ok()
         return result
 
@@ -487,7 +437,7 @@ class ObjectStoreAdapter(L2Adapter):
                 free += size
         if need > free:  # nothing was taken out of the index yet: the failed batch changes nothing
             raise CapacityError(
-                f"object store {self._health.name}: {need} bytes do not fit in {self._capacity} "
+                f"object store {self._url}: {need} bytes do not fit in {self._capacity} "
                 f"({self._used} used, {self._reserved} being written, the rest pinned)"
             )
         for name in victims:
@@ -531,7 +481,7 @@ class ObjectStoreAdapter(L2Adapter):
         if self._capacity is not None:
             if need > self._capacity:
                 exc = CapacityError(
-                    f"object store {self._health.name}: batch of {need} bytes exceeds the capacity of {self._capacity}"
+                    f"object store {self._url}: batch of {need} bytes exceeds the capacity of {self._capacity}"
                 )
                 self._health.failed("capacity_errors", str(exc))
                 raise exc
@@ -687,7 +637,7 @@ class ObjectStoreAdapter(L2Adapter):
             pos = 0
             while pos < len(src):
                 if vi >= len(views):
-                    raise L2Error(f"object store {self._health.name}: {name} grew while it was read")
+                    raise L2Error(f"object store {self._url}: {name} grew while it was read")
                 view = views[vi]
                 take = min(len(view) - off, len(src) - pos)
                 view[off : off + take] = src[pos : pos + take]
@@ -697,7 +647,7 @@ class ObjectStoreAdapter(L2Adapter):
                     vi, off = vi + 1, 0
             got += len(src)
         if got != size:
-            raise L2Error(f"object store {self._health.name}: {name}: {got} of {size} bytes received")
+            raise L2Error(f"object store {self._url}: {name}: {got} of {size} bytes received")
         return size
 
     def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:

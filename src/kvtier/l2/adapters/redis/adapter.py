@@ -62,13 +62,12 @@ cannot reach records on other slots, so ``max_capacity_gb`` is refused with a cl
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import BatchError, CapacityError, ConfigError, L2Error
 from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.adapters.health import BackendHealth
 from kvtier.l2.adapters.redis.config import redact_url
 from kvtier.l2.adapters.redis.io import Packer, RespReader, is_wrong_type
 from kvtier.l2.adapters.redis.scripts import ACCOUNT_SCRIPT, DELETE_SCRIPT, TOUCH_SCRIPT
@@ -78,8 +77,6 @@ log = logging.getLogger(__name__)
 GiB = 1 << 30
 T = TypeVar("T")
 
-# Failures other than an outage (a full server fails every store) are logged at most this often per kind.
-_LOG_EVERY_S = 60.0
 # A load pipeline fetches at most this many bytes of destinations at once: the server buffers the replies of a
 # pipeline (and redis-py's cluster path holds each value as a fresh ``bytes``), so a batch of a hundred 32 MiB
 # chunks must not be in flight at the same time.
@@ -92,73 +89,6 @@ class RedisUnreachable(L2Error, ConnectionError):
 
 class RedisTimeout(L2Error, TimeoutError):
     """A Redis command timed out: an :class:`L2Error` and a ``TimeoutError``."""
-
-
-class _Outage:
-    """Counts failures by kind and logs an outage once, when it starts and when it ends."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._lock = threading.Lock()
-        self.down_since_failures = 0
-        self._last_logged: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self.counts = {
-            "batches": 0,
-            "failed_batches": 0,
-            "connection_errors": 0,
-            "timeouts": 0,
-            "oom_errors": 0,
-            "other_errors": 0,
-            "outages": 0,
-            "evictions": 0,
-        }
-
-    def count(self, what: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[what] += n
-
-    def ok(self) -> None:
-        with self._lock:
-            self.counts["batches"] += 1
-            failures, self.down_since_failures = self.down_since_failures, 0
-        if failures:
-            log.warning("L2 redis %s: reachable again after %d failed batch(es)", self.name, failures)
-
-    @property
-    def down(self) -> bool:
-        return self.down_since_failures > 0
-
-    def failed(self, kind: str, exc: BaseException) -> None:
-        """Count a failed batch and log it sparingly: an outage once when it starts (and once when it ends, in
-        :meth:`ok`); other failures (a full server fails every store) at most once a minute per kind."""
-        now = time.monotonic()
-        with self._lock:
-            self.counts["batches"] += 1
-            self.counts["failed_batches"] += 1
-            self.counts[kind] += 1
-            unreachable = kind in ("connection_errors", "timeouts")
-            if unreachable:
-                first = self.down_since_failures == 0
-                if first:
-                    self.counts["outages"] += 1
-                self.down_since_failures += 1
-                suppressed = 0
-            else:
-                first = now - self._last_logged.get(kind, -_LOG_EVERY_S) >= _LOG_EVERY_S
-                suppressed = self._suppressed.get(kind, 0)
-                if first:
-                    self._last_logged[kind] = now
-                    self._suppressed[kind] = 0
-                else:
-                    self._suppressed[kind] = suppressed + 1
-        if not first:
-            return
-        if unreachable:
-            log.warning("L2 redis %s: unreachable (%s); its batches fail until it is back", self.name, exc)
-        else:
-            more = f" ({suppressed} more since the last report)" if suppressed else ""
-            log.warning("L2 redis %s: batch failed: %s%s", self.name, exc, more)
 
 
 class RedisAdapter(L2Adapter):
@@ -189,7 +119,10 @@ class RedisAdapter(L2Adapter):
         # The hash tag puts the accounting keys in one cluster slot, so one script can update them together.
         meta = "{" + key_prefix + ":@}"
         self._meta = [f"{meta}used", f"{meta}sizes", f"{meta}lru", f"{meta}clock"]
-        self._health = _Outage(redact_url(url))
+        self._url = redact_url(url)  # the URL as logs and stats may show it
+        self._health = BackendHealth(
+            f"redis {self._url}", log, ("connection_errors", "timeouts"), ("oom_errors", "evictions")
+        )
         self._client: Any = None
         self._last_used = 0
         self._largest_seen = 0  # bytes of the largest record loaded so far
@@ -237,23 +170,23 @@ class RedisAdapter(L2Adapter):
             try:
                 result = op()
             except rx.TimeoutError as exc:
-                self._health.failed("timeouts", exc)
-                raise RedisTimeout(f"redis {self._health.name}: {exc}") from exc
+                self._health.failed("timeouts", str(exc))
+                raise RedisTimeout(f"redis {self._url}: {exc}") from exc
             except rx.ConnectionError as exc:
                 # After a server restart the pool may hand out a socket that is already dead: one fresh try.
                 if attempt == 0 and not isinstance(exc, rx.AuthenticationError):
                     continue
-                self._health.failed("connection_errors", exc)
-                raise RedisUnreachable(f"redis {self._health.name}: {exc}") from exc
+                self._health.failed("connection_errors", str(exc))
+                raise RedisUnreachable(f"redis {self._url}: {exc}") from exc
             except CapacityError as exc:
-                self._health.failed("oom_errors", exc)
+                self._health.failed("oom_errors", str(exc))
                 raise
             except (rx.RedisError, BatchError) as exc:
                 if _is_oom(exc):
-                    self._health.failed("oom_errors", exc)
-                    raise CapacityError(f"redis {self._health.name} is out of memory: {exc}") from exc
-                self._health.failed("other_errors", exc)
-                raise L2Error(f"redis {self._health.name}: {exc}") from exc
+                    self._health.failed("oom_errors", str(exc))
+                    raise CapacityError(f"redis {self._url} is out of memory: {exc}") from exc
+                self._health.failed("other_errors", str(exc))
+                raise L2Error(f"redis {self._url}: {exc}") from exc
             self._health.ok()
             return result
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
@@ -303,10 +236,8 @@ class RedisAdapter(L2Adapter):
                 self._health.count("evictions", evicted)
 
     def _capacity_error(self, need: int) -> CapacityError:
-        exc = CapacityError(
-            f"redis {self._health.name}: batch of {need} bytes exceeds the capacity of {self._capacity}"
-        )
-        self._health.failed("oom_errors", exc)
+        exc = CapacityError(f"redis {self._url}: batch of {need} bytes exceeds the capacity of {self._capacity}")
+        self._health.failed("oom_errors", str(exc))
         return exc
 
     def _store_pipeline(self, full: list[str], views: list[list[memoryview]], sizes: list[int]) -> int:
@@ -388,9 +319,7 @@ class RedisAdapter(L2Adapter):
         try:
             self._delete_cluster(full)
         except rx.RedisError as exc:
-            log.warning(
-                "L2 redis %s: could not remove %d record(s) of a failed batch: %s", self._health.name, len(full), exc
-            )
+            log.warning("L2 redis %s: could not remove %d record(s) of a failed batch: %s", self._url, len(full), exc)
 
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
         full = [self._key(k) for k in keys]
@@ -565,11 +494,11 @@ class RedisAdapter(L2Adapter):
         self._last_used = int(self._client.eval(DELETE_SCRIPT, 3, *self._meta[:3], "1", *full))
 
     def stats(self) -> dict[str, Any]:
-        with self._health._lock:
+        with self._health.lock:
             counts = dict(self._health.counts)
         return {
             **super().stats(),
-            "url": self._health.name,
+            "url": self._url,
             "key_prefix": self.key_prefix,
             "cluster": self.cluster,
             "reachable": self._health.down_since_failures == 0,
