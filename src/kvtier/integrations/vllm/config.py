@@ -84,19 +84,9 @@ def key_model_name(name: str) -> str:
 
 
 def key_salt(cache_salt: str | None) -> str:
-    """Any ``cache_salt`` string vLLM passes as a valid kvtier salt, one-to-one: a salt kvtier accepts and that
-    does not start with ``=`` is used as is (the HF integration given the same salt shares its chunks); any other
-    becomes ``=`` + a 256-bit hash of it (a salt kvtier accepts never starts with ``=`` after this mapping unless
-    it is such a hash)."""
-    if not cache_salt:
-        return ""
-    if not cache_salt.startswith("="):
-        try:
-            ObjectKey("m", "0", 0, cache_salt)
-            return cache_salt
-        except ConfigError:
-            pass
-    return "=" + blake3.blake3(cache_salt.encode("utf-8", "surrogatepass")).hexdigest()
+    """vLLM's ``cache_salt`` as kvtier's: the same string (kvtier accepts any salt and writes only its keyed
+    digest), so the HF integration given the same salt shares its chunks; ``None`` is the empty salt."""
+    return cache_salt or ""
 
 
 # -- the embedded Store shared by both roles of one process --------------------------------------------------------
