@@ -204,6 +204,44 @@ def test_defect7_store_racing_close_is_refused_or_written(tmp_path: Path) -> Non
             store.store(ks[:1], src[:1])
 
 
+def test_close_waits_for_a_store_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() unmaps L1 only after the calls in flight have left it: a store held in the middle of its copy into
+    L1 while close() begins finishes (refused, never acknowledged) instead of writing into unmapped memory."""
+    store = Store(l1_size_gb=MB, l2_adapters=[fs(tmp_path)])
+    ks, src = keys(2), chunks(2, tokens=4, hidden=16)
+    entered, release = threading.Event(), threading.Event()
+    real_view = store._pool.view
+
+    def held_view(obj: Any) -> torch.Tensor:
+        entered.set()
+        release.wait(10)
+        return real_view(obj)
+
+    monkeypatch.setattr(store._pool, "view", held_view)
+    outcome: list[str] = []
+
+    def storer() -> None:
+        try:
+            store.store(ks, src)
+            outcome.append("acknowledged")
+        except RuntimeError:
+            outcome.append("refused")
+
+    th = threading.Thread(target=storer)
+    th.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close() must wait for the store in flight"
+    release.set()
+    th.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and outcome == ["refused"]
+    with pytest.raises(RuntimeError, match="closed"):
+        store.retrieve(ks)
+
+
 def test_defect7_caller_mistake_raises_not_a_miss(tmp_path: Path) -> None:
     """A non-contiguous ``out`` is the caller's mistake: raised, not blurred into a miss."""
     ks, src = keys(2), chunks(2, tokens=8, hidden=32)

@@ -21,12 +21,13 @@ failing is logged once when it starts failing and once when it recovers (with th
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +49,32 @@ class _Write:
     keys: list[ObjectKey]
     objs: list[L1Object]
     nbytes: int
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _call(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    """A public operation: refused once the Store is closed, and counted while it runs, so that ``close()`` unmaps
+    L1 and closes the adapters only after every call in flight has left them (a store racing close() would
+    otherwise copy into memory that is no longer mapped)."""
+
+    @functools.wraps(method)
+    def call(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with store._calls:
+            if store._closed:
+                raise RuntimeError("kvtier Store is closed")
+            store._in_flight += 1
+        try:
+            return method(store, *args, **kwargs)
+        finally:
+            with store._calls:
+                store._in_flight -= 1
+                if not store._in_flight:
+                    store._calls.notify_all()
+
+    return call
 
 
 class Store:
@@ -109,6 +136,8 @@ class Store:
         self._pending_bytes = 0  # bytes of L1 objects pinned until their L2 write
         self._lock = threading.Lock()
         self._closed = False
+        self._calls = threading.Condition()  # guards _in_flight: public calls running now (see _call)
+        self._in_flight = 0
         self._failing: dict[int, int] = {}  # id(tier) -> failed calls since it started failing (logged once)
         self.counts = {
             "stored": 0,
@@ -129,6 +158,7 @@ class Store:
         return keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt)
 
     # -- store ------------------------------------------------------------------------------------------------
+    @_call
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None:
         """Copy each tensor into L1 under its key and queue the write-through to every L2 adapter.
 
@@ -136,7 +166,6 @@ class Store:
         room because the pool is pinned by reads and writes in flight is skipped and counted
         (``l1_store_refused``): a cache may drop, it must not block the engine.
         """
-        self._check_open()
         if len(keys) != len(tensors):
             raise ValueError(f"store got {len(keys)} keys but {len(tensors)} tensors")
         for key, t in zip(keys, tensors, strict=True):
@@ -237,10 +266,10 @@ class Store:
             self._queue.join()
 
     # -- lookup / retrieve ------------------------------------------------------------------------------------
+    @_call
     def lookup(self, keys: Sequence[ObjectKey]) -> int:
         """How many leading keys are in some tier (L1 or any L2 adapter). An L2 record counts when its header
         says it is ours (this tier's serde identity, this key); a foreign record does not."""
-        self._check_open()
         in_l1 = self._pool.contains(keys)
         first_miss = next((i for i, hit in enumerate(in_l1) if not hit), len(keys))
         rest = list(keys[first_miss:])
@@ -261,10 +290,10 @@ class Store:
         combined = [a or b for a, b in zip(in_l1[first_miss:], found, strict=True)]
         return first_miss + next((i for i, hit in enumerate(combined) if not hit), len(combined))
 
+    @_call
     def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]:
         """A new tensor per key (``None`` for a miss), owned by the caller. L1 misses are fetched from the first
         L2 adapter that holds them, through L1."""
-        self._check_open()
         out: list[torch.Tensor | None] = [None] * len(keys)
         objs = self._pool.acquire(keys)
         try:
@@ -278,10 +307,10 @@ class Store:
             self._prefetch(keys, missing, out)
         return out
 
+    @_call
     def retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor]) -> int:
         """Fill the caller's tensors ``outs[i]`` with the objects of the leading keys that hit; return how many.
         Nothing is allocated for L1 hits. ``outs[n:]`` after the returned count are left unspecified."""
-        self._check_open()
         if len(keys) != len(outs):
             raise ValueError(f"retrieve_into got {len(keys)} keys but {len(outs)} outputs")
         for i, dst in enumerate(outs):
@@ -403,9 +432,9 @@ class Store:
             log.warning("L2 %s recovered after %d failed call(s)", tier.name, failed)
 
     # -- the rest ---------------------------------------------------------------------------------------------
+    @_call
     def clear_l1(self) -> None:
         """Drop every object from L1 (L2 keeps its copies; objects in flight go when their pins do)."""
-        self._check_open()
         self._pool.clear()
 
     def stats(self) -> dict[str, Any]:
@@ -421,10 +450,6 @@ class Store:
             "l2": [tier.stats() for tier in self._tiers],
         }
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("kvtier Store is closed")
-
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
         closing began raise; the worker never dies, so the end marker is always taken and this never hangs."""
@@ -433,6 +458,8 @@ class Store:
                 return
             self._closed = True  # from here on store() refuses to queue (checked under this lock)
             writer = self._writer
+        with self._calls:  # calls that began before: they finish (bounded by the adapters' timeouts) first
+            self._calls.wait_for(lambda: self._in_flight == 0)
         if writer is not None:
             while writer.is_alive():
                 try:
