@@ -176,8 +176,12 @@ class Fp8Stage(TensorBytesStage):
         bits = _bits(src)
         out = dst[:n].numpy()
         fmt = self.fmt
+        e4m3 = self.fp8 == torch.float8_e4m3fn
         if not self.scaled:
-            bad = k.encode_plain(bits, out, kind, fmt.mbits, fmt.bias, fmt.maxcode, fmt.saturate)
+            if src.dtype == torch.bfloat16:
+                bad = (k.encode_plain_bf16_e4m3 if e4m3 else k.encode_plain_bf16_e5m2)(bits, out)
+            else:
+                bad = k.encode_plain(bits, out, kind, fmt.mbits, fmt.bias, fmt.maxcode, fmt.saturate)
             if bad >= 0:
                 raise SerdeError(f"fp8: non-finite input at element {bad}; the item is not stored")
             return n
@@ -186,9 +190,11 @@ class Fp8Stage(TensorBytesStage):
         lo = _min_exponent(self.fp8, src.dtype)
         out_max = float(torch.finfo(src.dtype).max)
         exps = dst[n : n + ngroups].numpy().view(np.int8)
-        caps = np.empty(ngroups, dtype=np.int64)
         tables = _TABLES[self.fp8]
         bf16 = src.dtype == torch.bfloat16
+        # caps are codes (<= 0x7E): uint8 keeps the bf16 kernel's loads narrow
+        caps = np.empty(ngroups, dtype=np.uint8 if bf16 else np.int64)
+        encode_bf16 = k.encode_scaled_bf16_e4m3 if e4m3 else k.encode_scaled_bf16_e5m2
         g0 = 0
         for offset, b, t, c in groups:
             view = bits[offset : offset + b * t * c]
@@ -206,7 +212,7 @@ class Fp8Stage(TensorBytesStage):
             k.exponents_from_amax(amax, fmt.max_value, out_max, lo, e, cap, tables.f64, fmt.maxcode)
             dst_view = out[offset : offset + b * t * c]
             if bf16:
-                k.encode_scaled_bf16(view, dst_view, b, t, c, e, cap, tables.encode_bf16)
+                encode_bf16(view, dst_view, b, t, c, e, cap)
             else:
                 k.encode_scaled(view, dst_view, b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode)
             g0 += b * c
@@ -240,7 +246,6 @@ class Fp8Stage(TensorBytesStage):
         lut = tables.lut_scaled[dst.dtype]
         # e >= lo was checked above, so the add is non-negative and the sum stays inside the output's bits
         adds = ((exps.astype(np.int64) - lo) << shift).astype(lut.dtype)
-        nz = tables.nz[lut.dtype.type]
         g0 = 0
         for offset, b, t, c in groups:
             k.decode_scaled(
@@ -251,7 +256,6 @@ class Fp8Stage(TensorBytesStage):
                 c,
                 adds[g0 : g0 + b * c],
                 lut,
-                nz,
             )
             g0 += b * c
 

@@ -1,0 +1,123 @@
+"""fp8 kernels, exhaustively: the branch-free bf16 encoders and the one-gather decoder against torch's arithmetic,
+for every bf16 magnitude (encode) or every fp8 code (decode) at every group exponent the encoder can write."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.serde.fp8 import _FORMATS, _SOURCES, _TABLES, Fp8Stage, _min_exponent
+from kvtier.serde.kernels import fp8_kernels as K
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALED_BF16 = {torch.float8_e4m3fn: K.encode_scaled_bf16_e4m3, torch.float8_e5m2: K.encode_scaled_bf16_e5m2}
+PLAIN_BF16 = {torch.float8_e4m3fn: K.encode_plain_bf16_e4m3, torch.float8_e5m2: K.encode_plain_bf16_e5m2}
+
+
+def _caps(fp8: torch.dtype, dtype: torch.dtype, exps: np.ndarray) -> np.ndarray:
+    """Largest code per exponent whose decoded value stays finite in ``dtype`` (what the encoder clamps to)."""
+    values = _TABLES[fp8].f64[: _FORMATS[fp8].maxcode + 1]
+    out_max = float(torch.finfo(dtype).max)
+    return np.array([int(np.nonzero(values * 2.0 ** int(e) <= out_max)[0][-1]) for e in exps], dtype=np.uint8)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_scaled_bf16_encode_is_torch_rounding_at_every_exponent(fp8: torch.dtype) -> None:
+    """Every finite bf16 pattern (both signs) x every exponent in [lo, 127]: the code is torch's cast of the
+    pattern scaled by ``2**-e`` (through the 32768-entry table of torch's casts), clamped to the group's cap;
+    0 where the scaled value falls below bf16's normal range."""
+    lo = _min_exponent(fp8, torch.bfloat16)
+    exps = np.arange(lo, 128, dtype=np.int8)
+    caps = _caps(fp8, torch.bfloat16, exps)
+    mags = np.arange(0x7F80, dtype=np.int32)
+    patterns = np.concatenate([mags, mags | 0x8000]).astype(np.uint16)
+    T, C = patterns.size, exps.size
+    src = np.ascontiguousarray(np.broadcast_to(patterns[:, None], (T, C)))
+    out = np.full((T, C), 0xAA, dtype=np.uint8)
+    SCALED_BF16[fp8](src.reshape(-1), out.reshape(-1), 1, T, C, exps, caps)
+
+    a = (patterns.astype(np.int32) & 0x7FFF)[:, None]
+    e = exps.astype(np.int32)[None, :]
+    p = a - (e << 7)
+    ok = (a != 0) & ((a >> 7) - e >= 1)
+    table = _TABLES[fp8].encode_bf16.astype(np.int32)  # torch's cast of every bf16 magnitude
+    # an exponent below what the data needs scales past bf16's range: torch would saturate (or overflow to inf),
+    # and either clamps to the cap, as the largest finite pattern does
+    code = np.minimum(table[np.clip(p, 0, 0x7F7F)], caps.astype(np.int32)[None, :])
+    expected = (((patterns.astype(np.int32) >> 8) & 0x80)[:, None] | np.where(ok, code, 0)).astype(np.uint8)
+    bad = np.argwhere(out != expected)
+    assert bad.size == 0, (
+        f"{len(bad)} mismatches, first (pattern, exponent) {[(patterns[i], exps[j]) for i, j in bad[:3]]}"
+    )
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_plain_bf16_encode_is_torch_cast_and_finds_the_first_non_finite(fp8: torch.dtype) -> None:
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    finite = x[torch.isfinite(x)].contiguous()
+    bits = finite.view(torch.int16).numpy().view(np.uint16)
+    out = np.empty(bits.size, dtype=np.uint8)
+    assert PLAIN_BF16[fp8](bits, out) == -1
+    assert np.array_equal(out, finite.to(fp8).view(torch.uint8).numpy())
+    for bad in (0x7F80, 0xFF80, 0x7FC1, 0xFFFF):  # +inf, -inf, NaNs
+        for where in (0, 17, bits.size - 1):
+            damaged = bits.copy()
+            damaged[where] = bad
+            damaged[-1 if where == 0 else 0] = bad  # a second one later (or earlier): the first is reported
+            assert PLAIN_BF16[fp8](damaged, out) == min(where, bits.size - 1 if where == 0 else 0)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scaled_decode_is_exact_for_every_code_at_every_exponent(fp8: torch.dtype, dtype: torch.dtype) -> None:
+    """Every code x every exponent in [lo, 127]: the decoded bits are ``value(code) * 2**e`` in ``dtype`` exactly,
+    for each code the encoder can write at that exponent (up to the cap, both signs, both zeros)."""
+    lo = _min_exponent(fp8, dtype)
+    exps = np.arange(lo, 128, dtype=np.int8)
+    caps = _caps(fp8, dtype, exps)
+    shift = _SOURCES[dtype][2]
+    lut = _TABLES[fp8].lut_scaled[dtype]
+    codes = np.arange(256, dtype=np.uint8)
+    T, C = codes.size, exps.size
+    src = np.ascontiguousarray(np.broadcast_to(codes[:, None], (T, C)))
+    out = np.zeros((T, C), dtype=lut.dtype)
+    adds = ((exps.astype(np.int64) - lo) << shift).astype(lut.dtype)
+    K.decode_scaled(src.reshape(-1), out.reshape(-1), 1, T, C, adds, lut)
+
+    values = torch.arange(256, dtype=torch.uint8).view(fp8).to(torch.float64)
+    expected = (values[:, None] * torch.pow(2.0, torch.from_numpy(exps.astype(np.float64)))[None, :]).to(dtype)
+    expected_bits = expected.view(_SOURCES[dtype][1]).numpy().view(lut.dtype)
+    mag = (codes & 0x7F).astype(np.int32)[:, None]
+    writable = mag <= caps.astype(np.int32)[None, :]
+    assert writable[:, 0].sum() >= 2 * 116  # at lo nearly every code is writable (e5m2 -> fp16: up to 2**-2 max)
+    bad = np.argwhere(writable & (out != expected_bits))
+    assert bad.size == 0, f"{len(bad)} mismatches, first (code, exponent) {[(codes[i], exps[j]) for i, j in bad[:3]]}"
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_scaled_bf16_round_trip_through_the_stage_matches_the_reference_quantizer(fp8: torch.dtype) -> None:
+    """The whole stage (amax, exponents, caps, encode) on KV-shaped data with outlier channels, zeros, tiny and
+    huge values: each element decodes to torch's cast of ``x * 2**-e`` times ``2**e``."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 3, 40, 24, generator=g) * torch.exp(torch.randn(1, 1, 1, 24, generator=g) * 6)
+    x[..., 0] = 0.0
+    x[..., 1] = 1e-38
+    x[..., 2] = 3.0e38
+    x[0, 0, 5, 3] = -0.0
+    x = x.to(torch.bfloat16)
+    stage = Fp8Stage(fp8, True)
+    n = x.numel()
+    buf = torch.empty(n + 2 * 3 * 24, dtype=torch.uint8)
+    assert stage.serialize(x, buf) == buf.numel()
+    exps = buf[n:].view(torch.int8).to(torch.float64).reshape(6, 1, 24)
+    scaled = (x.to(torch.float64).reshape(6, 40, 24) * torch.pow(2.0, -exps)).to(torch.bfloat16)
+    out = torch.empty_like(x)
+    stage.deserialize(buf, out)
+    expected = scaled.to(fp8).to(torch.float64) * torch.pow(2.0, exps)
+    # the encoder flushes a scaled value below bf16's normal range to 0
+    tiny = scaled.to(torch.float64).abs() < 2.0**-126
+    expected = torch.where(tiny, torch.zeros_like(expected) * torch.sign(expected), expected)
+    got = out.to(torch.float64).reshape(6, 40, 24)
+    assert torch.equal(got, expected), (got - expected).abs().max()
+    assert math.isfinite(float(got.abs().max()))
