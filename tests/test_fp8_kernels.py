@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from kvtier.errors import SerdeError
 from kvtier.serde.fp8 import _FORMATS, _SOURCES, _TABLES, Fp8Stage, _min_exponent
 from kvtier.serde.kernels import fp8_kernels as K
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-SCALED_BF16 = {torch.float8_e4m3fn: K.encode_scaled_bf16_e4m3, torch.float8_e5m2: K.encode_scaled_bf16_e5m2}
+SCALED_BF16 = {
+    torch.float8_e4m3fn: K.encode_bf16_with_exponents_e4m3,
+    torch.float8_e5m2: K.encode_bf16_with_exponents_e5m2,
+}
 PLAIN_BF16 = {torch.float8_e4m3fn: K.encode_plain_bf16_e4m3, torch.float8_e5m2: K.encode_plain_bf16_e5m2}
 
 
@@ -121,3 +125,19 @@ def test_scaled_bf16_round_trip_through_the_stage_matches_the_reference_quantize
     got = out.to(torch.float64).reshape(6, 40, 24)
     assert torch.equal(got, expected), (got - expected).abs().max()
     assert math.isfinite(float(got.abs().max()))
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_scaled_bf16_names_the_first_group_holding_a_non_finite_value(fp8: torch.dtype, bad: float) -> None:
+    """The fused kernel checks each block's amax before encoding it: a value in a later block, or two in
+    different blocks, fail the item naming the first group (block-major, as the exponents are stored)."""
+    x = torch.randn(3, 2, 16, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    stage = Fp8Stage(fp8, True)
+    buf = torch.empty(x.numel() + 6 * 8, dtype=torch.uint8)
+    for spots, group in ((((2, 1, 15, 7),), 5 * 8 + 7), (((1, 0, 3, 2), (2, 1, 0, 0)), 2 * 8 + 2)):
+        y = x.clone()
+        for spot in spots:
+            y[spot] = bad
+        with pytest.raises(SerdeError, match=f"group {group};"):
+            stage.serialize(y, buf)

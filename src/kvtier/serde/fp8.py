@@ -199,22 +199,20 @@ class Fp8Stage(TensorBytesStage):
         for offset, b, t, c in groups:
             view = bits[offset : offset + b * t * c]
             e, cap = exps[g0 : g0 + b * c], caps[g0 : g0 + b * c]
-            if bf16:
-                amax16 = np.zeros(b * c, dtype=np.uint16)
-                bad = k.group_amax_bf16(view, b, t, c, amax16)
-                amax = amax16.astype(np.uint32) << 16
-            else:
-                amax = np.zeros(b * c, dtype=np.uint32)
-                bad = k.group_amax(view, b, t, c, kind, amax)
-            if bad >= 0:
-                where = f"group {g0 + bad}" if bf16 else f"element {offset + bad}"
-                raise SerdeError(f"fp8: non-finite input in {where}; the item is not stored")
-            k.exponents_from_amax(amax, fmt.max_value, out_max, lo, e, cap, tables.f64, fmt.maxcode)
             dst_view = out[offset : offset + b * t * c]
             if bf16:
-                encode_bf16(view, dst_view, b, t, c, e, cap)
-            else:
-                k.encode_scaled(view, dst_view, b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode)
+                # amax, exponents and codes in one kernel, block by block (see encode_scaled_bf16_e4m3)
+                bad = encode_bf16(view, dst_view, b, t, c, e, cap, out_max, lo, tables.f64)
+                if bad >= 0:
+                    raise SerdeError(f"fp8: non-finite input in group {g0 + bad}; the item is not stored")
+                g0 += b * c
+                continue
+            amax = np.zeros(b * c, dtype=np.uint32)
+            bad = k.group_amax(view, b, t, c, kind, amax)
+            if bad >= 0:
+                raise SerdeError(f"fp8: non-finite input at element {offset + bad}; the item is not stored")
+            k.exponents_from_amax(amax, fmt.max_value, out_max, lo, e, cap, tables.f64, fmt.maxcode)
+            k.encode_scaled(view, dst_view, b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode)
             g0 += b * c
         return n + ngroups
 
