@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from kvtier.errors import SerdeError
-from kvtier.serde.fp8 import _FORMATS, _SOURCES, _TABLES, Fp8Stage, _min_exponent
+from kvtier.serde.fp8 import _FORMATS, _SOURCES, _TABLES, Fp8Stage, _groups, _min_exponent
 from kvtier.serde.kernels import fp8_kernels as K
+from kvtier.types import LayoutDesc
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALED_BF16 = {
@@ -141,3 +142,61 @@ def test_scaled_bf16_names_the_first_group_holding_a_non_finite_value(fp8: torch
             y[spot] = bad
         with pytest.raises(SerdeError, match=f"group {group};"):
             stage.serialize(y, buf)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pair_decode_is_the_single_decode_for_every_code_pair(fp8: torch.dtype, dtype: torch.dtype) -> None:
+    """Every pair of codes (65536, as one little-endian uint16) with exponents ``(first + j, last - j)`` in column j:
+    the pair kernel writes what the single-code kernel (checked exhaustively above) writes, wherever both codes
+    are writable at their exponent."""
+    lo = _min_exponent(fp8, dtype)
+    e_lo = np.arange(lo, 128, dtype=np.int8)
+    e_lo = e_lo[_caps(fp8, dtype, e_lo) > 0]  # the exponents the encoder can write for this dtype
+    exps = np.stack([e_lo, e_lo[::-1]], axis=1).reshape(-1)  # column pairs (first + j, last - j)
+    caps = _caps(fp8, dtype, exps)
+    shift = _SOURCES[dtype][2]
+    tables = _TABLES[fp8]
+    lut = tables.lut_scaled[dtype]
+    adds = ((exps.astype(np.int64) - lo) << shift).astype(np.uint16)
+    T, C = 65536, exps.size
+    pairs = np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.uint16)[:, None], (T, C // 2)))
+    codes = pairs.view(np.uint8).reshape(-1)
+    single = np.zeros(T * C, dtype=np.uint16)
+    K.decode_scaled(codes, single, 1, T, C, adds, lut)
+    paired = np.zeros(T * C, dtype=np.uint16)
+    K.decode_scaled_pairs(
+        pairs.reshape(-1), paired.view(np.uint32), 1, T, C // 2, adds.view(np.uint32), tables.pairs_scaled(dtype)
+    )
+    both = ((codes.reshape(T, C) & 0x7F) <= caps[None, :]).reshape(T, C // 2, 2).all(axis=2)
+    writable = np.repeat(both, 2, axis=1).reshape(-1)
+    assert writable.sum() > T * 4
+    assert np.array_equal(paired[writable], single[writable])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (2, 3, 5, 7), (4, 6), (301,)])
+def test_stage_decode_takes_pairs_or_single_codes_alike(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Even rows of a 16-bit output go through the pair kernel, odd rows, fp32 and 1-D blocks through the single
+    one; either way the stage decodes what the single-code kernel does (on a view at an odd byte offset too)."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 50).to(dtype)
+    stage = Fp8Stage(torch.float8_e4m3fn, True)
+    size = stage.estimate_serialized_size(LayoutDesc.of(x))
+    for start in (0, 1):
+        buf = torch.empty(size + start, dtype=torch.uint8)[start:]
+        stage.serialize(x, buf)
+        out = torch.full_like(x, 7.0)
+        stage.deserialize(buf, out)
+        n = x.numel()
+        values = torch.from_numpy(_TABLES[torch.float8_e4m3fn].f64)[buf[:n].long()]
+        exps = buf[n:].view(torch.int8).double()
+        scale = torch.empty(n, dtype=torch.float64)
+        g0 = 0
+        for offset, b, t, c in _groups(shape, stage.block):  # group (b, c) of each element, as the stage has it
+            e = exps[g0 : g0 + b * c].reshape(b, 1, c).expand(b, t, c)
+            scale[offset : offset + b * t * c] = torch.pow(2.0, e).reshape(-1)
+            g0 += b * c
+        expected = (values * scale).to(dtype).reshape(shape)
+        assert torch.equal(out, expected)
+        assert torch.equal(out.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))  # zeros' signs too
+        assert ((out.double() - x.double()).abs() <= x.double().abs().amax() / 8).all()

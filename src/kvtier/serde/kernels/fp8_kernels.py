@@ -502,3 +502,31 @@ def decode_scaled(  # noqa: PLR0917 (numba kernels take positional scalars)
                 code = s_row[c]
                 add = row[c] if (code & np.uint8(0x7F)) != np.uint8(0) else 0
                 d_row[c] = lut[code] + add
+
+
+@_kernel(error_model="numpy")
+def decode_scaled_pairs(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray,
+    dst: np.ndarray,
+    B: int,
+    T: int,
+    C2: int,
+    adds: np.ndarray,
+    table: np.ndarray,
+) -> None:
+    """:func:`decode_scaled` two codes at a time, for 16-bit outputs: ``src`` is the codes as ``uint16`` pairs,
+    ``dst`` and ``adds`` the outputs and per-group adds as ``uint32`` pairs (``C2`` = C / 2, C even), ``table``
+    the ``uint64`` entry of every code pair: both table values in the low 32 bits, the mask of the nonzero codes
+    in the high 32. Half the gathers and stores of :func:`decode_scaled`.
+
+    The two adds are one 32-bit add: for every code the encoder writes, each half's sum fits its 16 bits (the
+    same bound that makes the single add exact), so no carry crosses into the other half."""
+    for b in range(B):
+        row = adds[b * C2 : (b + 1) * C2]
+        for t in range(T):
+            base = (b * T + t) * C2
+            s_row = src[base : base + C2]
+            d_row = dst[base : base + C2]
+            for c in range(C2):
+                entry = table[s_row[c]]
+                d_row[c] = np.uint32(entry) + (np.uint32(entry >> np.uint64(32)) & row[c])
