@@ -107,8 +107,8 @@ class _Tables:
             biased = codes.to(torch.float64) * 2.0 ** _min_exponent(fp8, dtype)
             # codes whose biased value overflows are never written for this dtype (see caps in the encoder)
             self.lut_scaled[dtype] = biased.to(dtype).view(int_dtype).numpy().astype(np_int)
-        # fp8 magnitude code of every bf16 magnitude pattern: torch's cast, so the bf16 encoder rounds exactly
-        # as torch does (patterns above the fp8 range are capped by the encoder, inf/NaN are never looked up).
+        # fp8 magnitude code of every bf16 magnitude pattern: torch's own cast, the reference the arithmetic bf16
+        # encoders are checked against at every group exponent (tests/test_fp8_kernels.py).
         magnitudes = torch.arange(0x8000, dtype=torch.int16).view(torch.bfloat16)
         self.encode_bf16 = magnitudes.to(fp8).view(torch.uint8).numpy().copy()
         self._pairs: dict[torch.dtype, np.ndarray] = {}

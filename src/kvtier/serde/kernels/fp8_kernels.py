@@ -10,7 +10,12 @@ the same rule torch uses; e4m3fn saturates to +-448 and e5m2 overflows to +-inf,
 
 A tensor is seen as ``[B, T, C]``: one group per ``(b, c)`` (a KV channel, amax over the tokens ``T``), or for a
 flat tensor ``C = 1`` and ``T`` = the block length. Each group has a power-of-two scale ``2**e`` (one ``int8``
-exponent, as in OCP MXFP8), so decoding is a 256-entry table lookup plus an integer add to the exponent field.
+exponent, as in OCP MXFP8), so decoding is a 256-entry table lookup plus an integer add to the exponent field
+(for 16-bit outputs two codes at a time: a 65536-entry table of code pairs and one 32-bit add).
+
+The bf16 encoders (the hot path: KV is bf16) are branch-free arithmetic with each fp8 format's constants frozen
+in as int32 scalars, so that LLVM keeps 32-bit SIMD lanes (numba widens Python ints to int64); the scaled one
+works block by block (amax, exponents, codes while the block is in cache).
 
 Compilation is cached on disk (``cache=True``) in a named directory, ``$KVTIER_CACHE_DIR/numba`` (default
 ``~/.cache/kvtier/numba``), so it works when site-packages is read-only and only the first process on a machine
@@ -385,7 +390,7 @@ def encode_scaled_bf16_e4m3(  # noqa: PLR0917 (numba kernels take positional sca
 
     Scaling subtracts ``e`` from the bf16 exponent field, as the generic kernel does on float32 bits, then
     :func:`_bf16_code` rounds as torch's cast does (checked against torch's cast of every bf16 magnitude at every
-    exponent). About 2x the table kernel it replaces with amax and exponents, in CPU time on one thread here.
+    exponent). 1.95x the table-based serialize it replaces (amax, exponents, codes), in CPU time on one thread here.
     """
     return _scaled_bf16(
         src,
