@@ -146,13 +146,14 @@ def test_scaled_bf16_names_the_first_group_holding_a_non_finite_value(fp8: torch
 
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_pair_decode_is_the_single_decode_for_every_code_pair(fp8: torch.dtype, dtype: torch.dtype) -> None:
-    """Every pair of codes (65536, as one little-endian uint16) with exponents ``(first + j, last - j)`` in column j:
-    the pair kernel writes what the single-code kernel (checked exhaustively above) writes, wherever both codes
-    are writable at their exponent."""
+def test_quad_decode_is_the_single_decode_for_every_code_pair(fp8: torch.dtype, dtype: torch.dtype) -> None:
+    """Every pair of codes (65536, as one little-endian uint16) in both halves of a quad, with exponents
+    ``(first + j, last - j)`` in columns 2j and 2j+1: the quad kernel writes what the single-code kernel (checked
+    exhaustively above) writes, wherever both codes of the pair are writable at their exponent."""
     lo = _min_exponent(fp8, dtype)
     e_lo = np.arange(lo, 128, dtype=np.int8)
     e_lo = e_lo[_caps(fp8, dtype, e_lo) > 0]  # the exponents the encoder can write for this dtype
+    e_lo = e_lo[: e_lo.size // 2 * 2]  # columns in whole quads
     exps = np.stack([e_lo, e_lo[::-1]], axis=1).reshape(-1)  # column pairs (first + j, last - j)
     caps = _caps(fp8, dtype, exps)
     shift = _SOURCES[dtype][2]
@@ -164,21 +165,27 @@ def test_pair_decode_is_the_single_decode_for_every_code_pair(fp8: torch.dtype, 
     codes = pairs.view(np.uint8).reshape(-1)
     single = np.zeros(T * C, dtype=np.uint16)
     K.decode_scaled(codes, single, 1, T, C, adds, lut)
-    paired = np.zeros(T * C, dtype=np.uint16)
-    K.decode_scaled_pairs(
-        pairs.reshape(-1), paired.view(np.uint32), 1, T, C // 2, adds.view(np.uint32), tables.pairs_scaled(dtype)
+    quads = np.zeros(T * C, dtype=np.uint16)
+    K.decode_scaled_quads(
+        pairs.reshape(-1).view(np.uint32),
+        quads.view(np.uint64),
+        1,
+        T,
+        C // 4,
+        adds.view(np.uint64),
+        tables.pairs_scaled(dtype),
     )
     both = ((codes.reshape(T, C) & 0x7F) <= caps[None, :]).reshape(T, C // 2, 2).all(axis=2)
     writable = np.repeat(both, 2, axis=1).reshape(-1)
     assert writable.sum() > T * 4
-    assert np.array_equal(paired[writable], single[writable])
+    assert np.array_equal(quads[writable], single[writable])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (2, 3, 5, 7), (4, 6), (301,)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (2, 3, 5, 6), (2, 3, 5, 7), (4, 12), (301,)])
 def test_stage_decode_takes_pairs_or_single_codes_alike(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    """Even rows of a 16-bit output go through the pair kernel, odd rows, fp32 and 1-D blocks through the single
-    one; either way the stage decodes what the single-code kernel does (on a view at an odd byte offset too)."""
+    """Rows of a multiple of 4 of a 16-bit output go through the quad kernel, other rows, fp32 and 1-D blocks
+    through the single one; either way the stage decodes each code exactly (at an odd byte offset too)."""
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 50).to(dtype)
     stage = Fp8Stage(torch.float8_e4m3fn, True)
     size = stage.estimate_serialized_size(LayoutDesc.of(x))
