@@ -1,6 +1,6 @@
 """The fp8 kernels on one thread against torch's casts and a memcpy, sampled interleaved in every round.
 
-``python -m kvtier.bench.fp8_kernels [--rounds N] [--fp8 float8_e4m3fn] [--json]``
+``python -m kvtier.bench.fp8_kernels [--rounds N] [--fp8 float8_e4m3fn] [--shape 2,32,256,1024] [--json]``
 
 Each round times, one after the other on this thread: torch's plain ``.to(fp8)`` cast, the scaled fp8 encode
 (amax, exponents and encode: the whole ``serialize``), the unscaled encode, torch's fp8 -> bf16 cast, the scaled
@@ -36,14 +36,14 @@ RATIOS = (
 )
 
 
-def _ops(fp8: torch.dtype, outliers: int) -> dict[str, Callable[[], Any]]:
-    x = synthetic_kv(SHAPE, torch.bfloat16, outlier_channels=outliers)
+def _ops(fp8: torch.dtype, outliers: int, shape: tuple[int, ...]) -> dict[str, Callable[[], Any]]:
+    x = synthetic_kv(shape, torch.bfloat16, outlier_channels=outliers)
     scaled, plain = Fp8Stage(fp8, True), Fp8Stage(fp8, False)
     buf = torch.empty(scaled.estimate_serialized_size(LayoutDesc.of(x)), dtype=torch.uint8)
     plain_buf = torch.empty(x.numel(), dtype=torch.uint8)
     scaled.serialize(x, buf)
     out, copy_src = torch.empty_like(x), x.clone()
-    cast_out = torch.empty(SHAPE, dtype=fp8)
+    cast_out = torch.empty(shape, dtype=fp8)
     fp8_src = x.clamp(-448, 448).to(fp8)
     return {
         "torch_to_fp8": lambda: cast_out.copy_(x),
@@ -55,9 +55,10 @@ def _ops(fp8: torch.dtype, outliers: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-def run(rounds: int, fp8: torch.dtype, outliers: int = 4) -> dict[str, Any]:
+def run(rounds: int, fp8: torch.dtype, outliers: int = 4, shape: tuple[int, ...] = SHAPE) -> dict[str, Any]:
+    """Time the kernels and their baselines interleaved for ``rounds`` rounds on this thread (torch set to 1)."""
     torch.set_num_threads(1)
-    ops = _ops(fp8, outliers)
+    ops = _ops(fp8, outliers, shape)
     for op in ops.values():  # warm-up: kernels loaded (or compiled), pages touched
         op()
     cpu: dict[str, list[float]] = {name: [] for name in ops}
@@ -69,9 +70,9 @@ def run(rounds: int, fp8: torch.dtype, outliers: int = 4) -> dict[str, Any]:
             op()
             cpu[name].append(time.thread_time() - c)
             wall[name].append(time.perf_counter() - w)
-    nbytes = int(np.prod(SHAPE)) * 2
+    nbytes = int(np.prod(shape)) * 2
     report: dict[str, Any] = {
-        "shape": list(SHAPE),
+        "shape": list(shape),
         "fp8": str(fp8).removeprefix("torch."),
         "rounds": rounds,
         "threads": 1,
@@ -111,9 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--fp8", default="float8_e4m3fn", choices=sorted(FP8_DTYPES))
     parser.add_argument("--outliers", type=int, default=4, help="outlier channels in the synthetic KV")
+    parser.add_argument("--shape", default=",".join(map(str, SHAPE)), help="chunk shape, comma-separated")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    report = run(args.rounds, FP8_DTYPES[args.fp8], args.outliers)
+    try:
+        shape = tuple(int(d) for d in args.shape.split(","))
+    except ValueError:
+        parser.error(f"--shape: expected comma-separated integers, got {args.shape!r}")
+    report = run(args.rounds, FP8_DTYPES[args.fp8], args.outliers, shape)
     if args.json:
         print(json.dumps(report, indent=1))
         return
