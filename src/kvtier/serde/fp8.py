@@ -107,15 +107,24 @@ class _Tables:
             biased = codes.to(torch.float64) * 2.0 ** _min_exponent(fp8, dtype)
             # codes whose biased value overflows are never written for this dtype (see caps in the encoder)
             self.lut_scaled[dtype] = biased.to(dtype).view(int_dtype).numpy().astype(np_int)
-        # fp8 magnitude code of every bf16 magnitude pattern: torch's cast, so the bf16 encoder rounds exactly
-        # as torch does (patterns above the fp8 range are capped by the encoder, inf/NaN are never looked up).
+        # fp8 magnitude code of every bf16 magnitude pattern: torch's own cast, the reference the arithmetic bf16
+        # encoders are checked against at every group exponent (tests/test_fp8_kernels.py).
         magnitudes = torch.arange(0x8000, dtype=torch.int16).view(torch.bfloat16)
         self.encode_bf16 = magnitudes.to(fp8).view(torch.uint8).numpy().copy()
-        nonzero = (torch.arange(256) & 0x7F).numpy() != 0
-        self.nz: dict[type, np.ndarray] = {
-            np.uint16: np.where(nonzero, 0xFFFF, 0).astype(np.uint16),
-            np.uint32: np.where(nonzero, 0xFFFFFFFF, 0).astype(np.uint32),
-        }
+        self._pairs: dict[torch.dtype, np.ndarray] = {}
+
+    def pairs_scaled(self, dtype: torch.dtype) -> np.ndarray:
+        """For a 16-bit output dtype, the ``uint64`` entry of every pair of codes read as one little-endian
+        ``uint16``: both ``lut_scaled`` values in the low 32 bits, a 0xFFFF mask per nonzero code in the high 32
+        (512 KiB, built on first use; a race builds it twice, harmlessly)."""
+        table = self._pairs.get(dtype)
+        if table is None:
+            lut = self.lut_scaled[dtype].astype(np.uint64)
+            mask = np.where((np.arange(256) & 0x7F) != 0, 0xFFFF, 0).astype(np.uint64)
+            lo, hi = np.arange(65536) & 0xFF, np.arange(65536) >> 8
+            table = lut[lo] | (lut[hi] << np.uint64(16)) | (mask[lo] << np.uint64(32)) | (mask[hi] << np.uint64(48))
+            self._pairs[dtype] = table
+        return table
 
 
 _TABLES = {fp8: _Tables(fp8) for fp8 in _FORMATS}
@@ -176,8 +185,12 @@ class Fp8Stage(TensorBytesStage):
         bits = _bits(src)
         out = dst[:n].numpy()
         fmt = self.fmt
+        e4m3 = self.fp8 == torch.float8_e4m3fn
         if not self.scaled:
-            bad = k.encode_plain(bits, out, kind, fmt.mbits, fmt.bias, fmt.maxcode, fmt.saturate)
+            if src.dtype == torch.bfloat16:
+                bad = (k.encode_plain_bf16_e4m3 if e4m3 else k.encode_plain_bf16_e5m2)(bits, out)
+            else:
+                bad = k.encode_plain(bits, out, kind, fmt.mbits, fmt.bias, fmt.maxcode, fmt.saturate)
             if bad >= 0:
                 raise SerdeError(f"fp8: non-finite input at element {bad}; the item is not stored")
             return n
@@ -186,29 +199,29 @@ class Fp8Stage(TensorBytesStage):
         lo = _min_exponent(self.fp8, src.dtype)
         out_max = float(torch.finfo(src.dtype).max)
         exps = dst[n : n + ngroups].numpy().view(np.int8)
-        caps = np.empty(ngroups, dtype=np.int64)
         tables = _TABLES[self.fp8]
         bf16 = src.dtype == torch.bfloat16
+        # caps are codes (<= 0x7E): uint8 keeps the bf16 kernel's loads narrow
+        caps = np.empty(ngroups, dtype=np.uint8 if bf16 else np.int64)
+        encode_bf16 = k.encode_scaled_bf16_e4m3 if e4m3 else k.encode_scaled_bf16_e5m2
         g0 = 0
         for offset, b, t, c in groups:
             view = bits[offset : offset + b * t * c]
             e, cap = exps[g0 : g0 + b * c], caps[g0 : g0 + b * c]
-            if bf16:
-                amax16 = np.zeros(b * c, dtype=np.uint16)
-                bad = k.group_amax_bf16(view, b, t, c, amax16)
-                amax = amax16.astype(np.uint32) << 16
-            else:
-                amax = np.zeros(b * c, dtype=np.uint32)
-                bad = k.group_amax(view, b, t, c, kind, amax)
-            if bad >= 0:
-                where = f"group {g0 + bad}" if bf16 else f"element {offset + bad}"
-                raise SerdeError(f"fp8: non-finite input in {where}; the item is not stored")
-            k.exponents_from_amax(amax, fmt.max_value, out_max, lo, e, cap, tables.f64, fmt.maxcode)
             dst_view = out[offset : offset + b * t * c]
             if bf16:
-                k.encode_scaled_bf16(view, dst_view, b, t, c, e, cap, tables.encode_bf16)
-            else:
-                k.encode_scaled(view, dst_view, b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode)
+                # amax, exponents and codes in one kernel, block by block (see encode_scaled_bf16_e4m3)
+                bad = encode_bf16(view, dst_view, b, t, c, e, cap, out_max, lo, tables.f64)
+                if bad >= 0:
+                    raise SerdeError(f"fp8: non-finite input in group {g0 + bad}; the item is not stored")
+                g0 += b * c
+                continue
+            amax = np.zeros(b * c, dtype=np.uint32)
+            bad = k.group_amax(view, b, t, c, kind, amax)
+            if bad >= 0:
+                raise SerdeError(f"fp8: non-finite input at element {offset + bad}; the item is not stored")
+            k.exponents_from_amax(amax, fmt.max_value, out_max, lo, e, cap, tables.f64, fmt.maxcode)
+            k.encode_scaled(view, dst_view, b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode)
             g0 += b * c
         return n + ngroups
 
@@ -240,20 +253,33 @@ class Fp8Stage(TensorBytesStage):
         lut = tables.lut_scaled[dst.dtype]
         # e >= lo was checked above, so the add is non-negative and the sum stays inside the output's bits
         adds = ((exps.astype(np.int64) - lo) << shift).astype(lut.dtype)
-        nz = tables.nz[lut.dtype.type]
         g0 = 0
         for offset, b, t, c in groups:
-            k.decode_scaled(
+            src_view, dst_view, add_view = (
                 codes[offset : offset + b * t * c],
                 out[offset : offset + b * t * c],
-                b,
-                t,
-                c,
                 adds[g0 : g0 + b * c],
-                lut,
-                nz,
             )
             g0 += b * c
+            # four codes at a time where they line up: 16-bit output, rows of a multiple of 4, aligned buffers
+            if (
+                lut.dtype == np.uint16
+                and c % 4 == 0
+                and src_view.ctypes.data % 4 == 0
+                and dst_view.ctypes.data % 8 == 0
+                and add_view.ctypes.data % 8 == 0
+            ):
+                k.decode_scaled_quads(
+                    src_view.view(np.uint32),
+                    dst_view.view(np.uint64),
+                    b,
+                    t,
+                    c // 4,
+                    add_view.view(np.uint64),
+                    tables.pairs_scaled(dst.dtype),
+                )
+            else:
+                k.decode_scaled(src_view, dst_view, b, t, c, add_view, lut)
 
 
 # The names of the two halves before stages were typed: one object is both now.
@@ -272,7 +298,7 @@ def _warm_up(fp8: torch.dtype, scaled: bool) -> None:
     for dtype in _SOURCES:
         if _warm_stop.is_set():
             return
-        src = torch.ones((2, 1, 2, 2), dtype=dtype)
+        src = torch.ones((2, 1, 2, 4), dtype=dtype)  # rows of 4: the 16-bit decode takes its four-code kernel
         ser, deser = Fp8Serializer(fp8, scaled), Fp8Deserializer(fp8, scaled)
         dst = torch.empty(ser.estimate_serialized_size(LayoutDesc.of(src)), dtype=torch.uint8)
         n = ser.serialize(src, dst)
