@@ -24,13 +24,14 @@ or record reveals a ``cache_salt``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,18 +243,7 @@ class FSAdapter(L2Adapter):
 
     # -- load and the rest ------------------------------------------------------------------------------------
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
-        fds: list[int | None] = []
-        try:
-            for key in keys:
-                try:
-                    fd = os.open(self.path_for(key), os.O_RDONLY)
-                except FileNotFoundError:
-                    fds.append(None)
-                    continue
-                fds.append(fd)
-                # Ask the kernel to start reading every file of the batch now: the disk then works on the next
-                # records while this thread checks and decodes the current one.
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        with self._opened(keys) as fds:
             out = []
             for key, dst, maybe_fd in zip(keys, dsts, fds, strict=True):
                 if maybe_fd is None:
@@ -268,24 +258,11 @@ class FSAdapter(L2Adapter):
                     self._policy.access(key)
                 out.append(size)
             return out
-        finally:
-            for open_fd in fds:
-                if open_fd is not None:
-                    os.close(open_fd)
 
     def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
         """One read per record: ``pread`` of the head, ``prepare``, then ``preadv`` of the rest straight into the
         buffers it gave (a raw payload lands in its destination tensor); the file is opened once."""
-        fds: list[int | None] = []
-        try:
-            for key in keys:
-                try:
-                    fd = os.open(self.path_for(key), os.O_RDONLY)
-                except FileNotFoundError:
-                    fds.append(None)
-                    continue
-                fds.append(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)  # the disk reads ahead while we check and decode
+        with self._opened(keys) as fds:
             out = []
             for i, (key, maybe_fd) in enumerate(zip(keys, fds, strict=True)):
                 if maybe_fd is None:
@@ -309,6 +286,23 @@ class FSAdapter(L2Adapter):
                     self._policy.access(key)
                 out.append(got)
             return out
+
+    @contextlib.contextmanager
+    def _opened(self, keys: Sequence[str]) -> Iterator[list[int | None]]:
+        """The batch's files opened for reading (``None``: no such file), closed on the way out. The kernel is
+        asked to start reading all of them now: the disk then works on the next records while this thread checks
+        and decodes the current one."""
+        fds: list[int | None] = []
+        try:
+            for key in keys:
+                try:
+                    fd = os.open(self.path_for(key), os.O_RDONLY)
+                except FileNotFoundError:
+                    fds.append(None)
+                    continue
+                fds.append(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            yield fds
         finally:
             for open_fd in fds:
                 if open_fd is not None:

@@ -223,7 +223,6 @@ class ObjectStoreAdapter(L2Adapter):
         self._connect_timeout_s = connect_timeout_s
         self._max_retries = max_retries
         self._retry_timeout_s = retry_timeout_s
-        self._url = url
         self._health = BackendHealth(f"object store {url}", log, _OUTAGE_KINDS, _COUNTERS)
         self._store_obj: Any = None
         self._pool: ThreadPoolExecutor | None = None
@@ -330,7 +329,7 @@ class ObjectStoreAdapter(L2Adapter):
             self._index = OrderedDict((path, size) for _, path, size in found)
             self._used = sum(size for _, _, size in found)
         if found:
-            log.info("L2 object store %s: %d record(s), %d bytes found", self._url, len(found), self._used)
+            log.info("L2 object store %s: %d record(s), %d bytes found", self.url, len(found), self._used)
 
     # -- errors -----------------------------------------------------------------------------------------------
     def _scrub(self, text: str) -> str:
@@ -375,7 +374,7 @@ class ObjectStoreAdapter(L2Adapter):
             self._health.failed(kind, message)
             # `from None`: the client's error carries the whole response (a 403 body names the access key id);
             # the scrubbed first line above is what may reach logs.
-            raise L2Error(f"object store {self._url}: {kind}: {message}") from None
+            raise L2Error(f"object store {self.url}: {kind}: {message}") from None
         self._health.ok()
         return result
 
@@ -437,7 +436,7 @@ class ObjectStoreAdapter(L2Adapter):
                 free += size
         if need > free:  # nothing was taken out of the index yet: the failed batch changes nothing
             raise CapacityError(
-                f"object store {self._url}: {need} bytes do not fit in {self._capacity} "
+                f"object store {self.url}: {need} bytes do not fit in {self._capacity} "
                 f"({self._used} used, {self._reserved} being written, the rest pinned)"
             )
         for name in victims:
@@ -481,7 +480,7 @@ class ObjectStoreAdapter(L2Adapter):
         if self._capacity is not None:
             if need > self._capacity:
                 exc = CapacityError(
-                    f"object store {self._url}: batch of {need} bytes exceeds the capacity of {self._capacity}"
+                    f"object store {self.url}: batch of {need} bytes exceeds the capacity of {self._capacity}"
                 )
                 self._health.failed("capacity_errors", str(exc))
                 raise exc
@@ -637,7 +636,7 @@ class ObjectStoreAdapter(L2Adapter):
             pos = 0
             while pos < len(src):
                 if vi >= len(views):
-                    raise L2Error(f"object store {self._url}: {name} grew while it was read")
+                    raise L2Error(f"object store {self.url}: {name} grew while it was read")
                 view = views[vi]
                 take = min(len(view) - off, len(src) - pos)
                 view[off : off + take] = src[pos : pos + take]
@@ -647,7 +646,7 @@ class ObjectStoreAdapter(L2Adapter):
                     vi, off = vi + 1, 0
             got += len(src)
         if got != size:
-            raise L2Error(f"object store {self._url}: {name}: {got} of {size} bytes received")
+            raise L2Error(f"object store {self.url}: {name}: {got} of {size} bytes received")
         return size
 
     def _read_heads(self, keys: Sequence[str], size: int) -> list[bytes | None]:
