@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--l1-size-mb", type=float, default=8.0, help="server L1 size in MiB (default: 8, half the working set)"
     )
     parser.add_argument("--no-redis", action="store_true", help="fs L2 only, even when redis-server is installed")
+    parser.add_argument(
+        "--fs-durability",
+        choices=("fsync", "none"),
+        default="fsync",
+        help="the fs L2 adapter's durability (default: fsync, as a server is run in production)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
@@ -217,11 +223,14 @@ def run(args: argparse.Namespace) -> SoakResult:
             "chunk_shape": list(CHUNK_SHAPE),
             "working_set_mib": PREFIXES * CHUNKS_PER_PREFIX * math.prod(CHUNK_SHAPE) * 2 / 2**20,
             "l2": ["fs", "redis"] if use_redis else ["fs"],
+            "fs_durability": args.fs_durability,
         }
     )
     redis = LocalRedis().start() if use_redis else None
     with tempfile.TemporaryDirectory(prefix="kvtier-soak-") as tmp:
-        adapters: list[dict[str, Any]] = [{"type": "fs", "base_path": str(Path(tmp) / "l2"), "durability": "none"}]
+        adapters: list[dict[str, Any]] = [
+            {"type": "fs", "base_path": str(Path(tmp) / "l2"), "durability": args.fs_durability}
+        ]
         if redis is not None:
             adapters.append({"type": "redis", "url": redis.url, "timeout_s": 2.0, "connect_timeout_s": 1.0})
         flags = ["--l1-size-gb", repr(args.l1_size_mb / 1024), "--log-level", "error"]
