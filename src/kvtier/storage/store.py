@@ -2,8 +2,9 @@
 
 Data flow::
 
-    store(keys, tensors) -> copy into L1 (evict by policy) -> queue (bounded) -> writer thread
-                            -> each L2 tier: serde + record -> adapter        (full queue: L2 write dropped, counted)
+    store(keys, tensors) -> copy into L1 (evict by policy) -> write pipeline (bounded; full: dropped, counted)
+                            -> per L2 tier: writers take batches -> encode | checksum | write, overlapped
+                            (kvtier.storage.pipeline: a newer store of a key is never overwritten by an older one)
     retrieve(keys)       -> L1 hit: copy out
                             L1 miss: first L2 tier holding the key -> load + check + deserialize into L1 -> copy out
 
@@ -23,10 +24,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
@@ -35,20 +34,17 @@ import torch
 from kvtier.errors import CapacityError, ConfigError, L2Error
 from kvtier.l2.adapters import create_l2_adapter
 from kvtier.l2.tier import L2Tier
+from kvtier.storage.backfill import Backfill
+from kvtier.storage.copy import clone, copy_into
 from kvtier.storage.keys import keys_for_tokens
 from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
+from kvtier.storage.pipeline import Write as _Write
+from kvtier.storage.pipeline import WritePipeline
 from kvtier.storage.policies import POLICIES
 from kvtier.types import LayoutDesc, ObjectKey
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
-
-
-@dataclass
-class _Write:
-    keys: list[ObjectKey]
-    objs: list[L1Object]
-    nbytes: int
 
 
 P = ParamSpec("P")
@@ -75,6 +71,29 @@ def _call(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[St
                     store._calls.notify_all()
 
     return call
+
+
+class _Countdown:
+    """Calls ``fn`` once, when it is armed and every :meth:`add` was matched by a :meth:`done`."""
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self._fn = fn
+        self._left = 1  # the arm
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self._left += 1
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            fire = self._left == 0
+        if fire and self._fn is not None:
+            self._fn()
+
+    def arm(self) -> None:
+        self.done()
 
 
 class Store:
@@ -131,9 +150,6 @@ class Store:
             for tier in self._tiers:
                 tier.close()
             raise
-        self._queue: queue.Queue[_Write | None] = queue.Queue(max_pending_l2_writes)
-        self._writer: threading.Thread | None = None
-        self._pending_bytes = 0  # bytes of L1 objects pinned until their L2 write
         self._lock = threading.Lock()
         self._closed = False
         self._calls = threading.Condition()  # guards _in_flight: public calls running now (see _call)
@@ -143,11 +159,27 @@ class Store:
             "stored": 0,
             "l1_store_refused": 0,
             "l2_writes_dropped": 0,
+            "l2_writes_superseded": 0,
             "l2_write_failures": 0,
             "l2_written": 0,
             "l2_prefetched": 0,
             "l2_errors": 0,
+            "l1_backfilled": 0,
+            "l1_backfill_skipped": 0,
         }
+        # L2 hits read straight into a caller's tensors are copied into L1 later, off the caller's path.
+        self._backfill = Backfill(self._pool, min(self._pool.capacity // 4, GiB), self._add_count)
+        # Write-behind to L2: pending writes pin their L1 objects, at most half of L1 (so L1 always has unpinned
+        # room to evict and stores are not refused) and at most max_pending_l2_writes store batches.
+        self._writes = WritePipeline(
+            self._pool,
+            self._tiers,
+            max_pending=max_pending_l2_writes,
+            max_pending_bytes=lambda: self._pool.effective_capacity // 2,
+            count=self._add_count,
+            failed=lambda tier, exc, n: self._l2_failed(tier, exc, "l2_write_failures", n),
+            ok=self._l2_ok,
+        )
 
     # -- keys -------------------------------------------------------------------------------------------------
     def keys_for_tokens(
@@ -181,6 +213,7 @@ class Store:
         stored_keys: list[ObjectKey] = []
         objs: list[L1Object] = []
         refused = 0
+        self._backfill.stale(keys)  # before anything commits: an older L2 copy must not land over these
         for key, t in zip(keys, tensors, strict=True):
             try:
                 obj = self._pool.reserve(key, t.shape, t.dtype)
@@ -189,7 +222,7 @@ class Store:
                 refused += 1
                 continue
             try:
-                self._pool.view(obj).copy_(t.detach())
+                copy_into(self._pool.view(obj), t.detach())
             except BaseException:
                 self._pool.release([obj])
                 if self._tiers:  # the objects already stored keep their pin for the L2 write: drop it
@@ -202,68 +235,35 @@ class Store:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
         if self._tiers and objs:
-            nbytes = sum(o.nbytes for o in objs)
-            with self._lock:
-                # Checked and queued under the lock close() takes to begin closing: a write is either queued
-                # before close()'s end marker (and done by close) or refused here, never acknowledged and lost.
-                closing = self._closed
-                # Objects waiting for their L2 write stay pinned in L1. Past half the pool, new writes are
-                # dropped instead, so that L1 always has unpinned room to evict and stores are not refused.
-                room = not closing and self._pending_bytes < self._pool.effective_capacity // 2
-                queued = False
-                if room:
-                    self._start_writer_locked()
-                    try:
-                        self._queue.put_nowait(_Write(stored_keys, objs, nbytes))
-                        self._pending_bytes += nbytes
-                        queued = True
-                    except queue.Full:
-                        pass
-                if not queued and not closing:
-                    self.counts["l2_writes_dropped"] += len(objs)
-            if not queued:
-                self._pool.release(objs)
-            if closing:
+            queued = self._enqueue_write(_Write(stored_keys, objs, sum(o.nbytes for o in objs)))
+            if not queued and self._closed:
                 raise RuntimeError("kvtier Store is closed")
 
-    def _start_writer_locked(self) -> None:
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="kvtier-l2-writer", daemon=True)
-            self._writer.start()
-
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                self._write(item)
-            finally:
-                self._queue.task_done()
-
-    def _write(self, item: _Write) -> None:
-        """One queued write to every tier. Whatever a tier raises, the others still get the write, the worker
-        lives on and the objects' pins and pending bytes are released."""
-        try:
-            views = [self._pool.view(o) for o in item.objs]
-            for tier in self._tiers:
-                try:
-                    tier.store(item.keys, views)
-                except Exception as exc:  # any failure of one tier, a bug included: counted and logged, not fatal
-                    self._l2_failed(tier, exc, "l2_write_failures", len(item.keys))
-                else:
-                    self._l2_ok(tier)
-                    with self._lock:
-                        self.counts["l2_written"] += len(item.keys)
-        finally:
-            self._pool.release(item.objs)
+    def _enqueue_write(self, write: _Write) -> bool:
+        """The one path by which L2 writes are queued (a store's write-behind, a late write of an admission
+        policy). Takes over one pin of each of ``write.objs``: released when its writes are done, or here when the
+        write is not queued (no room: dropped and counted; closing: not counted, the caller raises)."""
+        # close() drains the pipeline only once the public calls in flight (this one's caller) have returned, and
+        # the pipeline refuses writes once it is closing: a write is either queued before the drain (and done by
+        # it) or refused here, never acknowledged and lost. Not under self._lock: the pipeline counts through it.
+        queued = not self._closed and self._writes.submit(write)
+        if not queued:
             with self._lock:
-                self._pending_bytes -= item.nbytes
+                if not self._closed:
+                    self.counts["l2_writes_dropped"] += len(write.objs)
+            self._pool.release(write.objs)
+        return queued
+
+    def _add_count(self, name: str, n: int) -> None:
+        with self._lock:
+            self.counts[name] += n
 
     def flush(self) -> None:
-        """Wait until every queued L2 write has been done (or has failed)."""
-        if self._writer is not None:
-            self._queue.join()
+        """Wait until every queued L2 write has been done (or has failed, or was superseded by a newer store of
+        its key), and every pending L1 backfill of an L2 hit has landed or was skipped. With an fs tier of
+        ``durability: "fsync"``, what was written is on stable storage by then."""
+        self._writes.drain()
+        self._backfill.drain()
 
     # -- lookup / retrieve ------------------------------------------------------------------------------------
     @_call
@@ -299,7 +299,7 @@ class Store:
         try:
             for i, obj in enumerate(objs):
                 if obj is not None:
-                    out[i] = self._pool.view(obj).clone()
+                    out[i] = clone(self._pool.view(obj))
         finally:
             self._pool.release(objs)
         missing = [i for i, obj in enumerate(objs) if obj is None]
@@ -307,10 +307,26 @@ class Store:
             self._prefetch(keys, missing, out)
         return out
 
-    @_call
-    def retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor]) -> int:
+    def retrieve_into(
+        self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor], *, after: Callable[[], None] | None = None
+    ) -> int:
         """Fill the caller's tensors ``outs[i]`` with the objects of the leading keys that hit; return how many.
-        Nothing is allocated for L1 hits. ``outs[n:]`` after the returned count are left unspecified."""
+        Nothing is allocated for L1 hits. ``outs[n:]`` after the returned count are left unspecified.
+
+        An L2 hit of a tier without serde (or ``raw``) is read straight into ``outs[i]`` and copied into L1 later,
+        in the background (checked against its record's checksum, so the caller may reuse ``outs`` at once).
+        ``after`` (optional) is called exactly once, even when this raises, once nothing reads ``outs`` any more:
+        before this returns when no such copy is pending, else from the background thread (a server keeps a
+        client's shared memory mapped until then).
+        """
+        pending = _Countdown(after)
+        try:
+            return self._retrieve_into(keys, outs, pending)
+        finally:
+            pending.arm()
+
+    @_call
+    def _retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor], pending: _Countdown) -> int:
         if len(keys) != len(outs):
             raise ValueError(f"retrieve_into got {len(keys)} keys but {len(outs)} outputs")
         for i, dst in enumerate(outs):
@@ -323,7 +339,7 @@ class Store:
             for obj, dst in zip(objs, outs, strict=True):
                 if obj is None or not self._fits(obj.shape, obj.dtype, dst):
                     break
-                dst.copy_(self._pool.view(obj))
+                copy_into(dst, self._pool.view(obj))
                 n += 1
         finally:
             self._pool.release(objs)
@@ -331,7 +347,7 @@ class Store:
             return n
         rest = list(range(n, len(keys)))
         got: list[torch.Tensor | None] = [None] * len(keys)
-        self._prefetch(keys, rest, got, outs)
+        self._prefetch(keys, rest, got, outs, pending)
         for i in rest:
             if got[i] is None:
                 break
@@ -348,18 +364,27 @@ class Store:
         indices: list[int],
         out: list[torch.Tensor | None],
         into: Sequence[torch.Tensor] | None = None,
+        pending: _Countdown | None = None,
     ) -> None:
         """Load ``keys[i]`` for ``i`` in ``indices`` from the first L2 tier that holds it, into L1, then into
         ``into[i]`` (when given) or a new tensor; set ``out[i]`` on a hit. One read per record: the destination
-        is sized from the record's header, checked against its length by the tier before it asks."""
+        is sized from the record's header, checked against its length by the tier before it asks. A tier that
+        loads in place reads straight into ``into[i]``; L1 gets its copy from the backfill (``pending`` counts
+        the copies still reading ``into``)."""
         for tier in self._tiers:
             if not indices:
                 return
             batch = list(indices)
             reserved: dict[int, L1Object] = {}
+            in_place = into is not None and tier.loads_in_place
+            headers: dict[int, bytes] | None = {} if in_place else None
 
             def alloc(
-                j: int, layout: LayoutDesc, batch: list[int] = batch, reserved: dict[int, L1Object] = reserved
+                j: int,
+                layout: LayoutDesc,
+                batch: list[int] = batch,
+                reserved: dict[int, L1Object] = reserved,
+                in_place: bool = in_place,
             ) -> torch.Tensor | None:
                 i = batch[j]
                 old = reserved.pop(j, None)
@@ -369,6 +394,8 @@ class Store:
                     return None  # the record is fine; the caller asked for another shape: a miss for this call
                 if layout.nbytes > self._pool.capacity:
                     return None  # no object this Store stores is that large: not a record to load here
+                if in_place and into is not None:
+                    return into[i]  # straight into the caller's tensor; L1 gets it from the backfill
                 try:
                     obj = self._pool.reserve(keys[i], layout.shape, layout.dtype)
                 except CapacityError:  # L1 is pinned full: load straight into the caller's tensor, skip L1
@@ -377,7 +404,7 @@ class Store:
                 return self._pool.view(obj)
 
             try:
-                got = tier.load([keys[i] for i in batch], alloc)
+                got = tier.load([keys[i] for i in batch], alloc, headers)
             except L2Error as exc:
                 self._pool.release(list(reserved.values()))
                 self._l2_failed(tier, exc)
@@ -394,13 +421,17 @@ class Store:
                     hits += 1
                     if obj is None:
                         out[i] = dst  # decoded straight into the caller's tensor or a fresh one
+                        header = headers.get(j) if headers is not None else None
+                        if header is not None and pending is not None:
+                            pending.add()
+                            self._backfill.submit(keys[i], dst, header, pending.done)
                     else:
                         self._pool.commit(obj, keep_pin=True)
                         if into is not None:
-                            into[i].copy_(dst)
+                            copy_into(into[i], dst)
                             out[i] = into[i]
                         else:
-                            out[i] = dst.clone()
+                            out[i] = clone(dst)
                 if obj is not None:
                     self._pool.release([obj])
             with self._lock:
@@ -435,6 +466,7 @@ class Store:
     @_call
     def clear_l1(self) -> None:
         """Drop every object from L1 (L2 keeps its copies; objects in flight go when their pins do)."""
+        self._backfill.stale(None)
         self._pool.clear()
 
     def stats(self) -> dict[str, Any]:
@@ -444,48 +476,26 @@ class Store:
         return {
             "chunk_size": self.chunk_size,
             **counts,
-            "l2_pending_writes": self._queue.qsize(),
-            "l2_pending_bytes": self._pending_bytes,
+            "l2_pending_writes": self._writes.pending_writes,
+            "l2_pending_bytes": self._writes.pending_bytes,
             "l1": self._pool.stats(),
             "l2": [tier.stats() for tier in self._tiers],
         }
 
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
-        closing began raise; the worker never dies, so the end marker is always taken and this never hangs."""
+        closing began raise; the writers never die, so the drain always ends and this never hangs."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True  # from here on store() refuses to queue (checked under this lock)
-            writer = self._writer
         with self._calls:  # calls that began before: they finish (bounded by the adapters' timeouts) first
             self._calls.wait_for(lambda: self._in_flight == 0)
-        if writer is not None:
-            while writer.is_alive():
-                try:
-                    self._queue.put(None, timeout=0.1)  # after every queued write: nothing acknowledged is lost
-                    break
-                except queue.Full:
-                    continue  # the worker is draining a full queue
-            writer.join()
-            self._drain_unwritten()
+        self._writes.close()  # every acknowledged write is written or counted as failed first
+        self._backfill.close()  # it copies into L1: done before L1 is unmapped
         for tier in self._tiers:
             tier.close()
         self._pool.close()
-
-    def _drain_unwritten(self) -> None:
-        """Release what a worker that died (it cannot, short of the interpreter stopping) left queued."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                self._pool.release(item.objs)
-                with self._lock:
-                    self._pending_bytes -= item.nbytes
-                    self.counts["l2_write_failures"] += len(item.keys)
-            self._queue.task_done()
 
     def __enter__(self) -> Store:
         return self
