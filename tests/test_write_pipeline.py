@@ -169,8 +169,9 @@ def test_close_drains_every_acknowledged_write(tmp_path: Path) -> None:
 def test_batching_keeps_up_with_a_rate_one_call_per_store_could_not() -> None:
     # A deterministic slow adapter: one store call per tick. 8 store() calls arrive per tick. One call per store()
     # (the old single writer) falls 7 behind every tick and drops once max_pending is reached; the pipeline hands
-    # everything pending to the next call, so it never drops below its ceiling (64 records per call).
-    with Store(l1_size_gb=16 * MB, l2_adapters=[{"type": "memory"}], max_pending_l2_writes=16) as store:
+    # everything pending to the next call, so it never drops below its ceiling (64 records per call): at most
+    # 1 + 7 + 8 + 7 = 23 writes are ever pending here (the first call may take 1 record, the second 15).
+    with Store(l1_size_gb=16 * MB, l2_adapters=[{"type": "memory"}], max_pending_l2_writes=32) as store:
         gate = Gate(store)
         n = 0
         for tick in range(30):
@@ -273,3 +274,28 @@ def test_a_serde_tier_still_loads_through_l1(tmp_path: Path) -> None:
         assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
         stats = store.stats()
         assert stats["l1_backfilled"] == 0 and stats["l1"]["objects"] == 3
+
+
+def test_an_fs_batch_with_fsync_syncs_twice_not_twice_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.l2.adapters import fs as fs_mod
+
+    real = fs_mod._syncfs
+    if real is None:
+        pytest.skip("no syncfs(2) here")
+    calls: list[int] = []
+
+    def counting(fd: int) -> int:
+        calls.append(fd)
+        return int(real(fd))
+
+    monkeypatch.setattr(fs_mod, "_syncfs", counting)
+    config = {"type": "fs", "base_path": str(tmp_path), "durability": "fsync"}
+    with Store(l1_size_gb=8 * MB, l2_adapters=[config]) as store:
+        tier = store._tiers[0]
+        keys = [key(i) for i in range(8)]
+        tier.store(keys, [chunk(i) for i in range(8)])
+        assert len(calls) == 2  # data, then names: for the whole batch
+        tier.store([key(99)], [chunk(99)])
+        assert len(calls) == 2  # a small batch: per-file fdatasync and per-directory fsync instead
+        got = from_l2(store, [*keys, key(99)])
+        assert all(g is not None for g in got)
