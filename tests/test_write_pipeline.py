@@ -299,3 +299,25 @@ def test_an_fs_batch_with_fsync_syncs_twice_not_twice_per_file(tmp_path: Path, m
         assert len(calls) == 2  # a small batch: per-file fdatasync and per-directory fsync instead
         got = from_l2(store, [*keys, key(99)])
         assert all(g is not None for g in got)
+
+
+def test_a_tier_encodes_the_next_round_while_the_current_one_is_written(tmp_path: Path) -> None:
+    config = {**fs_config(tmp_path), "serde": {"type": "zstd", "level": 1, "max_workers": 1}}
+    with Store(l1_size_gb=8 * MB, l2_adapters=[config]) as store:
+        tier = store._tiers[0]
+        assert tier.serde is not None and tier._round == 2
+        gate = Gate(store)
+        done = threading.Event()
+        keys = [key(i) for i in range(6)]
+        writer = threading.Thread(target=lambda: (tier.store(keys, [chunk(i) for i in range(6)]), done.set()))
+        writer.start()
+        gate.wait_entered(1)  # round 1 is being written and held there
+        with gate._cv:  # round 2 gets encoded meanwhile (the old path encoded it only after round 1's write)
+            assert gate._cv.wait_for(lambda: tier.serde.stats()["serialize_items_total"] >= 4, 20)
+            assert gate.calls == 0
+        gate.open()
+        writer.join(20)
+        assert done.is_set()
+        got = from_l2(store, keys)
+        assert all(g is not None and torch.equal(g, chunk(i)) for i, g in enumerate(got))
+        assert tier.stats()["scratch_bytes"] > 0
