@@ -369,6 +369,7 @@ def _drive(
         "l2_written": int(after["l2_written"]),
         "l2_writes_superseded": int(after.get("l2_writes_superseded", 0)),
         "l2_writes_dropped": int(after["l2_writes_dropped"]),
+        "l2_writes_refused_by": after.get("l2_writes_refused_by", {}),
         "l2_write_failures": int(after["l2_write_failures"]),
         "l1_used_bytes_before_clear": int(stats["l1"]["used_bytes"]),
         "l1_used_bytes_after_clear": int(after["l1"]["used_bytes"]),

@@ -123,6 +123,8 @@ class WritePipeline:
         self._writes = 0  # accepted writes not yet done with every object
         self._bytes = 0  # bytes of the L1 objects those writes pin
         self._stopping = False
+        #: writes refused for want of room, by the bound that refused them (a store's whole write counts once)
+        self.refused = {"max_pending_l2_writes": 0, "pinned_bytes": 0}
 
     # -- what the Store reads ----------------------------------------------------------------------------------
     @property
@@ -145,7 +147,13 @@ class WritePipeline:
             return False
         superseded: list[_Entry] = []
         with self._cv:
-            if self._stopping or self._writes >= self._max_pending or self._bytes >= self._max_pending_bytes():
+            if self._stopping:
+                return False
+            if self._writes >= self._max_pending:
+                self.refused["max_pending_l2_writes"] += 1
+                return False
+            if self._bytes >= self._max_pending_bytes():
+                self.refused["pinned_bytes"] += 1
                 return False
             self._writes += 1
             self._bytes += write.nbytes

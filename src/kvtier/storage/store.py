@@ -478,6 +478,7 @@ class Store:
             **counts,
             "l2_pending_writes": self._writes.pending_writes,
             "l2_pending_bytes": self._writes.pending_bytes,
+            "l2_writes_refused_by": dict(self._writes.refused),
             "l1": self._pool.stats(),
             "l2": [tier.stats() for tier in self._tiers],
         }

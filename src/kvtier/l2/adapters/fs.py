@@ -65,7 +65,7 @@ class FSAdapter(L2Adapter):
     """Records as files under ``base_path``; see the module docstring."""
 
     #: batches the Store writes at once: while one waits for its fsyncs, another writes (I/O releases the GIL)
-    store_writers = 4
+    store_writers = 8
 
     def __init__(
         self, base_path: Path, capacity_bytes: int | None, durability: str = "fsync", eviction_policy: str = "LRU"
