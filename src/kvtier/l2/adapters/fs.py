@@ -64,7 +64,8 @@ def file_name(key: str) -> str:
 class FSAdapter(L2Adapter):
     """Records as files under ``base_path``; see the module docstring."""
 
-    #: batches the Store writes at once: while one waits for its fsyncs, another writes (I/O releases the GIL)
+    #: batches the Store writes at once: renames and syncs block in the kernel (the GIL released) and overlap; 8
+    #: kept up with 8 soak clients on a 2-vCPU VM where 4 fell behind (BENCHMARKS.md, issue 16)
     store_writers = 8
 
     def __init__(
