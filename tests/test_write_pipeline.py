@@ -321,3 +321,30 @@ def test_a_tier_encodes_the_next_round_while_the_current_one_is_written(tmp_path
         got = from_l2(store, keys)
         assert all(g is not None and torch.equal(g, chunk(i)) for i, g in enumerate(got))
         assert tier.stats()["scratch_bytes"] > 0
+
+
+@pytest.mark.parametrize("serde", [None, {"type": "fp8"}])
+def test_a_re_store_of_identical_bytes_is_not_written_again(tmp_path: Path, serde: dict[str, Any] | None) -> None:
+    config = {**fs_config(tmp_path), **({"serde": serde} if serde else {})}
+    with Store(l1_size_gb=8 * MB, l2_adapters=[config]) as store:
+        tier = store._tiers[0]
+        gate = Gate(store)
+        gate.open()
+        keys = [key(i) for i in range(4)]
+        tier.store(keys, [chunk(i) for i in range(4)])
+        calls = gate.calls  # one per round
+        tier.store(keys, [chunk(i) for i in range(4)])  # identical: nothing written
+        assert gate.calls == calls and tier.stats()["stored_unchanged"] == 4
+        tier.store(keys[:2], [chunk(7), chunk(1)])  # key 0 changed, key 1 not: one record written
+        assert gate.batches[-1] == [keys[0].to_str()]
+        tier.delete(keys[1:2])  # gone: the same bytes must be written again
+        tier.store(keys[1:2], [chunk(1)])
+        assert gate.batches[-1] == [keys[1].to_str()]
+        tier.adapter.delete([keys[2].to_str()])  # removed behind the tier's back (an eviction): written again
+        tier.store(keys[2:3], [chunk(2)])
+        assert gate.batches[-1] == [keys[2].to_str()]
+        got = from_l2(store, keys)
+        want = [chunk(7), chunk(1), chunk(2), chunk(3)]
+        for g, w in zip(got, want, strict=True):
+            assert g is not None
+            assert torch.equal(g, w) if serde is None else torch.allclose(g, w, rtol=0.1)

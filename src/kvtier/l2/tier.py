@@ -29,6 +29,7 @@ reach the caller (the Store turns them into misses); nothing else is swallowed h
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -155,6 +156,12 @@ class _Round:
     dsts: list[torch.Tensor] = field(default_factory=list)
 
 
+#: keys whose last written record a tier remembers (checksum and length: 40-odd bytes of memory each)
+WRITTEN_MEMO = 1 << 16
+#: the part of a sealed header that pins down the whole record: magic, version, lengths and the checksum
+_SEAL = slice(0, 24)
+
+
 class _Encoding:
     """One store round between its submit to the serde's threads and its write: the scratch it owns (given back
     only after the write), and per record the framed ``[header, payload]`` or the error."""
@@ -222,9 +229,15 @@ class L2Tier:
         # Two rounds of scratch in flight per load (one decoding, one reading), more with concurrent callers.
         self._scratch = ScratchPool(keep=4 * self._round if not self._identity_stage else 0)
         self._counts_lock = threading.Lock()
+        # The record each key last got from this tier, by its sealed header's checksum and length: a re-store of
+        # identical bytes (popular prefixes are stored again and again, by every engine) is not written again
+        # while the adapter still holds the key. Bounded; forgotten on delete and on failure.
+        self._written: collections.OrderedDict[str, tuple[bytes, int]] = collections.OrderedDict()
+        self._written_lock = threading.Lock()
         self.counts = {
             "stored": 0,
             "store_failures": 0,
+            "stored_unchanged": 0,
             "hits": 0,
             "misses": 0,
             "integrity_misses": 0,
@@ -280,14 +293,41 @@ class L2Tier:
         self._count("stored", len(keys))
 
     def _store_identity(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> None:
-        records = []
+        records: list[list[Buffer]] = []
         for key, src in zip(keys, srcs, strict=True):
             meta = self._meta(key, layout_of(src))
             payload = byte_view(src)
             header = bytearray(header_size(meta))  # at most MAX_HEADER_SIZE: not the per-chunk copy to avoid
             write_header_parts(header, meta, payload)
             records.append([header, payload])
-        self.adapter.store_records([k.to_str() for k in keys], records)
+        self._store_records([k.to_str() for k in keys], records)
+
+    def _store_records(self, keys: list[str], records: list[list[Buffer]]) -> None:
+        """Hand sealed records to the adapter, leaving out those identical to what the adapter still holds from
+        this tier's last write of that key (same checksum and length: same bytes)."""
+        marks = [(bytes(memoryview(r[0])[_SEAL]), sum(len(memoryview(b)) for b in r)) for r in records]
+        with self._written_lock:
+            same = [self._written.get(k) == m for k, m in zip(keys, marks, strict=True)]
+        if any(same):
+            held = self.adapter.contains([k for k, s in zip(keys, same, strict=True) if s])
+            it = iter(held)
+            same = [s and next(it) for s in same]
+        todo = [i for i, s in enumerate(same) if not s]
+        if len(todo) < len(keys):
+            self._count("stored_unchanged", len(keys) - len(todo))
+        if todo:
+            self.adapter.store_records([keys[i] for i in todo], [records[i] for i in todo])
+        with self._written_lock:
+            for k, m in zip(keys, marks, strict=True):
+                self._written[k] = m
+                self._written.move_to_end(k)
+            while len(self._written) > WRITTEN_MEMO:
+                self._written.popitem(last=False)
+
+    def _forget_written(self, keys: Sequence[str]) -> None:
+        with self._written_lock:
+            for k in keys:
+                self._written.pop(k, None)
 
     def _store_encoded(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> None:
         """Encode round k+1 while round k is written; at most two rounds' scratch in flight per call."""
@@ -330,7 +370,7 @@ class L2Tier:
             enc.done.wait()
             if enc.errors:
                 raise BatchError("serialize batch failed", enc.errors)
-            self.adapter.store_records([m.key for m in enc.metas], enc.records)
+            self._store_records([m.key for m in enc.metas], enc.records)
         finally:
             self._scratch.give(enc.scratch)  # the adapter keeps no reference past store_records
 
@@ -554,9 +594,12 @@ class L2Tier:
         return self.adapter.contains([k.to_str() for k in keys])
 
     def delete(self, keys: Sequence[ObjectKey]) -> None:
-        self.adapter.delete([k.to_str() for k in keys])
+        strs = [k.to_str() for k in keys]
+        self._forget_written(strs)
+        self.adapter.delete(strs)
 
     def _delete_quietly(self, keys: list[str]) -> None:
+        self._forget_written(keys)
         try:
             self.adapter.delete(keys)
         except L2Error as exc:  # cleanup must not mask the outcome being reported; a later load retries it
