@@ -370,6 +370,9 @@ def _drive(
         "l2_writes_superseded": int(after.get("l2_writes_superseded", 0)),
         "l2_writes_dropped": int(after["l2_writes_dropped"]),
         "l2_writes_refused_by": after.get("l2_writes_refused_by", {}),
+        # per L2 adapter: records written, and re-stores of identical bytes it did not need to write again
+        "l2_records_stored": [int(t.get("stored", 0)) for t in after["l2"]],
+        "l2_records_unchanged": [int(t.get("stored_unchanged", 0)) for t in after["l2"]],
         "l2_write_failures": int(after["l2_write_failures"]),
         "l1_used_bytes_before_clear": int(stats["l1"]["used_bytes"]),
         "l1_used_bytes_after_clear": int(after["l1"]["used_bytes"]),
