@@ -348,3 +348,37 @@ def test_a_re_store_of_identical_bytes_is_not_written_again(tmp_path: Path, serd
         for g, w in zip(got, want, strict=True):
             assert g is not None
             assert torch.equal(g, w) if serde is None else torch.allclose(g, w, rtol=0.1)
+
+
+def test_a_large_store_is_queued_in_groups_as_it_is_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.storage import store as store_mod
+
+    monkeypatch.setattr(store_mod, "WRITE_GROUP_BYTES", 3 * 16384)  # three 16 KiB chunks per group
+    with Store(l1_size_gb=8 * MB, l2_adapters=[{"type": "memory"}]) as store:
+        gate = Gate(store)
+        keys = [key(i) for i in range(8)]
+        store.store(keys, [chunk(i) for i in range(8)])
+        gate.wait_entered(1)
+        assert store.stats()["l2_pending_writes"] == 3  # groups of 3, 3 and 2 objects
+        gate.open()
+        store.flush()
+        got = from_l2(store, keys)
+        assert all(g is not None and torch.equal(g, chunk(i)) for i, g in enumerate(got))
+
+        bad = [chunk(i) for i in range(5)]
+        real = store_mod.copy_into
+        calls = [0]
+
+        def failing(dst: torch.Tensor, src: torch.Tensor) -> None:
+            calls[0] += 1
+            if calls[0] == 5:
+                raise RuntimeError("copy failed")
+            real(dst, src)
+
+        monkeypatch.setattr(store_mod, "copy_into", failing)
+        with pytest.raises(RuntimeError, match="copy failed"):
+            store.store([key(20 + i) for i in range(5)], bad)  # the first group of 3 is queued, then it fails
+        store.flush()
+        store.clear_l1()
+        stats = store.stats()
+        assert stats["l2_pending_bytes"] == 0 and stats["l1"]["used_bytes"] == 0

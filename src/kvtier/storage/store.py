@@ -45,6 +45,9 @@ from kvtier.types import LayoutDesc, ObjectKey
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
+#: a store's objects go to the write pipeline in groups of about this many bytes as they are copied into L1, so
+#: the L2 writes of the first group are encoded and written while the rest are still being copied
+WRITE_GROUP_BYTES = 64 << 20
 
 
 P = ParamSpec("P")
@@ -213,6 +216,8 @@ class Store:
         stored_keys: list[ObjectKey] = []
         objs: list[L1Object] = []
         refused = 0
+        queued_upto = 0  # objs[:queued_upto] are handed to the write pipeline (it holds their pins)
+        closing = False
         self._backfill.stale(keys)  # before anything commits: an older L2 copy must not land over these
         for key, t in zip(keys, tensors, strict=True):
             try:
@@ -225,19 +230,26 @@ class Store:
                 copy_into(self._pool.view(obj), t.detach())
             except BaseException:
                 self._pool.release([obj])
-                if self._tiers:  # the objects already stored keep their pin for the L2 write: drop it
-                    self._pool.release(objs)
+                if self._tiers:  # the objects stored and not yet queued keep their pin for the L2 write: drop it
+                    self._pool.release(objs[queued_upto:])
                 raise
             self._pool.commit(obj, keep_pin=bool(self._tiers))
             stored_keys.append(key)
             objs.append(obj)
+            if self._tiers and sum(o.nbytes for o in objs[queued_upto:]) >= WRITE_GROUP_BYTES:
+                closing |= not self._queue_group(stored_keys[queued_upto:], objs[queued_upto:])
+                queued_upto = len(objs)
         with self._lock:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
-        if self._tiers and objs:
-            queued = self._enqueue_write(_Write(stored_keys, objs, sum(o.nbytes for o in objs)))
-            if not queued and self._closed:
-                raise RuntimeError("kvtier Store is closed")
+        if self._tiers and len(objs) > queued_upto:
+            closing |= not self._queue_group(stored_keys[queued_upto:], objs[queued_upto:])
+        if closing:
+            raise RuntimeError("kvtier Store is closed")
+
+    def _queue_group(self, keys: list[ObjectKey], objs: list[L1Object]) -> bool:
+        """Queue the L2 write of objects a store just copied into L1; False only when the Store is closing."""
+        return self._enqueue_write(_Write(keys, objs, sum(o.nbytes for o in objs))) or not self._closed
 
     def _enqueue_write(self, write: _Write) -> bool:
         """The one path by which L2 writes are queued (a store's write-behind, a late write of an admission
