@@ -10,17 +10,20 @@ what a real backend reports, so the layers above can be tested on failure paths 
 * ``corrupt_loads``: flip one bit in the middle of every record a load returns (damage on the way back);
 * ``before_load``: called with the inner adapter and the batch's keys when a load starts, after the caller's
   lookup: it may remove, damage or replace records there (a concurrent eviction, a writer sharing the store);
+* ``before_store``: called with the inner adapter and the batch's keys when a store starts, before anything is
+  written: it may block (hold a write mid-way while a test purges) or change the inner adapter;
+* ``purge_error``: every list / purge raises it (a backend that fails mid-walk);
 * counters ``stores``, ``loads`` of batches seen.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kvtier.config import ConfigReader
-from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare
+from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, Progress
 
 
 class FaultyAdapter(L2Adapter):
@@ -34,6 +37,8 @@ class FaultyAdapter(L2Adapter):
         self.load_error: BaseException | None = None
         self.corrupt_loads = False
         self.before_load: Callable[[L2Adapter, Sequence[str]], None] | None = None
+        self.before_store: Callable[[L2Adapter, Sequence[str]], None] | None = None
+        self.purge_error: BaseException | None = None
         self.stores = 0
         self.loads = 0
 
@@ -47,6 +52,8 @@ class FaultyAdapter(L2Adapter):
 
     def _store(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
         self.stores += 1
+        if self.before_store is not None:
+            self.before_store(self.inner, keys)
         if self.fail_store_after is not None:
             n = min(self.fail_store_after, len(keys))
             self.inner.store_records(keys[:n], records[:n])
@@ -105,6 +112,16 @@ class FaultyAdapter(L2Adapter):
 
     def _delete(self, keys: Sequence[str]) -> None:
         self.inner.delete(keys)
+
+    def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
+        if self.purge_error is not None:
+            raise self.purge_error
+        return self.inner.list_keys(match, batch_size)
+
+    def _purge(self, match: KeyMatch, batch_size: int, progress: Progress | None) -> int:
+        if self.purge_error is not None:
+            raise self.purge_error
+        return self.inner.purge(match, batch_size, progress)  # the inner backend's own (efficient) path
 
     def _close(self) -> None:
         self.inner.close()

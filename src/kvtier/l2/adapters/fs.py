@@ -39,7 +39,17 @@ import blake3
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError, ConfigError, IntegrityError
-from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.adapters.base import (
+    MISS,
+    Buffer,
+    KeyMatch,
+    L2Adapter,
+    Prepare,
+    Progress,
+    batched,
+    scatter,
+    total_length,
+)
 from kvtier.l2.record import MAX_HEADER_SIZE, parse_header
 from kvtier.storage.policies import POLICIES, create_policy
 
@@ -338,6 +348,26 @@ class FSAdapter(L2Adapter):
             self.path_for(key).unlink(missing_ok=True)
             with self._lock:
                 self._drop_locked(key)
+
+    def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
+        # The index is the directory scan made at start (every record file's header read and checked) kept up to
+        # date since: listing it finds every record without reading a directory again. The base_path lock makes
+        # this adapter the directory's only writer, so nothing is on disk that the index does not name.
+        with self._lock:
+            snapshot = list(self._index)
+        return batched((k for k in snapshot if match.matches(k)), batch_size)
+
+    def _purge(self, match: KeyMatch, batch_size: int, progress: Progress | None) -> int:
+        deleted = 0
+        for batch in self._list_keys(match, batch_size):
+            self._delete(batch)
+            if self.fsync:  # a purged record must not come back after a crash: make the unlinks durable
+                for shard in {self.path_for(k).parent for k in batch}:
+                    _fsync_dir(shard)
+            deleted += len(batch)
+            if progress is not None:
+                progress(deleted)
+        return deleted
 
     def stats(self) -> dict[str, Any]:
         self._ensure_started()
