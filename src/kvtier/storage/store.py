@@ -25,20 +25,22 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
 from kvtier.errors import CapacityError, ConfigError, L2Error
-from kvtier.l2.adapters import create_l2_adapter
+from kvtier.l2.adapters import PURGE_BATCH, KeyMatch, create_l2_adapter
 from kvtier.l2.tier import L2Tier
+from kvtier.storage.fence import PurgeFence, stamp
 from kvtier.storage.keys import keys_for_tokens
 from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
 from kvtier.storage.policies import POLICIES
-from kvtier.types import LayoutDesc, ObjectKey
+from kvtier.types import LayoutDesc, ObjectKey, salt_digest
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -49,6 +51,7 @@ class _Write:
     keys: list[ObjectKey]
     objs: list[L1Object]
     nbytes: int
+    gen: int = field(default_factory=stamp)  # the purge fence's generation of the store that queued it
 
 
 P = ParamSpec("P")
@@ -73,6 +76,43 @@ def _call(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[St
                 store._in_flight -= 1
                 if not store._in_flight:
                     store._calls.notify_all()
+
+    return call
+
+
+def _fenced(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    """An operation the purge fence orders (see :mod:`kvtier.storage.fence`): stamped with the generation at which
+    it began; a store skips the keys an open fence blocks, a read reports them as misses. Costs one lock round and
+    an integer compare when no purge runs."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        fence = store._fence
+        gen = fence.enter()
+        try:
+            keys: Any = args[0] if args else kwargs["keys"]
+            if name == "store":
+                blocked = fence.blocked(keys, gen)
+                if blocked:
+                    tensors: Any = args[1] if len(args) > 1 else kwargs["tensors"]
+                    kept = [i for i, b in enumerate(blocked) if not b]
+                    with store._lock:
+                        store.counts["purge_skipped_stores"] += len(blocked) - len(kept)
+                    return method(store, [keys[i] for i in kept], [tensors[i] for i in kept])  # type: ignore[arg-type,call-arg]
+            result = method(store, *args, **kwargs)
+            if name == "store":
+                return result
+            blocked = fence.blocked(keys, gen)
+            if not blocked:
+                return result
+            if name == "retrieve":
+                return [None if b else t for t, b in zip(result, blocked, strict=True)]  # type: ignore[call-overload,return-value]
+            # lookup / retrieve_into: a count of leading hits, cut at the first blocked key
+            first = blocked.index(True)
+            return min(result, first)  # type: ignore[call-overload,no-any-return]
+        finally:
+            fence.leave(gen)
 
     return call
 
@@ -139,6 +179,7 @@ class Store:
         self._calls = threading.Condition()  # guards _in_flight: public calls running now (see _call)
         self._in_flight = 0
         self._failing: dict[int, int] = {}  # id(tier) -> failed calls since it started failing (logged once)
+        self._fence = PurgeFence()
         self.counts = {
             "stored": 0,
             "l1_store_refused": 0,
@@ -147,6 +188,10 @@ class Store:
             "l2_written": 0,
             "l2_prefetched": 0,
             "l2_errors": 0,
+            "purge_skipped_stores": 0,
+            "purge_skipped_writes": 0,
+            "purge_skipped_loads": 0,
+            "invalidations": 0,
         }
 
     # -- keys -------------------------------------------------------------------------------------------------
@@ -159,6 +204,7 @@ class Store:
 
     # -- store ------------------------------------------------------------------------------------------------
     @_call
+    @_fenced
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None:
         """Copy each tensor into L1 under its key and queue the write-through to every L2 adapter.
 
@@ -244,6 +290,7 @@ class Store:
     def _write(self, item: _Write) -> None:
         """One queued write to every tier. Whatever a tier raises, the others still get the write, the worker
         lives on and the objects' pins and pending bytes are released."""
+        self._fence_write(item)
         try:
             views = [self._pool.view(o) for o in item.objs]
             for tier in self._tiers:
@@ -256,6 +303,7 @@ class Store:
                     with self._lock:
                         self.counts["l2_written"] += len(item.keys)
         finally:
+            self._fence.leave(item.gen)
             self._pool.release(item.objs)
             with self._lock:
                 self._pending_bytes -= item.nbytes
@@ -267,6 +315,7 @@ class Store:
 
     # -- lookup / retrieve ------------------------------------------------------------------------------------
     @_call
+    @_fenced
     def lookup(self, keys: Sequence[ObjectKey]) -> int:
         """How many leading keys are in some tier (L1 or any L2 adapter). An L2 record counts when its header
         says it is ours (this tier's serde identity, this key); a foreign record does not."""
@@ -291,6 +340,7 @@ class Store:
         return first_miss + next((i for i, hit in enumerate(combined) if not hit), len(combined))
 
     @_call
+    @_fenced
     def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]:
         """A new tensor per key (``None`` for a miss), owned by the caller. L1 misses are fetched from the first
         L2 adapter that holds them, through L1."""
@@ -308,6 +358,7 @@ class Store:
         return out
 
     @_call
+    @_fenced
     def retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor]) -> int:
         """Fill the caller's tensors ``outs[i]`` with the objects of the leading keys that hit; return how many.
         Nothing is allocated for L1 hits. ``outs[n:]`` after the returned count are left unspecified."""
@@ -395,7 +446,7 @@ class Store:
                     if obj is None:
                         out[i] = dst  # decoded straight into the caller's tensor or a fresh one
                     else:
-                        self._pool.commit(obj, keep_pin=True)
+                        self._commit_loaded(obj)
                         if into is not None:
                             into[i].copy_(dst)
                             out[i] = into[i]
@@ -448,7 +499,204 @@ class Store:
             "l2_pending_bytes": self._pending_bytes,
             "l1": self._pool.stats(),
             "l2": [tier.stats() for tier in self._tiers],
+            "invalidations_running": self._fence.running(),
         }
+
+    # -- invalidation (see kvtier.storage.fence) ------------------------------------------------------------------
+    @_call
+    def delete(self, keys: Sequence[ObjectKey]) -> int:
+        """Remove ``keys`` from L1 and every L2 tier; return how many of them some tier held. Nothing of these
+        keys stored before this returns is served after it (a queued write is skipped, a load in flight does not
+        put it back into L1 or hand it out). An L2 tier that fails is logged and counted; the others go on."""
+        for key in keys:
+            if not isinstance(key, ObjectKey):
+                raise TypeError(f"keys must be kvtier.ObjectKey, got {type(key).__name__}")
+        wanted = set(keys)
+        if not wanted:
+            return 0
+        ordered = list(dict.fromkeys(keys))
+        held: set[ObjectKey] = set()
+
+        def l2(tier: L2Tier, batch_size: int, report: Callable[[int], None]) -> int:
+            done = 0
+            for start in range(0, len(ordered), batch_size):
+                part = ordered[start : start + batch_size]
+                present = tier.contains(part)
+                tier.delete(part)
+                held.update(k for k, p in zip(part, present, strict=True) if p)
+                done += sum(present)
+                report(done)
+            return done
+
+        result = self._invalidate(
+            "delete", wanted.__contains__, l2=l2, batch_size=PURGE_BATCH, progress=None, where={"keys": len(wanted)}
+        )
+        held.update(result.pop("_l1_keys"))
+        return len(held)
+
+    @_call
+    def purge(
+        self,
+        model_name: str | None = None,
+        cache_salt: str | None = None,
+        *,
+        batch_size: int = PURGE_BATCH,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Remove every object of a model (``model_name``), of a tenant (``cache_salt``; ``""`` is the unsalted
+        tenant) or of a tenant of a model (both) from L1 and every L2 tier; at least one must be given.
+
+        Each L2 tier is walked in batches of ``batch_size`` keys (its cheapest way: a directory index, ``SCAN``
+        + ``UNLINK``, a listing by prefix), each batch its own backend call, so serving goes on meanwhile;
+        ``progress(counts)`` is called after each batch. Nothing of the selected objects stored before this
+        returns is served after it. Returns ``{"l1": removed, "l2": [{"tier", "deleted"[, "error"]}], "errors",
+        "elapsed_s"}``; an L2 tier that fails (or cannot list its keys) is reported under ``errors`` and the
+        other tiers are still purged.
+        """
+        if model_name is None and cache_salt is None:
+            raise ValueError("purge: give model_name, cache_salt or both (clear() drops everything)")
+        if model_name is not None:
+            ObjectKey(model_name, "0")  # the same check a key's model gets; raises ConfigError naming the field
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ConfigError(f"cache_salt: expected a string, got {type(cache_salt).__name__}")
+        digest = None if cache_salt is None else salt_digest(cache_salt)
+        match = KeyMatch(model_name, digest)
+
+        def selects(key: ObjectKey) -> bool:
+            return (model_name is None or key.model_name == model_name) and (
+                digest is None or key.salt_digest == digest
+            )
+
+        def l2(tier: L2Tier, batch_size: int, report: Callable[[int], None]) -> int:
+            return tier.adapter.purge(match, batch_size, report)
+
+        where = {"model_name": model_name, "salt_digest": digest}
+        result = self._invalidate("purge", selects, l2=l2, batch_size=batch_size, progress=progress, where=where)
+        result.pop("_l1_keys")
+        return result
+
+    @_call
+    def clear(
+        self, *, l1: bool = True, l2: bool = False, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Drop every object from L1 (``l1``) and/or from every L2 tier (``l2``: the records kvtier stored; other
+        data on the backend is left alone). Writes queued before this returns are skipped for the tiers cleared;
+        while an L2 clear runs, reads may miss. Returns counts as :meth:`purge` does."""
+        if not l1 and not l2:
+            raise ValueError("clear: nothing to clear (l1=False and l2=False)")
+
+        def all_of(tier: L2Tier, batch_size: int, report: Callable[[int], None]) -> int:
+            return tier.adapter.purge(KeyMatch(), batch_size, report)
+
+        result = self._invalidate(
+            "clear",
+            lambda key: True,
+            l2=all_of if l2 else None,
+            batch_size=PURGE_BATCH,
+            progress=progress,
+            where={"clear_l1": l1, "clear_l2": l2},
+            l1=l1,
+        )
+        result.pop("_l1_keys")
+        return result
+
+    def _invalidate(
+        self,
+        what: str,
+        selects: Callable[[ObjectKey], bool],
+        *,
+        l2: Callable[[L2Tier, int, Callable[[int], None]], int] | None,
+        batch_size: int,
+        progress: Callable[[dict[str, Any]], None] | None,
+        where: dict[str, Any],
+        l1: bool = True,
+    ) -> dict[str, Any]:
+        """The fenced invalidation every public one shares: open the fence, wait for the ops that began before
+        it, sweep L1, walk each L2 tier, close the fence."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        start = time.monotonic()
+        doc: dict[str, Any] = {"op": what, **where, "state": "waiting", "l1": 0, "l2_deleted": 0, "tier": None}
+        fence = self._fence.open(selects)
+        fence.progress = doc
+        tiers: list[dict[str, Any]] = []
+        errors: list[str] = []
+        removed: list[ObjectKey] = []
+
+        def report(**changes: Any) -> None:
+            doc.update(changes, elapsed_s=round(time.monotonic() - start, 3))
+            if progress is not None:
+                progress(dict(doc))
+
+        try:
+            self._fence.wait_for_earlier_ops(fence)  # stores and loads that began before: done before the sweep
+            if l1:
+                removed = self._pool.remove(selects) if what != "clear" else self._clear_l1_counted()
+            report(state="l1 done", l1=len(removed))
+            total = 0
+            for tier in self._tiers if l2 is not None else []:
+                assert l2 is not None
+                entry: dict[str, Any] = {"tier": tier.name, "deleted": 0}
+                tiers.append(entry)
+                base = total
+
+                def tier_report(n: int, entry: dict[str, Any] = entry, base: int = base) -> None:
+                    entry["deleted"] = n
+                    report(state="l2", tier=entry["tier"], l2_deleted=base + n)
+
+                try:
+                    n = l2(tier, batch_size, tier_report)
+                except (L2Error, NotImplementedError) as exc:
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+                    errors.append(f"{tier.name}: {entry['error']}")
+                    if isinstance(exc, L2Error):
+                        self._l2_failed(tier, exc)
+                    log.warning("%s: L2 %s not fully invalidated: %s", what, tier.name, exc)
+                else:
+                    entry["deleted"] = n
+                total += entry["deleted"]
+            report(state="done", l2_deleted=total)
+        finally:
+            self._fence.close(fence)
+            with self._lock:
+                self.counts["invalidations"] += 1
+        return {
+            "l1": len(removed),
+            "l2": tiers,
+            "l2_deleted": sum(t["deleted"] for t in tiers),
+            "errors": errors,
+            "elapsed_s": round(time.monotonic() - start, 3),
+            "_l1_keys": removed,
+        }
+
+    def _clear_l1_counted(self) -> list[ObjectKey]:
+        removed = self._pool.remove(lambda key: True)
+        self._pool.clear()  # gives the pages back too
+        return removed
+
+    def _fence_write(self, item: _Write) -> None:
+        """Hook at the start of a queued write: enter it as an op of the fence (stamped with the store that queued
+        it) and drop the keys a purge since then removed (their pins released here)."""
+        self._fence.enter(item.gen)
+        blocked = self._fence.blocked(item.keys, item.gen)
+        if not blocked:
+            return
+        drop = [o for o, b in zip(item.objs, blocked, strict=True) if b]
+        item.keys = [k for k, b in zip(item.keys, blocked, strict=True) if not b]
+        item.objs = [o for o, b in zip(item.objs, blocked, strict=True) if not b]
+        self._pool.release(drop)
+        with self._lock:
+            self.counts["purge_skipped_writes"] += len(drop)
+
+    def _commit_loaded(self, obj: L1Object) -> None:
+        """Hook where a load puts a record into L1: not when a purge began since the load did (the object stays
+        pinned for the caller, who releases it; the fenced read then reports a miss)."""
+        blocked = self._fence.blocked([obj.key], stamp())
+        if blocked:
+            with self._lock:
+                self.counts["purge_skipped_loads"] += 1
+            return
+        self._pool.commit(obj, keep_pin=True)
 
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
