@@ -13,12 +13,15 @@ what a real backend reports, so the layers above can be tested on failure paths 
 * ``before_store``: called with the inner adapter and the batch's keys when a store starts, before anything is
   written: it may block (hold a write mid-way while a test purges) or change the inner adapter;
 * ``purge_error``: every list / purge raises it (a backend that fails mid-walk);
+* ``store_delay_s`` / ``load_delay_s`` (also config fields, so a server subprocess can be given them): every store
+  / load batch sleeps that long first (a slow backend: writes and loads stay in flight long enough to race them);
 * counters ``stores``, ``loads`` of batches seen.
 """
 
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,9 +32,11 @@ from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, 
 class FaultyAdapter(L2Adapter):
     """Delegates to ``inner``, raising or damaging data as its fault attributes say."""
 
-    def __init__(self, inner: L2Adapter) -> None:
+    def __init__(self, inner: L2Adapter, store_delay_s: float = 0.0, load_delay_s: float = 0.0) -> None:
         super().__init__()
         self.inner = inner
+        self.store_delay_s = store_delay_s
+        self.load_delay_s = load_delay_s
         self.store_error: BaseException | None = None
         self.fail_store_after: int | None = None
         self.load_error: BaseException | None = None
@@ -52,6 +57,8 @@ class FaultyAdapter(L2Adapter):
 
     def _store(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
         self.stores += 1
+        if self.store_delay_s:
+            time.sleep(self.store_delay_s)
         if self.before_store is not None:
             self.before_store(self.inner, keys)
         if self.fail_store_after is not None:
@@ -65,6 +72,8 @@ class FaultyAdapter(L2Adapter):
 
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
         self.loads += 1
+        if self.load_delay_s:
+            time.sleep(self.load_delay_s)
         if self.load_error is not None:
             raise self.load_error
         if self.before_load is not None:
@@ -78,6 +87,8 @@ class FaultyAdapter(L2Adapter):
 
     def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
         self.loads += 1
+        if self.load_delay_s:
+            time.sleep(self.load_delay_s)
         if self.load_error is not None:
             raise self.load_error
         if self.before_load is not None:
@@ -145,5 +156,7 @@ def faulty_factory(config: dict[str, Any], where: str) -> FaultyAdapter:
 
     reader = ConfigReader(config, where)
     inner = reader.raw("inner")
+    store_delay = reader.number("store_delay_s", 0.0, min=0.0)
+    load_delay = reader.number("load_delay_s", 0.0, min=0.0)
     reader.finish()
-    return FaultyAdapter(create_backend(inner, f"{where}.inner"))
+    return FaultyAdapter(create_backend(inner, f"{where}.inner"), float(store_delay or 0.0), float(load_delay or 0.0))
