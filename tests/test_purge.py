@@ -5,6 +5,10 @@ write or a load mid-way."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -369,3 +373,73 @@ def test_redis_glob_metacharacters_in_prefixes_match_only_themselves(redis: Loca
         assert mine.contains([k]) == [False] and other.contains([k]) == [True]
         assert glob_escape("a*b") == "a\\*b"
         other.purge(KeyMatch())
+
+
+# -- key mappings the efficient paths rely on ----------------------------------------------------------------------
+_model_names = st.from_regex(r"[A-Za-z0-9._\-+:]{1,12}(/[A-Za-z0-9._\-+:]{1,12}){0,2}", fullmatch=True).filter(
+    lambda m: ".." not in m.split("/")
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_model_names, st.text(max_size=8), st.integers(0, 65535), st.binary(min_size=1, max_size=20))
+def test_object_names_map_back_to_their_keys_and_listing_prefixes_cover_them(
+    model: str, salt: str, rank: int, h: bytes
+) -> None:
+    """The object store lists by name prefix and maps each name back to its key string: for any key, its name
+    maps back to it exactly, and one of the listing prefixes of a purge of its model (and tenant) covers it."""
+    from kvtier.l2.adapters.object_store import key_of_name, list_prefixes, object_name
+
+    key = ObjectKey(model, h, rank, salt)
+    text = key.to_str()
+    name = object_name(text)
+    assert key_of_name(name) == text
+    for match in (KeyMatch(model, None), KeyMatch(model, key.salt_digest), KeyMatch(None, key.salt_digest)):
+        assert match.matches(text)
+        assert any(name.startswith(p) for p in list_prefixes(match)), (name, match)
+    other = KeyMatch(model + "x", None)
+    assert not other.matches(text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet="ab*?[]\\^-:.%@", min_size=1, max_size=10), _model_names)
+def test_redis_scan_patterns_escape_every_glob_metacharacter(prefix: str, model: str) -> None:
+    """The SCAN pattern of a purge matches the records of its model under its prefix and, read as a glob (the
+    rules Redis applies), nothing under a prefix that only a glob would confuse with it."""
+    import fnmatch
+
+    from kvtier.l2.adapters.redis.adapter import RedisAdapter
+
+    adapter = RedisAdapter("redis://127.0.0.1:1/0", key_prefix=prefix)
+    key = ObjectKey(model, "ab", 0, "t").to_str()
+    pattern = adapter.scan_pattern(KeyMatch(model, salt_digest("t")))
+    # fnmatch knows no backslash escapes: turn each escaped character into a one-character class, as Redis reads it
+    as_fnmatch = re.sub(r"\\(.)", lambda m: "[" + m.group(1) + "]" if m.group(1) != "]" else "[]]", pattern)
+    assert fnmatch.fnmatchcase(f"{prefix}:{key}", as_fnmatch)
+    decoy = prefix.replace("*", "Z").replace("?", "Q").replace("[", "(")
+    if decoy != prefix:
+        assert not fnmatch.fnmatchcase(f"{decoy}:{key}", as_fnmatch)
+
+
+_PROBE = """
+import json, sys
+from kvtier.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    results.append([argv, code, "torch" in sys.modules])
+print(json.dumps(results))
+"""
+
+
+def test_client_command_help_and_usage_errors_do_not_import_torch() -> None:
+    cases = [["ping", "--help"], ["purge", "--help"], ["lookup", "--model", "m"], ["clear", "--bogus"], ["--help"]]
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(cases)], capture_output=True, text=True, timeout=120, check=False
+    )
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r[1] for r in results] == [0, 0, 2, 2, 0]
+    assert not any(r[2] for r in results), results
