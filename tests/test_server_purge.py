@@ -293,3 +293,27 @@ def test_client_checks_before_sending(fs_server: ServerProcess) -> None:
         assert client.delete([]) == 0
         assert "invalidations" in client.stats()["server"]
         assert torch.__version__  # torch is loaded by the client anyway
+
+
+def test_a_slow_purge_reports_progress_and_blocks_no_other_client() -> None:
+    """An L2 whose deletes are slow: while the purge runs, /stats shows its progress, the purging client gets
+    progress documents, and another client's requests are answered at once."""
+    l2 = {"type": "faulty", "inner": {"type": "memory"}, "delete_delay_s": 4.0}
+    with ServerProcess(server_args(l2)) as srv, Client(srv.address, timeout_s=30) as a, Client(srv.address) as b:
+        slow = [ObjectKey("test/slow", format(0x100 + i, "x")) for i in range(3)]
+        keep = [ObjectKey("test/keep", format(0x200 + i, "x")) for i in range(3)]
+        fill(a, slow + keep)
+        wait_l2(a, 0)
+        seen: list[dict[str, Any]] = []
+        purger = threading.Thread(target=lambda: seen.append(a.purge(model_name="test/slow", progress=seen.append)))
+        purger.start()
+        time.sleep(1.0)
+        running = srv.get("/stats")["server"]["invalidations"]
+        assert running and running[0]["op"] == "purge" and running[0]["model_name"] == "test/slow", running
+        assert all(served(b, keep).values())
+        assert b.lookup(keep) == 3
+        assert purger.is_alive(), "another client was served while the purge was still running"
+        purger.join(30)
+        assert seen and seen[-1]["l2_deleted"] == 3 and any("state" in d for d in seen[:-1]), seen
+        assert srv.get("/stats")["server"]["invalidations"] == []
+        assert not any(served(b, slow).values())

@@ -13,8 +13,9 @@ what a real backend reports, so the layers above can be tested on failure paths 
 * ``before_store``: called with the inner adapter and the batch's keys when a store starts, before anything is
   written: it may block (hold a write mid-way while a test purges) or change the inner adapter;
 * ``purge_error``: every list / purge raises it (a backend that fails mid-walk);
-* ``store_delay_s`` / ``load_delay_s`` (also config fields, so a server subprocess can be given them): every store
-  / load batch sleeps that long first (a slow backend: writes and loads stay in flight long enough to race them);
+* ``store_delay_s`` / ``load_delay_s`` / ``delete_delay_s`` (also config fields, so a server subprocess can be given
+  them): every store / load / delete batch sleeps that long first (a slow backend: writes, loads and a purge's
+  batches stay in flight long enough to race them or watch their progress);
 * counters ``stores``, ``loads`` of batches seen.
 """
 
@@ -32,11 +33,14 @@ from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, 
 class FaultyAdapter(L2Adapter):
     """Delegates to ``inner``, raising or damaging data as its fault attributes say."""
 
-    def __init__(self, inner: L2Adapter, store_delay_s: float = 0.0, load_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, inner: L2Adapter, store_delay_s: float = 0.0, load_delay_s: float = 0.0, delete_delay_s: float = 0.0
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.store_delay_s = store_delay_s
         self.load_delay_s = load_delay_s
+        self.delete_delay_s = delete_delay_s
         self.store_error: BaseException | None = None
         self.fail_store_after: int | None = None
         self.load_error: BaseException | None = None
@@ -122,6 +126,8 @@ class FaultyAdapter(L2Adapter):
         return self.inner.contains(keys)
 
     def _delete(self, keys: Sequence[str]) -> None:
+        if self.delete_delay_s:
+            time.sleep(self.delete_delay_s)
         self.inner.delete(keys)
 
     def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
@@ -132,6 +138,8 @@ class FaultyAdapter(L2Adapter):
     def _purge(self, match: KeyMatch, batch_size: int, progress: Progress | None) -> int:
         if self.purge_error is not None:
             raise self.purge_error
+        if self.delete_delay_s:  # batch by batch through this adapter's slow deletes
+            return super()._purge(match, batch_size, progress)
         return self.inner.purge(match, batch_size, progress)  # the inner backend's own (efficient) path
 
     def _close(self) -> None:
@@ -158,5 +166,11 @@ def faulty_factory(config: dict[str, Any], where: str) -> FaultyAdapter:
     inner = reader.raw("inner")
     store_delay = reader.number("store_delay_s", 0.0, min=0.0)
     load_delay = reader.number("load_delay_s", 0.0, min=0.0)
+    delete_delay = reader.number("delete_delay_s", 0.0, min=0.0)
     reader.finish()
-    return FaultyAdapter(create_backend(inner, f"{where}.inner"), float(store_delay or 0.0), float(load_delay or 0.0))
+    return FaultyAdapter(
+        create_backend(inner, f"{where}.inner"),
+        float(store_delay or 0.0),
+        float(load_delay or 0.0),
+        float(delete_delay or 0.0),
+    )
