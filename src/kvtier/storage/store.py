@@ -82,39 +82,41 @@ def _call(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[St
 
 def _fenced(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
     """An operation the purge fence orders (see :mod:`kvtier.storage.fence`): stamped with the generation at which
-    it began; a store skips the keys an open fence blocks, a read reports them as misses. Costs one lock round and
-    an integer compare when no purge runs."""
+    it began; a store skips the keys an open fence blocks, a read reports them as misses (``retrieve``: ``None``;
+    ``lookup`` / ``retrieve_into``: the count of leading hits cut at the first blocked key). When no purge concerns
+    the op this costs a registration in a dict and an integer compare."""
     name = method.__name__
 
-    @functools.wraps(method)
-    def call(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    def store_call(store: Store, keys: Any, tensors: Any, *args: Any, **kwargs: Any) -> Any:
         fence = store._fence
         gen = fence.enter()
         try:
-            keys: Any = args[0] if args else kwargs["keys"]
-            if name == "store":
-                blocked = fence.blocked(keys, gen)
-                if blocked:
-                    tensors: Any = args[1] if len(args) > 1 else kwargs["tensors"]
-                    kept = [i for i, b in enumerate(blocked) if not b]
-                    with store._lock:
-                        store.counts["purge_skipped_stores"] += len(blocked) - len(kept)
-                    return method(store, [keys[i] for i in kept], [tensors[i] for i in kept])  # type: ignore[arg-type,call-arg]
-            result = method(store, *args, **kwargs)
-            if name == "store":
-                return result
-            blocked = fence.blocked(keys, gen)
-            if not blocked:
-                return result
-            if name == "retrieve":
-                return [None if b else t for t, b in zip(result, blocked, strict=True)]  # type: ignore[call-overload,return-value]
-            # lookup / retrieve_into: a count of leading hits, cut at the first blocked key
-            first = blocked.index(True)
-            return min(result, first)  # type: ignore[call-overload,no-any-return]
+            blocked = fence.blocked(keys, gen) if fence._fences else None
+            if blocked:
+                kept = [i for i, b in enumerate(blocked) if not b]
+                with store._lock:
+                    store.counts["purge_skipped_stores"] += len(blocked) - len(kept)
+                keys, tensors = [keys[i] for i in kept], [tensors[i] for i in kept]
+            return method(store, keys, tensors, *args, **kwargs)
         finally:
             fence.leave(gen)
 
-    return call
+    def read_call(store: Store, keys: Any, *args: Any, **kwargs: Any) -> Any:
+        fence = store._fence
+        gen = fence.enter()
+        try:
+            result: Any = method(store, keys, *args, **kwargs)
+            blocked = fence.blocked(keys, gen) if fence._fences else None
+            if not blocked:
+                return result
+            if name == "retrieve":
+                return [None if b else t for t, b in zip(result, blocked, strict=True)]
+            return min(result, blocked.index(True))
+        finally:
+            fence.leave(gen)
+
+    call = store_call if name == "store" else read_call
+    return functools.wraps(method)(call)  # type: ignore[return-value]
 
 
 class Store:
