@@ -317,3 +317,26 @@ def test_a_slow_purge_reports_progress_and_blocks_no_other_client() -> None:
         assert seen and seen[-1]["l2_deleted"] == 3 and any("state" in d for d in seen[:-1]), seen
         assert srv.get("/stats")["server"]["invalidations"] == []
         assert not any(served(b, slow).values())
+
+
+def test_describe_ranks_models_and_salts_by_bytes_when_reported() -> None:
+    """Per-tenant and per-model usage (``stats()["l1"]["tenants"/"models"]``, when the Store reports it) become
+    the top lists of describe, largest first, and the table names the unsalted tenant."""
+    from kvtier.client_cli import describe_text
+    from kvtier.server.server import _top
+
+    tenants = {"": {"bytes": 10, "objects": 1, "quota_bytes": None}, "ab" * 16: {"bytes": 30, "objects": 3}}
+    models = {f"m{i}": {"bytes": i, "objects": 1} for i in range(15)}
+    top_salts, top_models = _top(tenants, "salt_digest"), _top(models, "model_name")
+    assert [r["salt_digest"] for r in top_salts] == ["ab" * 16, ""]
+    assert [r["model_name"] for r in top_models] == [f"m{i}" for i in range(14, 4, -1)]
+    assert _top(None, "model_name") == [] and _top("garbage", "x") == []
+    doc = {
+        "server": {"version": "x", "pid": 1, "uptime_s": 5, "chunk_size": 16},
+        "tiers": [{"tier": "L1", "kind": "memory", "capacity_bytes": 1 << 30, "used_bytes": 1 << 29, "objects": 3}],
+        "hit_rate": 0.5,
+        "top_models": top_models,
+        "top_salts": top_salts,
+    }
+    text = describe_text(doc, "tcp://h:1")
+    assert "50.0%" in text and "512.0 MiB" in text and "(unsalted)" in text and "m14" in text and "tcp://h:1" in text

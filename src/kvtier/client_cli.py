@@ -102,9 +102,14 @@ def _ping(args: argparse.Namespace) -> tuple[Any, str]:
 def _describe(args: argparse.Namespace) -> tuple[Any, str]:
     with _connect(args) as client:
         doc = _call(args, client.describe)
+    return doc, describe_text(doc, args.address)
+
+
+def describe_text(doc: dict[str, Any], address: str) -> str:
+    """The tables ``kvtier describe`` prints for a describe document."""
     server = doc.get("server", {})
     lines = [
-        f"kvtier server at {args.address}: version {server.get('version')}, pid {server.get('pid')}, "
+        f"kvtier server at {address}: version {server.get('version')}, pid {server.get('pid')}, "
         f"up {_duration(server.get('uptime_s'))}, chunk size {server.get('chunk_size')} tokens",
         "",
         table(
@@ -153,7 +158,7 @@ def _describe(args: argparse.Namespace) -> tuple[Any, str]:
                 [[r.get("job"), r.get("op"), r.get("state"), r.get("l2_deleted")] for r in running],
             )
         )
-    return doc, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def _clear(args: argparse.Namespace) -> tuple[Any, str]:
