@@ -340,3 +340,69 @@ def test_describe_ranks_models_and_salts_by_bytes_when_reported() -> None:
     }
     text = describe_text(doc, "tcp://h:1")
     assert "50.0%" in text and "512.0 MiB" in text and "(unsalted)" in text and "m14" in text and "tcp://h:1" in text
+
+
+def test_lying_or_confused_clients_get_errors_and_salts_stay_out_of_the_log(fs_server: ServerProcess) -> None:
+    from kvtier.errors import NotFoundError
+    from kvtier.server import protocol as p
+
+    with Client(fs_server.address, timeout_s=20) as client:
+        with pytest.raises(ConfigError, match="op must be purge, delete or clear"):
+            client._call(p.Invalidate("drop-everything"))
+        with pytest.raises(ConfigError, match="give model_name, cache_salt or both"):
+            client._call(p.Invalidate("purge"))
+        with pytest.raises(ConfigError, match="model_name") as info:
+            client._call(p.Invalidate("purge", model_name="bad name!", cache_salt=SECRET_SALT))
+        assert SECRET_SALT not in str(info.value)
+        with pytest.raises(ConfigError, match="chunk_hash"):
+            client._call(p.Invalidate("delete", keys=[p.WireKey("m", "not-hex", 0, SECRET_SALT)]))
+        with pytest.raises(ConfigError, match="nothing to clear"):
+            client._call(p.Invalidate("clear", l1=False, l2=False))
+        with pytest.raises(NotFoundError):
+            client._call(p.JobStatus(10**9))
+        reply = client._call(p.Invalidate("purge", cache_salt=SECRET_SALT, wait_s=1e9))  # the wait is capped
+        assert isinstance(reply, p.JobReply)
+        again = client._call(p.JobStatus(reply.job, -5.0))
+        assert again.job == reply.job
+        assert client.health()["status"] == "ok"
+    assert SECRET_SALT not in fs_server.stderr()
+
+
+def test_concurrent_purges_and_stores_leave_a_consistent_cache() -> None:
+    """Several purges of overlapping selectors at once, with stores of the same keys again and again: each purge
+    returns, and what is served afterwards is only what was stored after the last purge of its key began."""
+    from kvtier.storage.store import Store
+
+    with Store(0.02, l2_adapters=[{"type": "memory"}]) as store:
+        keys = [ObjectKey(f"m{i % 3}", format(0x100 + i, "x"), 0, ("", "t")[i % 2]) for i in range(24)]
+        errors: list[BaseException] = []
+
+        def storer() -> None:
+            try:
+                for _ in range(20):
+                    store.store(keys, [content(k) for k in keys])
+            except BaseException as exc:
+                errors.append(exc)
+
+        def purger(model: str | None, salt: str | None) -> None:
+            try:
+                for _ in range(5):
+                    store.purge(model_name=model, cache_salt=salt)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=storer) for _ in range(2)]
+        threads += [threading.Thread(target=purger, args=a) for a in (("m0", None), (None, "t"), ("m1", ""))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        store.flush()
+        for k, got in zip(keys, store.retrieve(keys), strict=True):
+            assert got is None or same_bytes(got, content(k))
+        store.purge(model_name="m0")
+        store.purge(model_name="m1")
+        store.purge(model_name="m2")
+        store.clear_l1()
+        assert store.lookup(keys) == 0 and store.retrieve(keys) == [None] * len(keys)
