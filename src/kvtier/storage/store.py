@@ -519,15 +519,16 @@ class Store:
         ordered = list(dict.fromkeys(keys))
         held: set[ObjectKey] = set()
 
-        def l2(tier: L2Tier, batch_size: int, report: Callable[[int], None]) -> int:
+        def l2(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
             done = 0
             for start in range(0, len(ordered), batch_size):
                 part = ordered[start : start + batch_size]
                 present = tier.contains(part)
                 tier.delete(part)
-                held.update(k for k, p in zip(part, present, strict=True) if p)
-                done += sum(present)
-                report(done)
+                gone = [k for k, p in zip(part, present, strict=True) if p]
+                held.update(gone)
+                done += len(gone)
+                report(done, [k.to_str() for k in gone])
             return done
 
         result = self._invalidate(
@@ -569,7 +570,7 @@ class Store:
                 digest is None or key.salt_digest == digest
             )
 
-        def l2(tier: L2Tier, batch_size: int, report: Callable[[int], None]) -> int:
+        def l2(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
             return tier.adapter.purge(match, batch_size, report)
 
         where = {"model_name": model_name, "salt_digest": digest}
@@ -587,7 +588,7 @@ class Store:
         if not l1 and not l2:
             raise ValueError("clear: nothing to clear (l1=False and l2=False)")
 
-        def all_of(tier: L2Tier, batch_size: int, report: Callable[[int], None]) -> int:
+        def all_of(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
             return tier.adapter.purge(KeyMatch(), batch_size, report)
 
         result = self._invalidate(
@@ -607,7 +608,7 @@ class Store:
         what: str,
         selects: Callable[[ObjectKey], bool],
         *,
-        l2: Callable[[L2Tier, int, Callable[[int], None]], int] | None,
+        l2: Callable[[L2Tier, int, Callable[[int, list[str]], None]], int] | None,
         batch_size: int,
         progress: Callable[[dict[str, Any]], None] | None,
         where: dict[str, Any],
@@ -634,6 +635,7 @@ class Store:
             self._fence.wait_for_earlier_ops(fence)  # stores and loads that began before: done before the sweep
             if l1:
                 removed = self._pool.remove(selects) if what != "clear" else self._clear_l1_counted()
+            self._invalidated_l1(removed)
             report(state="l1 done", l1=len(removed))
             total = 0
             for tier in self._tiers if l2 is not None else []:
@@ -642,8 +644,11 @@ class Store:
                 tiers.append(entry)
                 base = total
 
-                def tier_report(n: int, entry: dict[str, Any] = entry, base: int = base) -> None:
+                def tier_report(
+                    n: int, batch: list[str], entry: dict[str, Any] = entry, base: int = base, tier: L2Tier = tier
+                ) -> None:
                     entry["deleted"] = n
+                    self._invalidated_l2(tier, batch)
                     report(state="l2", tier=entry["tier"], l2_deleted=base + n)
 
                 try:
@@ -670,6 +675,12 @@ class Store:
             "elapsed_s": round(time.monotonic() - start, 3),
             "_l1_keys": removed,
         }
+
+    def _invalidated_l1(self, keys: list[ObjectKey]) -> None:
+        """Hook: ``keys`` were removed from L1 by an invalidation (an operator's delete / purge / clear)."""
+
+    def _invalidated_l2(self, tier: L2Tier, names: list[str]) -> None:
+        """Hook: records ``names`` (``ObjectKey.to_str()``) were removed from ``tier`` by an invalidation."""
 
     def _clear_l1_counted(self) -> list[ObjectKey]:
         removed = self._pool.remove(lambda key: True)

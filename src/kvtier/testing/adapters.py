@@ -417,9 +417,16 @@ class L2AdapterTests:
         with self.make_adapter(tmp_path) as adapter:
             held = self._fill_for_purge(adapter)
             progress: list[int] = []
-            n = adapter.purge(KeyMatch("org", None), batch_size=2, progress=progress.append)
+            reported: set[str] = set()
+
+            def report(n: int, batch: list[str]) -> None:
+                progress.append(n)
+                reported.update(batch)
+
+            n = adapter.purge(KeyMatch("org", None), batch_size=2, progress=report)
             gone = {name for name, key in held.items() if key.model_name == "org"}
             assert n >= len(gone) and progress and progress[-1] == n and progress == sorted(progress)
+            assert reported == gone, "each batch's keys are reported"
             n = adapter.purge(KeyMatch(None, salt_digest("tenant-a")), batch_size=2)
             gone |= {name for name, key in held.items() if key.cache_salt == "tenant-a"}
             adapter.purge(KeyMatch(".hidden", ""))

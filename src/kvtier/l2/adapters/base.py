@@ -69,8 +69,9 @@ T = TypeVar("T")
 #: that the operations of the serving path interleave with a purge of millions of records.
 PURGE_BATCH = 500
 
-#: ``progress(deleted_so_far)``: called after each batch a purge deleted, in the purging thread.
-Progress = Callable[[int], None]
+#: ``progress(deleted_so_far, batch)``: called after each batch a purge deleted, with the total so far and the
+#: batch's keys (for events and logs), in the purging thread.
+Progress = Callable[[int, list[str]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +220,7 @@ class L2Adapter(ABC):
             self._delete(batch)
             deleted += len(batch)
             if progress is not None:
-                progress(deleted)
+                progress(deleted, batch)
         return deleted
 
     def _will_load(self, keys: Sequence[str]) -> None:  # noqa: B027 - optional hook
@@ -304,8 +305,8 @@ class L2Adapter(ABC):
         self, match: KeyMatch | None = None, batch_size: int = PURGE_BATCH, progress: Progress | None = None
     ) -> int:
         """Delete every record ``match`` selects (``None``: every record kvtier stored), in batches of at most
-        ``batch_size``, calling ``progress(deleted so far)`` after each; return how many were deleted (a backend
-        that cannot count exactly reports the keys it asked to delete). Backend failures raise
+        ``batch_size``, calling ``progress(deleted so far, the batch's keys)`` after each; return how many were
+        deleted (a backend that cannot count exactly reports the keys it asked to delete). Backend failures raise
         :class:`~kvtier.errors.L2Error`; the records deleted before stay deleted."""
         _check_batch_size(batch_size)
         return self._call("purge", self._purge, match or KeyMatch(), batch_size, progress)

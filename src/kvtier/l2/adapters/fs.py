@@ -366,7 +366,7 @@ class FSAdapter(L2Adapter):
                     _fsync_dir(shard)
             deleted += len(batch)
             if progress is not None:
-                progress(deleted)
+                progress(deleted, batch)
         return deleted
 
     def stats(self) -> dict[str, Any]:
