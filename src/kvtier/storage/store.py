@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -32,16 +33,17 @@ import numpy as np
 import torch
 
 from kvtier.errors import CapacityError, ConfigError, L2Error
-from kvtier.l2.adapters import create_l2_adapter
+from kvtier.l2.adapters import PURGE_BATCH, KeyMatch, create_l2_adapter
 from kvtier.l2.tier import L2Tier
 from kvtier.storage.backfill import Backfill
 from kvtier.storage.copy import clone, copy_into
+from kvtier.storage.fence import PurgeFence, stamp
 from kvtier.storage.keys import keys_for_tokens
 from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
 from kvtier.storage.pipeline import Write as _Write
 from kvtier.storage.pipeline import WritePipeline
 from kvtier.storage.policies import POLICIES
-from kvtier.types import LayoutDesc, ObjectKey
+from kvtier.types import LayoutDesc, ObjectKey, salt_digest
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -94,6 +96,45 @@ class _Countdown:
 
     def arm(self) -> None:
         self.done()
+
+
+def _fenced(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    """An operation the purge fence orders (see :mod:`kvtier.storage.fence`): stamped with the generation at which
+    it began; a store skips the keys an open fence blocks, a read reports them as misses (``retrieve``: ``None``;
+    ``lookup`` / ``retrieve_into``: the count of leading hits cut at the first blocked key). When no purge concerns
+    the op this costs a registration in a dict and an integer compare."""
+    name = method.__name__
+
+    def store_call(store: Store, keys: Any, tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        fence = store._fence
+        gen = fence.enter()
+        try:
+            blocked = fence.blocked(keys, gen) if fence._fences else None
+            if blocked:
+                kept = [i for i, b in enumerate(blocked) if not b]
+                with store._lock:
+                    store.counts["purge_skipped_stores"] += len(blocked) - len(kept)
+                keys, tensors = [keys[i] for i in kept], [tensors[i] for i in kept]
+            return method(store, keys, tensors, *args, **kwargs)
+        finally:
+            fence.leave(gen)
+
+    def read_call(store: Store, keys: Any, *args: Any, **kwargs: Any) -> Any:
+        fence = store._fence
+        gen = fence.enter()
+        try:
+            result: Any = method(store, keys, *args, **kwargs)
+            blocked = fence.blocked(keys, gen) if fence._fences else None
+            if not blocked:
+                return result
+            if name == "retrieve":
+                return [None if b else t for t, b in zip(result, blocked, strict=True)]
+            return min(result, blocked.index(True))
+        finally:
+            fence.leave(gen)
+
+    call = store_call if name == "store" else read_call
+    return functools.wraps(method)(call)  # type: ignore[return-value]
 
 
 class Store:
@@ -155,6 +196,7 @@ class Store:
         self._calls = threading.Condition()  # guards _in_flight: public calls running now (see _call)
         self._in_flight = 0
         self._failing: dict[int, int] = {}  # id(tier) -> failed calls since it started failing (logged once)
+        self._fence = PurgeFence()
         self.counts = {
             "stored": 0,
             "l1_store_refused": 0,
@@ -166,6 +208,10 @@ class Store:
             "l2_errors": 0,
             "l1_backfilled": 0,
             "l1_backfill_skipped": 0,
+            "purge_skipped_stores": 0,
+            "purge_skipped_writes": 0,
+            "purge_skipped_loads": 0,
+            "invalidations": 0,
         }
         # L2 hits read straight into a caller's tensors are copied into L1 later, off the caller's path.
         self._backfill = Backfill(self._pool, min(self._pool.capacity // 4, GiB), self._add_count)
@@ -191,6 +237,7 @@ class Store:
 
     # -- store ------------------------------------------------------------------------------------------------
     @_call
+    @_fenced
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None:
         """Copy each tensor into L1 under its key and queue the write-through to every L2 adapter.
 
@@ -267,6 +314,7 @@ class Store:
 
     # -- lookup / retrieve ------------------------------------------------------------------------------------
     @_call
+    @_fenced
     def lookup(self, keys: Sequence[ObjectKey]) -> int:
         """How many leading keys are in some tier (L1 or any L2 adapter). An L2 record counts when its header
         says it is ours (this tier's serde identity, this key); a foreign record does not."""
@@ -291,6 +339,7 @@ class Store:
         return first_miss + next((i for i, hit in enumerate(combined) if not hit), len(combined))
 
     @_call
+    @_fenced
     def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]:
         """A new tensor per key (``None`` for a miss), owned by the caller. L1 misses are fetched from the first
         L2 adapter that holds them, through L1."""
@@ -326,6 +375,7 @@ class Store:
             pending.arm()
 
     @_call
+    @_fenced
     def _retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor], pending: _Countdown) -> int:
         if len(keys) != len(outs):
             raise ValueError(f"retrieve_into got {len(keys)} keys but {len(outs)} outputs")
@@ -422,11 +472,11 @@ class Store:
                     if obj is None:
                         out[i] = dst  # decoded straight into the caller's tensor or a fresh one
                         header = headers.get(j) if headers is not None else None
-                        if header is not None and pending is not None:
+                        if header is not None and pending is not None and not self._fence.blocked([keys[i]], stamp()):
                             pending.add()
                             self._backfill.submit(keys[i], dst, header, pending.done)
                     else:
-                        self._pool.commit(obj, keep_pin=True)
+                        self._commit_loaded(obj)
                         if into is not None:
                             copy_into(into[i], dst)
                             out[i] = into[i]
@@ -481,7 +531,206 @@ class Store:
             "l2_writes_refused_by": dict(self._writes.refused),
             "l1": self._pool.stats(),
             "l2": [tier.stats() for tier in self._tiers],
+            "invalidations_running": self._fence.running(),
         }
+
+    # -- invalidation (see kvtier.storage.fence) ------------------------------------------------------------------
+    @_call
+    def delete(self, keys: Sequence[ObjectKey]) -> int:
+        """Remove ``keys`` from L1 and every L2 tier; return how many of them some tier held. Nothing of these
+        keys stored before this returns is served after it (a queued write is skipped, a load in flight does not
+        put it back into L1 or hand it out). An L2 tier that fails is logged and counted; the others go on."""
+        for key in keys:
+            if not isinstance(key, ObjectKey):
+                raise TypeError(f"keys must be kvtier.ObjectKey, got {type(key).__name__}")
+        wanted = set(keys)
+        if not wanted:
+            return 0
+        ordered = list(dict.fromkeys(keys))
+        held: set[ObjectKey] = set()
+
+        def l2(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
+            done = 0
+            for start in range(0, len(ordered), batch_size):
+                part = ordered[start : start + batch_size]
+                present = tier.contains(part)
+                tier.delete(part)
+                gone = [k for k, p in zip(part, present, strict=True) if p]
+                held.update(gone)
+                done += len(gone)
+                report(done, [k.to_str() for k in gone])
+            return done
+
+        result = self._invalidate(
+            "delete", wanted.__contains__, l2=l2, batch_size=PURGE_BATCH, progress=None, where={"keys": len(wanted)}
+        )
+        held.update(result.pop("_l1_keys"))
+        return len(held)
+
+    @_call
+    def purge(
+        self,
+        model_name: str | None = None,
+        cache_salt: str | None = None,
+        *,
+        batch_size: int = PURGE_BATCH,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Remove every object of a model (``model_name``), of a tenant (``cache_salt``; ``""`` is the unsalted
+        tenant) or of a tenant of a model (both) from L1 and every L2 tier; at least one must be given.
+
+        Each L2 tier is walked in batches of ``batch_size`` keys (its cheapest way: a directory index, ``SCAN``
+        + ``UNLINK``, a listing by prefix), each batch its own backend call, so serving goes on meanwhile;
+        ``progress(counts)`` is called after each batch. Nothing of the selected objects stored before this
+        returns is served after it. Returns ``{"l1": removed, "l2": [{"tier", "deleted"[, "error"]}], "errors",
+        "elapsed_s"}``; an L2 tier that fails (or cannot list its keys) is reported under ``errors`` and the
+        other tiers are still purged.
+        """
+        if model_name is None and cache_salt is None:
+            raise ValueError("purge: give model_name, cache_salt or both (clear() drops everything)")
+        if model_name is not None:
+            ObjectKey(model_name, "0")  # the same check a key's model gets; raises ConfigError naming the field
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ConfigError(f"cache_salt: expected a string, got {type(cache_salt).__name__}")
+        digest = None if cache_salt is None else salt_digest(cache_salt)
+        match = KeyMatch(model_name, digest)
+
+        def selects(key: ObjectKey) -> bool:
+            return (model_name is None or key.model_name == model_name) and (
+                digest is None or key.salt_digest == digest
+            )
+
+        def l2(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
+            return tier.adapter.purge(match, batch_size, report)
+
+        where = {"model_name": model_name, "salt_digest": digest}
+        result = self._invalidate("purge", selects, l2=l2, batch_size=batch_size, progress=progress, where=where)
+        result.pop("_l1_keys")
+        return result
+
+    @_call
+    def clear(
+        self, *, l1: bool = True, l2: bool = False, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Drop every object from L1 (``l1``) and/or from every L2 tier (``l2``: the records kvtier stored; other
+        data on the backend is left alone). Writes queued before this returns are skipped for the tiers cleared;
+        while an L2 clear runs, reads may miss. Returns counts as :meth:`purge` does."""
+        if not l1 and not l2:
+            raise ValueError("clear: nothing to clear (l1=False and l2=False)")
+
+        def all_of(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
+            return tier.adapter.purge(KeyMatch(), batch_size, report)
+
+        result = self._invalidate(
+            "clear",
+            lambda key: True,
+            l2=all_of if l2 else None,
+            batch_size=PURGE_BATCH,
+            progress=progress,
+            where={"clear_l1": l1, "clear_l2": l2},
+            l1=l1,
+        )
+        result.pop("_l1_keys")
+        return result
+
+    def _invalidate(
+        self,
+        what: str,
+        selects: Callable[[ObjectKey], bool],
+        *,
+        l2: Callable[[L2Tier, int, Callable[[int, list[str]], None]], int] | None,
+        batch_size: int,
+        progress: Callable[[dict[str, Any]], None] | None,
+        where: dict[str, Any],
+        l1: bool = True,
+    ) -> dict[str, Any]:
+        """The fenced invalidation every public one shares: open the fence, wait for the ops that began before
+        it, sweep L1, walk each L2 tier, close the fence."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        start = time.monotonic()
+        doc: dict[str, Any] = {"op": what, **where, "state": "waiting", "l1": 0, "l2_deleted": 0, "tier": None}
+        fence = self._fence.open(selects)
+        fence.progress = doc
+        tiers: list[dict[str, Any]] = []
+        errors: list[str] = []
+        removed: list[ObjectKey] = []
+
+        def report(**changes: Any) -> None:
+            doc.update(changes, elapsed_s=round(time.monotonic() - start, 3))
+            if progress is not None:
+                progress(dict(doc))
+
+        try:
+            self._fence.wait_for_earlier_ops(fence)  # stores and loads that began before: done before the sweep
+            # Their L1 backfills may still wait: stale them (later ops skip blocked keys when they submit one).
+            self._backfill.stale_matching(selects)
+            if l1:
+                removed = self._pool.remove(selects) if what != "clear" else self._clear_l1_counted()
+            self._invalidated_l1(removed)
+            # Writes queued before the fence opened: drop the pending ones, wait for those being written (what
+            # they wrote, the L2 walk below removes).
+            self._add_count("purge_skipped_writes", self._writes.cancel(selects))  # not under _lock: writers count
+            report(state="l1 done", l1=len(removed))
+            total = 0
+            for tier in self._tiers if l2 is not None else []:
+                assert l2 is not None
+                entry: dict[str, Any] = {"tier": tier.name, "deleted": 0}
+                tiers.append(entry)
+                base = total
+
+                def tier_report(
+                    n: int, batch: list[str], entry: dict[str, Any] = entry, base: int = base, tier: L2Tier = tier
+                ) -> None:
+                    entry["deleted"] = n
+                    self._invalidated_l2(tier, batch)
+                    report(state="l2", tier=entry["tier"], l2_deleted=base + n)
+
+                try:
+                    n = l2(tier, batch_size, tier_report)
+                except (L2Error, NotImplementedError) as exc:
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+                    errors.append(f"{tier.name}: {entry['error']}")
+                    if isinstance(exc, L2Error):
+                        self._l2_failed(tier, exc)
+                    log.warning("%s: L2 %s not fully invalidated: %s", what, tier.name, exc)
+                else:
+                    entry["deleted"] = n
+                total += entry["deleted"]
+            report(state="done", l2_deleted=total)
+        finally:
+            self._fence.close(fence)
+            with self._lock:
+                self.counts["invalidations"] += 1
+        return {
+            "l1": len(removed),
+            "l2": tiers,
+            "l2_deleted": sum(t["deleted"] for t in tiers),
+            "errors": errors,
+            "elapsed_s": round(time.monotonic() - start, 3),
+            "_l1_keys": removed,
+        }
+
+    def _invalidated_l1(self, keys: list[ObjectKey]) -> None:
+        """Hook: ``keys`` were removed from L1 by an invalidation (an operator's delete / purge / clear)."""
+
+    def _invalidated_l2(self, tier: L2Tier, names: list[str]) -> None:
+        """Hook: records ``names`` (``ObjectKey.to_str()``) were removed from ``tier`` by an invalidation."""
+
+    def _clear_l1_counted(self) -> list[ObjectKey]:
+        removed = self._pool.remove(lambda key: True)
+        self._pool.clear()  # gives the pages back too
+        return removed
+
+    def _commit_loaded(self, obj: L1Object) -> None:
+        """Hook where a load puts a record into L1: not when a purge began since the load did (the object stays
+        pinned for the caller, who releases it; the fenced read then reports a miss)."""
+        blocked = self._fence.blocked([obj.key], stamp())
+        if blocked:
+            with self._lock:
+                self.counts["purge_skipped_loads"] += 1
+            return
+        self._pool.commit(obj, keep_pin=True)
 
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError
-from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, batched, scatter, total_length
 
 GiB = 1 << 30
 
@@ -101,6 +101,11 @@ class MemoryAdapter(L2Adapter):
                 old = self._records.pop(key, None)
                 if old is not None:
                     self._used -= len(old)
+
+    def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
+        with self._lock:
+            snapshot = list(self._records)  # one C-level copy under the lock; filtered outside it
+        return batched((k for k in snapshot if match.matches(k)), batch_size)
 
     def _close(self) -> None:
         with self._lock:

@@ -52,11 +52,12 @@ refused, a missing bucket, which kvtier never creates) raise :class:`~kvtier.err
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -64,7 +65,7 @@ from urllib.parse import quote, unquote
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError, ConfigError, L2Error, MissingDependencyError
-from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, batched, scatter, total_length
 from kvtier.l2.adapters.health import BackendHealth
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,38 @@ def object_name(key: str) -> str:
     if _SAFE_KEY.fullmatch(key):
         return f"_/k/{key}{SUFFIX}"
     return f"_/x/{key.encode().hex()}{SUFFIX}"
+
+
+def key_of_name(name: str) -> str | None:
+    """The key string whose record :func:`object_name` names ``name`` (its inverse), or ``None`` for an object
+    that is not a record name."""
+    if not name.endswith(SUFFIX):
+        return None
+    segs = name[: -len(SUFFIX)].split("/")
+    if len(segs) == 3 and segs[0] == "_" and segs[1] in ("k", "x"):
+        if segs[1] == "k":
+            return segs[2]
+        try:
+            return bytes.fromhex(segs[2]).decode()
+        except ValueError:
+            return None
+    if len(segs) < 3:
+        return None
+    model, digest, leaf = "/".join(segs[:-2]), segs[-2], segs[-1]
+    chunk_hash, _, rank = leaf.partition(".r")
+    if rank and not rank.isdigit():
+        return None
+    return f"{quote(model, safe='')}@{rank or '0'}@{'' if digest == '_' else digest}@{chunk_hash}"
+
+
+def list_prefixes(match: KeyMatch) -> list[str]:
+    """The listing prefixes that together cover every record ``match`` selects: by model (and tenant) where the
+    names allow it, plus the fallback names under ``_/`` (keys whose model makes no clean path segments)."""
+    if match.model_name is None or not all(_SAFE_SEGMENT.fullmatch(s) for s in match.model_name.split("/")):
+        return [""]
+    if match.salt_digest is None:
+        return [f"{match.model_name}/", "_/k/", "_/x/"]
+    return [f"{match.model_name}/{match.salt_digest or '_'}/", "_/k/", "_/x/"]
 
 
 def parse_url(url: str, where: str) -> tuple[str, str, str]:
@@ -745,6 +778,23 @@ class ObjectStoreAdapter(L2Adapter):
             log.warning(
                 "L2 object store %s: could not remove %d record(s) of a failed batch: %s", self.url, len(names), exc
             )
+
+    # -- enumeration ------------------------------------------------------------------------------------------
+    def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
+        """A listing of the store by ``PREFIX/<model>/`` (``PREFIX/<model>/<salt digest>/`` for a tenant of a
+        model; the whole prefix for a tenant of every model): the store's own view, so records other servers
+        stored under a shared prefix are found too. One list request per batch."""
+        for prefix in list_prefixes(match):
+            stream: Any = self._backend_call(functools.partial(self._list, prefix or None, batch_size))
+            while True:
+                page: Any = self._backend_call(functools.partial(next, stream, None))
+                if page is None:
+                    break
+                keys = (key_of_name(str(meta["path"])) for meta in page)
+                yield from batched([k for k in keys if k is not None and match.matches(k)], batch_size)
+
+    def _list(self, prefix: str | None, batch_size: int) -> Any:
+        return self._obs().list(self._store_obj, prefix=prefix, chunk_size=batch_size)
 
     # -- reporting --------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

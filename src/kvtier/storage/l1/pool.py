@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,6 +169,26 @@ class L1Pool:
                     self._free_locked(obj)
             self._index.clear()
             self._trim_locked()
+
+    def remove(self, selects: Callable[[ObjectKey], bool], batch: int = 4096) -> list[ObjectKey]:
+        """Drop the visible objects whose key ``selects`` picks and return their keys (an invalidation, not an
+        eviction: not counted as one). Pinned objects are freed when their pins go. The index is walked outside
+        the lock and the keys removed in batches, so a purge of a large pool does not stall the serving path."""
+        with self._lock:
+            snapshot = list(self._index)
+        picked = [k for k in snapshot if selects(k)]
+        removed: list[ObjectKey] = []
+        for start in range(0, len(picked), batch):
+            with self._lock:
+                for key in picked[start : start + batch]:
+                    obj = self._index.pop(key, None)
+                    if obj is None:
+                        continue
+                    self._unindex_locked(obj)
+                    if not obj.pins:
+                        self._free_locked(obj)
+                    removed.append(key)
+        return removed
 
     def _trim_locked(self) -> None:
         """Release the pages of every free block and lower the high-water mark to the highest live block."""
