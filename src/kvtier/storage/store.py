@@ -35,6 +35,7 @@ import torch
 from kvtier.errors import CapacityError, ConfigError, L2Error
 from kvtier.l2.adapters import create_l2_adapter
 from kvtier.l2.tier import L2Tier
+from kvtier.storage.admission import TierAdmission, admission_of, without_admission
 from kvtier.storage.keys import keys_for_tokens
 from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
 from kvtier.storage.policies import POLICIES
@@ -46,9 +47,13 @@ GiB = 1 << 30
 
 @dataclass
 class _Write:
+    """One queued L2 write: its objects (pinned in L1 until it is done) and the tiers it is for (all ``always``
+    tiers for a store's write-through; the ``second_hit`` tiers that lack them for a write admitted on a hit)."""
+
     keys: list[ObjectKey]
     objs: list[L1Object]
     nbytes: int
+    tiers: list[L2Tier]
 
 
 P = ParamSpec("P")
@@ -82,7 +87,9 @@ class Store:
 
     ``l1_size_gb``: size of the L1 pool (GiB, pages touched lazily). ``eviction_policy``: ``LRU``
     (default), ``LFU``, ``FIFO`` or ``S3-FIFO``. ``l2_adapters``: adapter configs, e.g. ``{"type": "fs",
-    "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key.
+    "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key; an
+    adapter's ``"admission": "second_hit"`` writes a chunk to it only once it was requested again while in L1
+    (default ``"always"``; see :mod:`kvtier.storage.admission`).
     ``chunk_size``: tokens per chunk for :meth:`keys_for_tokens`. ``max_pending_l2_writes``: store batches that
     may wait for their L2 write; beyond it, or while half of L1 is already pinned by waiting writes, a store's L2
     write is dropped (counted as ``l2_writes_dropped``), never waited for.
@@ -122,15 +129,20 @@ class Store:
         if not isinstance(l2_adapters, list | tuple):
             raise ConfigError(f"l2_adapters: expected a list of adapter configs, got {type(l2_adapters).__name__}")
         self.chunk_size = chunk_size
+        admission = [admission_of(config, f"l2_adapters[{i}]") for i, config in enumerate(l2_adapters)]
         self._tiers: list[L2Tier] = []
         try:
             for i, config in enumerate(l2_adapters):
-                self._tiers.append(create_l2_adapter(config, f"l2_adapters[{i}]"))
+                self._tiers.append(create_l2_adapter(without_admission(config), f"l2_adapters[{i}]"))
             self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper(), l1_backing)
         except BaseException:
             for tier in self._tiers:
                 tier.close()
             raise
+        self._admission = [TierAdmission(policy) for policy in admission]
+        # The tiers a store writes through to, and the bit mask of those that wait for a second hit instead.
+        self._write_tiers = [t for t, a in zip(self._tiers, self._admission, strict=True) if not a.second_hit]
+        self._second_hit_mask = sum(1 << i for i, a in enumerate(self._admission) if a.second_hit)
         self._queue: queue.Queue[_Write | None] = queue.Queue(max_pending_l2_writes)
         self._writer: threading.Thread | None = None
         self._pending_bytes = 0  # bytes of L1 objects pinned until their L2 write
@@ -192,39 +204,47 @@ class Store:
                 self._pool.view(obj).copy_(t.detach())
             except BaseException:
                 self._pool.release([obj])
-                if self._tiers:  # the objects already stored keep their pin for the L2 write: drop it
+                if self._write_tiers:  # the objects already stored keep their pin for the L2 write: drop it
                     self._pool.release(objs)
                 raise
-            self._pool.commit(obj, keep_pin=bool(self._tiers))
+            self._pool.commit(obj, keep_pin=bool(self._write_tiers))
             stored_keys.append(key)
             objs.append(obj)
         with self._lock:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
-        if self._tiers and objs:
+            self._admit_skipped_locked(len(objs))
+        if self._write_tiers and objs:
             nbytes = sum(o.nbytes for o in objs)
-            with self._lock:
-                # Checked and queued under the lock close() takes to begin closing: a write is either queued
-                # before close()'s end marker (and done by close) or refused here, never acknowledged and lost.
-                closing = self._closed
-                # Objects waiting for their L2 write stay pinned in L1. Past half the pool, new writes are
-                # dropped instead, so that L1 always has unpinned room to evict and stores are not refused.
-                room = not closing and self._pending_bytes < self._pool.effective_capacity // 2
-                queued = False
-                if room:
-                    self._start_writer_locked()
-                    try:
-                        self._queue.put_nowait(_Write(stored_keys, objs, nbytes))
-                        self._pending_bytes += nbytes
-                        queued = True
-                    except queue.Full:
-                        pass
-                if not queued and not closing:
-                    self.counts["l2_writes_dropped"] += len(objs)
-            if not queued:
+            outcome = self._enqueue_write(_Write(stored_keys, objs, nbytes, self._write_tiers))
+            if outcome != "queued":
                 self._pool.release(objs)
-            if closing:
+            if outcome == "closing":
                 raise RuntimeError("kvtier Store is closed")
+
+    def _enqueue_write(self, item: _Write) -> str:
+        """The one way an L2 write is queued (a store's write-through, a write admitted on a hit). ``"queued"``:
+        the writer owns the objects' pins from here on. Otherwise the caller keeps them: ``"dropped"`` (counted)
+        when the queue is full or half of L1 is already pinned by waiting writes, ``"closing"`` once close() began.
+        """
+        with self._lock:
+            # Checked and queued under the lock close() takes to begin closing: a write is either queued
+            # before close()'s end marker (and done by close) or refused here, never acknowledged and lost.
+            if self._closed:
+                return "closing"
+            # Objects waiting for their L2 write stay pinned in L1. Past half the pool, new writes are
+            # dropped instead, so that L1 always has unpinned room to evict and stores are not refused.
+            if self._pending_bytes < self._pool.effective_capacity // 2:
+                self._start_writer_locked()
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
+                    pass
+                else:
+                    self._pending_bytes += item.nbytes
+                    return "queued"
+            self.counts["l2_writes_dropped"] += len(item.objs)
+            return "dropped"
 
     def _start_writer_locked(self) -> None:
         if self._writer is None:
@@ -246,7 +266,7 @@ class Store:
         lives on and the objects' pins and pending bytes are released."""
         try:
             views = [self._pool.view(o) for o in item.objs]
-            for tier in self._tiers:
+            for tier in item.tiers:
                 try:
                     tier.store(item.keys, views)
                 except Exception as exc:  # any failure of one tier, a bug included: counted and logged, not fatal
@@ -264,6 +284,59 @@ class Store:
         """Wait until every queued L2 write has been done (or has failed)."""
         if self._writer is not None:
             self._queue.join()
+
+    # -- write admission (see kvtier.storage.admission) --------------------------------------------------------
+    def _admit_skipped_locked(self, n: int) -> None:
+        """``n`` chunks were stored to L1 and not written to the ``second_hit`` tiers (yet)."""
+        for a in self._admission:
+            if a.second_hit:
+                a.skipped += n
+
+    def _admit_loaded_from(self, obj: L1Object, tier: L2Tier) -> None:
+        """``obj`` was loaded from ``tier`` and is about to become visible in L1: that tier holds it, so its next
+        hit does not write it there again. Set before commit, while no other thread can see the object."""
+        if self._second_hit_mask:
+            obj.l2_held |= 1 << self._tiers.index(tier)
+
+    def _admit_on_hit(self, objs: Sequence[L1Object | None]) -> list[L1Object | None]:
+        """L1 hits (pinned by the caller): queue the write of each hit to the ``second_hit`` tiers that lack it.
+
+        Returns the objects whose pin the caller must still release: the pin of an object whose write was queued
+        is handed to the writer (released when the write is done). A key twice in one call is written once.
+        """
+        if not self._second_hit_mask:
+            return list(objs)
+        keep = list(objs)
+        groups: dict[int, list[int]] = {}  # tier mask -> indices of the hits that go to exactly those tiers
+        with self._lock:  # the test-and-set of l2_held: two concurrent hits queue one write
+            for i, obj in enumerate(objs):
+                if obj is None:
+                    continue
+                todo = self._second_hit_mask & ~obj.l2_held
+                if todo:
+                    obj.l2_held |= todo
+                    groups.setdefault(todo, []).append(i)
+        for mask, indices in groups.items():
+            hits = [obj for i in indices if (obj := objs[i]) is not None]
+            tiers = [t for b, t in enumerate(self._tiers) if mask >> b & 1]
+            item = _Write([o.key for o in hits], hits, sum(o.nbytes for o in hits), tiers)
+            queued = self._enqueue_write(item) == "queued"
+            with self._lock:
+                if queued:
+                    for b, a in enumerate(self._admission):
+                        if mask >> b & 1:
+                            a.admitted += len(hits)
+                else:
+                    for obj in hits:
+                        obj.l2_held &= ~mask  # not written: the next hit tries again
+            if queued:
+                for i in indices:
+                    keep[i] = None
+        return keep
+
+    def _admission_stats(self, index: int) -> dict[str, Any]:
+        with self._lock:
+            return self._admission[index].stats()
 
     # -- lookup / retrieve ------------------------------------------------------------------------------------
     @_call
@@ -296,12 +369,14 @@ class Store:
         L2 adapter that holds them, through L1."""
         out: list[torch.Tensor | None] = [None] * len(keys)
         objs = self._pool.acquire(keys)
+        pinned: Sequence[L1Object | None] = objs
         try:
             for i, obj in enumerate(objs):
                 if obj is not None:
                     out[i] = self._pool.view(obj).clone()
+            pinned = self._admit_on_hit(objs)
         finally:
-            self._pool.release(objs)
+            self._pool.release(pinned)
         missing = [i for i, obj in enumerate(objs) if obj is None]
         if missing:
             self._prefetch(keys, missing, out)
@@ -318,6 +393,7 @@ class Store:
             if not isinstance(dst, torch.Tensor) or not dst.is_contiguous() or dst.device.type != "cpu":
                 raise ValueError(f"retrieve_into: outs[{i}] must be a contiguous CPU tensor")
         objs = self._pool.acquire(keys)
+        pinned: Sequence[L1Object | None] = objs
         n = 0
         try:
             for obj, dst in zip(objs, outs, strict=True):
@@ -325,8 +401,9 @@ class Store:
                     break
                 dst.copy_(self._pool.view(obj))
                 n += 1
+            pinned = [*self._admit_on_hit(objs[:n]), *objs[n:]]
         finally:
-            self._pool.release(objs)
+            self._pool.release(pinned)
         if n == len(keys) or not self._tiers:
             return n
         rest = list(range(n, len(keys)))
@@ -395,6 +472,7 @@ class Store:
                     if obj is None:
                         out[i] = dst  # decoded straight into the caller's tensor or a fresh one
                     else:
+                        self._admit_loaded_from(obj, tier)
                         self._pool.commit(obj, keep_pin=True)
                         if into is not None:
                             into[i].copy_(dst)
@@ -447,7 +525,7 @@ class Store:
             "l2_pending_writes": self._queue.qsize(),
             "l2_pending_bytes": self._pending_bytes,
             "l1": self._pool.stats(),
-            "l2": [tier.stats() for tier in self._tiers],
+            "l2": [{**tier.stats(), **self._admission_stats(i)} for i, tier in enumerate(self._tiers)],
         }
 
     def close(self) -> None:
