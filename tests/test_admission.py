@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier import ConfigError, ObjectKey, Store
@@ -238,3 +240,54 @@ def test_server_second_hit_writes_no_one_shot_chunk(tmp_path: Path) -> None:
         assert server.stop(signal.SIGTERM) == 0  # drains the queued writes
     assert on_disk(base, reused) == [True] * 4
     assert on_disk(base, one_shot) == [False] * 12
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["store", "retrieve", "retrieve_into", "clear"]), st.integers(0, 2)), max_size=30
+    )
+)
+def test_second_hit_matches_a_model(ops: list[tuple[str, int]]) -> None:
+    """Any sequence of stores, retrieves and L1 clears: the tier holds exactly the chunks that had an L1 hit, a
+    chunk is admitted once per L1 object that was not already on the tier, every retrieve is exact."""
+    ks = keys(3)
+    in_l1 = [False] * 3
+    on_tier = [False] * 3
+    held = [False] * 3  # the L1 object's bit: its tier holds it (loaded from there, or admitted)
+    admitted = skipped = 0
+    with Store(l1_size_gb=MB, l2_adapters=[{"type": "memory", "admission": "second_hit"}]) as store:
+        for op, i in ops:
+            if op == "store":
+                store.store([ks[i]], [chunk(i)])
+                in_l1[i], held[i] = True, False
+                skipped += 1
+            elif op == "clear":
+                store.flush()
+                store.clear_l1()
+                in_l1 = [False] * 3
+            else:
+                if op == "retrieve":
+                    got = store.retrieve([ks[i]])[0]
+                    hit = got is not None and torch.equal(got, chunk(i))
+                    assert hit or got is None
+                else:
+                    out = torch.empty_like(chunk(i))
+                    hit = store.retrieve_into([ks[i]], [out]) == 1
+                    assert not hit or torch.equal(out, chunk(i))
+                if in_l1[i]:
+                    assert hit
+                    if not held[i]:
+                        admitted += 1
+                    held[i] = on_tier[i] = True
+                elif on_tier[i]:
+                    assert hit, "loaded back from the tier"
+                    in_l1[i] = held[i] = True
+                else:
+                    assert not hit
+        store.flush()
+        assert store._tiers[0].contains(ks) == on_tier
+        stats = tier_stats(store)
+        assert (stats["admission_skipped"], stats["admission_admitted"]) == (skipped, admitted)
+        store.clear_l1()
+        assert store.stats()["l1"]["used_bytes"] == 0
