@@ -196,6 +196,28 @@ def test_a_failed_admitted_write_releases_its_pin(tmp_path: Path) -> None:
         assert store.stats()["l1"]["used_bytes"] == 0
 
 
+def test_an_enqueue_that_raises_leaks_no_pin_and_the_next_hit_admits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiers = [{"type": "memory", "admission": "second_hit"}, {"type": "memory", "admission": "second_hit"}]
+    with Store(l1_size_gb=MB, l2_adapters=tiers) as store:
+        ks = keys(3)
+        store.store(ks, [chunk(i) for i in range(3)])
+        store.retrieve(ks[:1])  # on both tiers: the writer thread runs
+        real = store._start_writer_locked
+        monkeypatch.setattr(store, "_start_writer_locked", lambda: (_ for _ in ()).throw(RuntimeError("no thread")))
+        with pytest.raises(RuntimeError, match="no thread"):
+            store.retrieve(ks)  # the hits of chunks 1 and 2: the enqueue raises
+        monkeypatch.setattr(store, "_start_writer_locked", real)
+        assert [tier_stats(store, i)["admission_admitted"] for i in (0, 1)] == [1, 1]
+        store.retrieve(ks)  # the next hit admits what the failed one could not
+        store.flush()
+        assert [tier_stats(store, i)["admission_admitted"] for i in (0, 1)] == [3, 3]
+        assert [store._tiers[i].contains(ks) for i in (0, 1)] == [[True] * 3, [True] * 3]
+        store.clear_l1()
+        assert store.stats()["l1"]["used_bytes"] == 0, "the raising call released every pin it still held"
+
+
 @pytest.mark.parametrize("value", ["sometimes", "Second_Hit", 2, None, ["always"]])
 def test_config_errors_name_the_field(tmp_path: Path, value: Any) -> None:
     with pytest.raises(ConfigError, match=r"l2_adapters\[1\]\.admission: expected one of \['always', 'second_hit'\]"):

@@ -298,41 +298,46 @@ class Store:
         if self._second_hit_mask:
             obj.l2_held |= 1 << self._tiers.index(tier)
 
-    def _admit_on_hit(self, objs: Sequence[L1Object | None]) -> list[L1Object | None]:
-        """L1 hits (pinned by the caller): queue the write of each hit to the ``second_hit`` tiers that lack it.
+    def _admit_on_hit(self, pinned: list[L1Object | None], n: int) -> None:
+        """The L1 hits ``pinned[:n]`` (pinned by the caller) were served: queue the write of each to the
+        ``second_hit`` tiers that lack it (a key twice in one call is written once).
 
-        Returns the objects whose pin the caller must still release: the pin of an object whose write was queued
-        is handed to the writer (released when the write is done). A key twice in one call is written once.
+        The pin of an object whose write was queued is handed to the writer (released when the write is done):
+        its entry in ``pinned`` becomes ``None``, so the caller releases exactly the pins it still holds, even when
+        this raises half-way.
         """
         if not self._second_hit_mask:
-            return list(objs)
-        keep = list(objs)
+            return
         groups: dict[int, list[int]] = {}  # tier mask -> indices of the hits that go to exactly those tiers
         with self._lock:  # the test-and-set of l2_held: two concurrent hits queue one write
-            for i, obj in enumerate(objs):
+            for i, obj in enumerate(pinned[:n]):
                 if obj is None:
                     continue
                 todo = self._second_hit_mask & ~obj.l2_held
                 if todo:
                     obj.l2_held |= todo
                     groups.setdefault(todo, []).append(i)
-        for mask, indices in groups.items():
-            hits = [obj for i in indices if (obj := objs[i]) is not None]
-            tiers = [t for b, t in enumerate(self._tiers) if mask >> b & 1]
-            item = _Write([o.key for o in hits], hits, sum(o.nbytes for o in hits), tiers)
-            queued = self._enqueue_write(item) == "queued"
+        queued: set[int] = set()
+        try:
+            for mask, indices in groups.items():
+                hits = [obj for i in indices if (obj := pinned[i]) is not None]
+                tiers = [t for b, t in enumerate(self._tiers) if mask >> b & 1]
+                item = _Write([o.key for o in hits], hits, sum(o.nbytes for o in hits), tiers)
+                if self._enqueue_write(item) == "queued":
+                    queued.add(mask)
+                    for i in indices:
+                        pinned[i] = None
+        finally:
             with self._lock:
-                if queued:
-                    for b, a in enumerate(self._admission):
-                        if mask >> b & 1:
-                            a.admitted += len(hits)
-                else:
-                    for obj in hits:
-                        obj.l2_held &= ~mask  # not written: the next hit tries again
-            if queued:
-                for i in indices:
-                    keep[i] = None
-        return keep
+                for mask, indices in groups.items():
+                    if mask in queued:
+                        for b, a in enumerate(self._admission):
+                            a.admitted += len(indices) if mask >> b & 1 else 0
+                    else:  # not written (queue full, closing, or the enqueue raised): the next hit tries again
+                        for i in indices:
+                            obj = pinned[i]
+                            if obj is not None:
+                                obj.l2_held &= ~mask
 
     def _admission_stats(self, index: int) -> dict[str, Any]:
         with self._lock:
@@ -369,12 +374,12 @@ class Store:
         L2 adapter that holds them, through L1."""
         out: list[torch.Tensor | None] = [None] * len(keys)
         objs = self._pool.acquire(keys)
-        pinned: Sequence[L1Object | None] = objs
+        pinned = list(objs)
         try:
             for i, obj in enumerate(objs):
                 if obj is not None:
                     out[i] = self._pool.view(obj).clone()
-            pinned = self._admit_on_hit(objs)
+            self._admit_on_hit(pinned, len(pinned))
         finally:
             self._pool.release(pinned)
         missing = [i for i, obj in enumerate(objs) if obj is None]
@@ -393,7 +398,7 @@ class Store:
             if not isinstance(dst, torch.Tensor) or not dst.is_contiguous() or dst.device.type != "cpu":
                 raise ValueError(f"retrieve_into: outs[{i}] must be a contiguous CPU tensor")
         objs = self._pool.acquire(keys)
-        pinned: Sequence[L1Object | None] = objs
+        pinned = list(objs)
         n = 0
         try:
             for obj, dst in zip(objs, outs, strict=True):
@@ -401,7 +406,7 @@ class Store:
                     break
                 dst.copy_(self._pool.view(obj))
                 n += 1
-            pinned = [*self._admit_on_hit(objs[:n]), *objs[n:]]
+            self._admit_on_hit(pinned, n)
         finally:
             self._pool.release(pinned)
         if n == len(keys) or not self._tiers:
