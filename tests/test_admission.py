@@ -122,6 +122,41 @@ def test_a_key_twice_in_one_call_and_concurrent_hits_write_once(tmp_path: Path) 
         assert store.stats()["l1"]["used_bytes"] == 0
 
 
+def test_concurrent_stores_hits_and_clears_of_the_same_keys(tmp_path: Path) -> None:
+    """Threads re-store, retrieve and clear the same few keys: every chunk served is exact, every admitted write
+    lands, and no pin is left behind."""
+    tiers = [fs(tmp_path, admission="second_hit"), {"type": "memory"}]
+    with Store(l1_size_gb=MB, l2_adapters=tiers, max_pending_l2_writes=4) as store:
+        ks = keys(3)
+        errors: list[BaseException] = []
+
+        def work(seed: int) -> None:
+            try:
+                for n in range(40):
+                    i = (seed + n) % 3
+                    if n % 3 == 0:
+                        store.store([ks[i]], [chunk(i)])
+                    elif n % 11 == 0:
+                        store.clear_l1()
+                    else:
+                        for k, got in zip(ks, store.retrieve(ks), strict=True):
+                            assert got is None or torch.equal(got, chunk(ks.index(k)))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        store.flush()
+        stats = tier_stats(store)
+        assert stats["stored"] == stats["admission_admitted"] > 0, "every queued admission was written"
+        store.clear_l1()
+        assert store.stats()["l1"]["used_bytes"] == 0
+
+
 def test_always_tiers_are_written_at_store_second_hit_tiers_on_reuse(tmp_path: Path) -> None:
     """fs waits for a second hit, memory (always) gets every chunk. A chunk loaded from memory (fs missed it) is
     written to fs on its next hit: requested twice, so admitted, into the faster tier."""

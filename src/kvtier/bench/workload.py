@@ -613,7 +613,8 @@ def run(args: argparse.Namespace) -> WorkloadReport:
     if not args.no_plot:
         title = (
             f"kvtier bench workload: {params.requests} requests, {params.tenants} tenants, zipf {params.zipf}, "
-            f"one-shot {params.one_shot_share:g}, seed {params.seed}"
+            f"one-shot {params.one_shot_share:g}, seed {params.seed}; fs L2 "
+            + (f"{args.l2_fraction:g} of the distinct bytes" if args.l2_fraction else "unbounded")
         )
         plot(runs, args.plot, title)
         report.plot = args.plot
