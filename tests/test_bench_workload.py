@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvtier.bench.workload import (
     TraceParams,
@@ -26,6 +28,42 @@ def test_trace_is_deterministic_with_a_seed() -> None:
     assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b, strict=True))
     c = generate_trace(TraceParams(seed=8, requests=200, documents=20))
     assert any(not np.array_equal(x.tokens, y.tokens) for x, y in zip(a, c, strict=True))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    requests=st.integers(1, 60),
+    tenants=st.integers(1, 5),
+    documents=st.integers(1, 8),
+    shares=st.tuples(st.floats(0, 1), st.floats(0, 1)).filter(lambda t: t[0] + t[1] <= 1),
+    zipf=st.floats(0, 3),
+)
+def test_any_parameters_give_a_consistent_deterministic_trace(
+    *, seed: int, requests: int, tenants: int, documents: int, shares: tuple[float, float], zipf: float
+) -> None:
+    params = TraceParams(
+        seed=seed,
+        requests=requests,
+        tenants=tenants,
+        documents=documents,
+        zipf=zipf,
+        rag_share=shares[0],
+        one_shot_share=shares[1],
+        chunk_tokens=4,
+    )
+    trace = generate_trace(params)
+    assert len(trace) == requests
+    lengths = {
+        "rag": params.system_chunks + params.doc_chunks + params.query_chunks,
+        "chat": params.system_chunks + params.query_chunks,
+        "one_shot": params.one_shot_chunks,
+    }
+    for r in trace:
+        assert 0 <= r.tenant < tenants and len(r.tokens) == lengths[r.kind] * 4
+        assert (0 <= r.doc < documents) if r.kind == "rag" else r.doc == -1
+    again = generate_trace(params)
+    assert all(np.array_equal(a.tokens, b.tokens) and a.kind == b.kind for a, b in zip(trace, again, strict=True))
 
 
 def test_trace_structure() -> None:
