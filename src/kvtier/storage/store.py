@@ -35,6 +35,7 @@ import torch
 from kvtier.errors import CapacityError, ConfigError, L2Error
 from kvtier.l2.adapters import PURGE_BATCH, KeyMatch, create_l2_adapter
 from kvtier.l2.tier import L2Tier
+from kvtier.storage.admission import TierAdmission, admission_of, without_admission
 from kvtier.storage.backfill import Backfill
 from kvtier.storage.copy import clone, copy_into
 from kvtier.storage.fence import PurgeFence, stamp
@@ -142,7 +143,9 @@ class Store:
 
     ``l1_size_gb``: size of the L1 pool (GiB, pages touched lazily). ``eviction_policy``: ``LRU``
     (default), ``LFU``, ``FIFO`` or ``S3-FIFO``. ``l2_adapters``: adapter configs, e.g. ``{"type": "fs",
-    "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key.
+    "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key; an
+    adapter's ``"admission": "second_hit"`` writes a chunk to it only once it was requested again while in L1
+    (default ``"always"``; see :mod:`kvtier.storage.admission`).
     ``chunk_size``: tokens per chunk for :meth:`keys_for_tokens`. ``max_pending_l2_writes``: store batches that
     may wait for their L2 write; beyond it, or while half of L1 is already pinned by waiting writes, a store's L2
     write is dropped (counted as ``l2_writes_dropped``), never waited for.
@@ -182,15 +185,20 @@ class Store:
         if not isinstance(l2_adapters, list | tuple):
             raise ConfigError(f"l2_adapters: expected a list of adapter configs, got {type(l2_adapters).__name__}")
         self.chunk_size = chunk_size
+        admission = [admission_of(config, f"l2_adapters[{i}]") for i, config in enumerate(l2_adapters)]
         self._tiers: list[L2Tier] = []
         try:
             for i, config in enumerate(l2_adapters):
-                self._tiers.append(create_l2_adapter(config, f"l2_adapters[{i}]"))
+                self._tiers.append(create_l2_adapter(without_admission(config), f"l2_adapters[{i}]"))
             self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper(), l1_backing)
         except BaseException:
             for tier in self._tiers:
                 tier.close()
             raise
+        self._admission = [TierAdmission(policy) for policy in admission]
+        # The tiers a store writes through to, and the bit mask of those that wait for a second hit instead.
+        self._write_tiers = [t for t, a in zip(self._tiers, self._admission, strict=True) if not a.second_hit]
+        self._second_hit_mask = sum(1 << i for i, a in enumerate(self._admission) if a.second_hit)
         self._lock = threading.Lock()
         self._closed = False
         self._calls = threading.Condition()  # guards _in_flight: public calls running now (see _call)
@@ -272,18 +280,19 @@ class Store:
                 copy_into(self._pool.view(obj), t.detach())
             except BaseException:
                 self._pool.release([obj])
-                if self._tiers:  # the objects already stored keep their pin for the L2 write: drop it
+                if self._write_tiers:  # the objects already stored keep their pin for the L2 write: drop it
                     self._pool.release(objs)
                 raise
-            self._pool.commit(obj, keep_pin=bool(self._tiers))
+            self._pool.commit(obj, keep_pin=bool(self._write_tiers))
             stored_keys.append(key)
             objs.append(obj)
         with self._lock:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
-        if self._tiers and objs:
-            queued = self._enqueue_write(_Write(stored_keys, objs, sum(o.nbytes for o in objs)))
-            if not queued and self._closed:
+            self._admit_skipped_locked(len(objs))
+        if self._write_tiers and objs:
+            write = _Write(stored_keys, objs, sum(o.nbytes for o in objs), self._write_tiers)
+            if not self._enqueue_write(write) and self._closed:
                 raise RuntimeError("kvtier Store is closed")
 
     def _enqueue_write(self, write: _Write) -> bool:
@@ -293,7 +302,11 @@ class Store:
         # close() drains the pipeline only once the public calls in flight (this one's caller) have returned, and
         # the pipeline refuses writes once it is closing: a write is either queued before the drain (and done by
         # it) or refused here, never acknowledged and lost. Not under self._lock: the pipeline counts through it.
-        queued = not self._closed and self._writes.submit(write)
+        try:
+            queued = not self._closed and self._writes.submit(write)
+        except BaseException:
+            self._pool.release(write.objs)
+            raise
         if not queued:
             with self._lock:
                 if not self._closed:
@@ -311,6 +324,63 @@ class Store:
         ``durability: "fsync"``, what was written is on stable storage by then."""
         self._writes.drain()
         self._backfill.drain()
+
+    # -- write admission (see kvtier.storage.admission) --------------------------------------------------------
+    def _admit_skipped_locked(self, n: int) -> None:
+        """``n`` chunks were stored to L1 and not written to the ``second_hit`` tiers (yet)."""
+        for a in self._admission:
+            if a.second_hit:
+                a.skipped += n
+
+    def _admit_loaded_from(self, obj: L1Object, tier: L2Tier) -> None:
+        """``obj`` was loaded from ``tier`` and is about to become visible in L1: that tier holds it, so its next
+        hit does not write it there again. Set before commit, while no other thread can see the object."""
+        if self._second_hit_mask:
+            obj.l2_held |= 1 << self._tiers.index(tier)
+
+    def _admit_on_hit(self, pinned: list[L1Object | None], n: int) -> None:
+        """The L1 hits ``pinned[:n]`` (pinned by the caller) were served: queue the write of each to the
+        ``second_hit`` tiers that lack it (a key twice in one call is written once; a key an invalidation running
+        now selects is not written).
+
+        The pin of an object offered to the write pipeline goes with it (released when the write is done, or at
+        once when it is not queued): its entry in ``pinned`` becomes ``None``, so the caller releases exactly the
+        pins it still holds, even when this raises half-way.
+        """
+        if not self._second_hit_mask:
+            return
+        blocked = self._fence.blocked([o.key for o in pinned[:n] if o is not None], stamp())
+        if blocked:
+            return  # an invalidation concerns this call: no late write may race it (the next hit writes)
+        groups: dict[int, list[int]] = {}  # tier mask -> indices of the hits that go to exactly those tiers
+        with self._lock:  # the test-and-set of l2_held: two concurrent hits queue one write
+            for i, obj in enumerate(pinned[:n]):
+                if obj is None:
+                    continue
+                todo = self._second_hit_mask & ~obj.l2_held
+                if todo:
+                    obj.l2_held |= todo
+                    groups.setdefault(todo, []).append(i)
+        for mask, indices in groups.items():
+            hits = [obj for i in indices if (obj := pinned[i]) is not None]
+            tiers = [t for b, t in enumerate(self._tiers) if mask >> b & 1]
+            for i in indices:
+                pinned[i] = None  # the pin goes with the write (see _enqueue_write)
+            queued = False
+            try:
+                queued = self._enqueue_write(_Write([o.key for o in hits], hits, sum(o.nbytes for o in hits), tiers))
+            finally:
+                with self._lock:
+                    if queued:
+                        for b, a in enumerate(self._admission):
+                            a.admitted += len(hits) if mask >> b & 1 else 0
+                    else:  # not written (no room, closing, or the enqueue raised): the next hit tries again
+                        for obj in hits:
+                            obj.l2_held &= ~mask
+
+    def _admission_stats(self, index: int) -> dict[str, Any]:
+        with self._lock:
+            return self._admission[index].stats()
 
     # -- lookup / retrieve ------------------------------------------------------------------------------------
     @_call
@@ -345,12 +415,14 @@ class Store:
         L2 adapter that holds them, through L1."""
         out: list[torch.Tensor | None] = [None] * len(keys)
         objs = self._pool.acquire(keys)
+        pinned = list(objs)
         try:
             for i, obj in enumerate(objs):
                 if obj is not None:
                     out[i] = clone(self._pool.view(obj))
+            self._admit_on_hit(pinned, len(pinned))
         finally:
-            self._pool.release(objs)
+            self._pool.release(pinned)
         missing = [i for i, obj in enumerate(objs) if obj is None]
         if missing:
             self._prefetch(keys, missing, out)
@@ -384,6 +456,7 @@ class Store:
             if not isinstance(dst, torch.Tensor) or not dst.is_contiguous() or dst.device.type != "cpu":
                 raise ValueError(f"retrieve_into: outs[{i}] must be a contiguous CPU tensor")
         objs = self._pool.acquire(keys)
+        pinned = list(objs)
         n = 0
         try:
             for obj, dst in zip(objs, outs, strict=True):
@@ -391,8 +464,9 @@ class Store:
                     break
                 copy_into(dst, self._pool.view(obj))
                 n += 1
+            self._admit_on_hit(pinned, n)
         finally:
-            self._pool.release(objs)
+            self._pool.release(pinned)
         if n == len(keys) or not self._tiers:
             return n
         rest = list(range(n, len(keys)))
@@ -476,6 +550,7 @@ class Store:
                             pending.add()
                             self._backfill.submit(keys[i], dst, header, pending.done)
                     else:
+                        self._admit_loaded_from(obj, tier)
                         self._commit_loaded(obj)
                         if into is not None:
                             copy_into(into[i], dst)
@@ -530,7 +605,7 @@ class Store:
             "l2_pending_bytes": self._writes.pending_bytes,
             "l2_writes_refused_by": dict(self._writes.refused),
             "l1": self._pool.stats(),
-            "l2": [tier.stats() for tier in self._tiers],
+            "l2": [{**tier.stats(), **self._admission_stats(i)} for i, tier in enumerate(self._tiers)],
             "invalidations_running": self._fence.running(),
         }
 
