@@ -25,7 +25,7 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -38,6 +38,7 @@ from kvtier.l2.tier import L2Tier
 from kvtier.storage.keys import keys_for_tokens
 from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
 from kvtier.storage.policies import POLICIES
+from kvtier.tenants import TenantQuotas
 from kvtier.types import LayoutDesc, ObjectKey
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ class Store:
     touched lazily, and the pool grows only as far as the cgroup or host memory allows minus a headroom (its
     effective capacity, ``stats()["l1"]["effective_capacity_bytes"]``); past that it evicts or refuses a store.
 
+    Tenants (keyword-only; see :mod:`kvtier.tenants`): ``l1_quota_gb`` caps the L1 bytes of every tenant (each
+    ``cache_salt``, and the requests without one), ``l1_quotas_gb`` overrides it per tenant, keyed by salt digest
+    (``{digest: GiB or None}``). A tenant at its quota evicts its own objects. ``stats()["l1"]["tenants"]`` and
+    ``["models"]`` report the usage of each.
+
     Every public method may be called from several threads.
     """
 
@@ -104,6 +110,8 @@ class Store:
         max_pending_l2_writes: int = 64,
         *,
         l1_backing: str = "anonymous",
+        l1_quota_gb: float | None = None,
+        l1_quotas_gb: Mapping[str, float | None] | None = None,
     ) -> None:
         if isinstance(l1_size_gb, bool) or not isinstance(l1_size_gb, int | float) or not l1_size_gb > 0:
             raise ConfigError(f"l1_size_gb: expected a number > 0, got {l1_size_gb!r}")
@@ -117,6 +125,7 @@ class Store:
             raise ConfigError(f"max_pending_l2_writes: expected an integer >= 1, got {max_pending_l2_writes!r}")
         if max_pending_l2_writes < 1:
             raise ConfigError(f"max_pending_l2_writes: expected an integer >= 1, got {max_pending_l2_writes!r}")
+        quotas = TenantQuotas.parse(l1_quota_gb, l1_quotas_gb, "l1_quota_gb", "l1_quotas_gb")
         if l2_adapters is None:
             l2_adapters = []
         if not isinstance(l2_adapters, list | tuple):
@@ -126,7 +135,7 @@ class Store:
         try:
             for i, config in enumerate(l2_adapters):
                 self._tiers.append(create_l2_adapter(config, f"l2_adapters[{i}]"))
-            self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper(), l1_backing)
+            self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper(), l1_backing, quotas=quotas)
         except BaseException:
             for tier in self._tiers:
                 tier.close()

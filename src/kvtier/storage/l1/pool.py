@@ -11,15 +11,22 @@ so ``used_bytes`` is always the sum of the blocks of indexed and pinned objects.
 The pool grows into its arena only as far as :class:`~kvtier.storage.l1.arena.MemoryBudget` allows (the
 effective capacity, ``min(l1_size_gb, what the cgroup or host can give minus a headroom)``); past it a reserve
 evicts, or raises :class:`CapacityError`, rather than touch pages the host cannot back.
+
+Tenants. A :class:`~kvtier.tenants.UsageLedger` keeps the bytes and objects of each tenant (salt digest) and
+model: a tenant's bytes are the blocks held for its objects (reserved, indexed, or replaced but still pinned), so
+they add up to ``used_bytes``; its objects are its indexed ones, adding up to ``objects``. With quotas
+(:class:`~kvtier.tenants.TenantQuotas`), a reserve that would take a tenant past its quota first evicts that
+tenant's own unpinned objects in policy order; if they cannot make room it is refused, so a tenant never holds
+more than its quota, and one tenant's burst evicts its own objects, not everyone's.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -27,6 +34,7 @@ from kvtier.errors import CapacityError
 from kvtier.storage.l1.allocator import Allocator
 from kvtier.storage.l1.arena import Arena, MemoryBudget
 from kvtier.storage.policies import create_policy
+from kvtier.tenants import TenantQuotas, UsageLedger
 from kvtier.types import ObjectKey
 
 
@@ -46,17 +54,30 @@ class L1Object:
 class L1Pool:
     """``size`` bytes of memory (``backing``: ``anonymous``, ``memfd`` or ``hugepages``, see
     :class:`~kvtier.storage.l1.arena.Arena`) holding objects under ``policy`` (a name from :mod:`..policies`).
-    ``headroom``: bytes the pool leaves to the rest of the host (default: 5 % of the memory limit, >= 256 MiB)."""
+    ``headroom``: bytes the pool leaves to the rest of the host (default: 5 % of the memory limit, >= 256 MiB).
+    ``quotas``: per-tenant quotas (none by default). ``on_evict``: called with the keys of the objects the pool
+    evicted (by policy or by quota; not those replaced or cleared), outside the pool lock."""
 
-    def __init__(self, size: int, policy: str = "LRU", backing: str = "anonymous", headroom: int | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        policy: str = "LRU",
+        backing: str = "anonymous",
+        headroom: int | None = None,
+        *,
+        quotas: TenantQuotas | None = None,
+        on_evict: Callable[[Sequence[ObjectKey]], None] | None = None,
+    ) -> None:
         self._policy = create_policy(policy)
+        self._usage = UsageLedger(quotas, policy)
+        self._on_evict = on_evict
         self.arena = Arena(size, backing)
         self._alloc = Allocator(self.arena.size)
         self._budget = MemoryBudget(self._alloc.size, headroom, reserved=self.arena.backing == "hugepages")
         self._high_water = 0  # [0, high_water) may be resident; growth past it costs the host memory
         self._index: dict[ObjectKey, L1Object] = {}
         self._lock = threading.Lock()
-        self.counts = {"evictions": 0, "hits": 0, "misses": 0, "refused": 0}
+        self.counts = {"evictions": 0, "hits": 0, "misses": 0, "refused": 0, "quota_evictions": 0, "quota_refused": 0}
         self._used = 0  # bytes of live and pinned objects
 
     @property
@@ -84,29 +105,73 @@ class L1Pool:
             with self._lock:
                 self.counts["refused"] += 1
             raise CapacityError(f"object {key.to_str()} of {nbytes} bytes is larger than the L1 pool ({self.capacity})")
-        with self._lock:
-            offset = self._alloc_locked(nbytes)
-            if offset is None:
-                for victim in self._policy.victims():
-                    obj = self._index[victim]
-                    if obj.pins:
-                        continue
-                    self._evict_locked(obj)
-                    offset = self._alloc_locked(nbytes)
-                    if offset is not None:
-                        break
-            if offset is None:
-                self.counts["refused"] += 1
-                limit = self._budget.limit(self._high_water)
-                why = "the rest pinned by reads and writes in flight"
-                if limit < self.capacity:
-                    why += f"; the host's free memory caps the pool at {limit} of its {self.capacity} bytes"
-                raise CapacityError(
-                    f"L1 pool cannot fit {nbytes} bytes: {self._alloc.free_bytes} free in {self._alloc.free_blocks} "
-                    f"block(s), {why}"
-                )
-            self._used += self._alloc.rounded(nbytes)
+        evicted: list[ObjectKey] = []
+        try:
+            with self._lock:
+                return self._reserve_locked(key, nbytes, shape, dtype, evicted)
+        finally:
+            if evicted and self._on_evict is not None:
+                self._on_evict(evicted)
+
+    def _reserve_locked(
+        self, key: ObjectKey, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype, evicted: list[ObjectKey]
+    ) -> L1Object:
+        if self._usage.excess(key.salt_digest, self._alloc.rounded(nbytes)) > 0:
+            self._make_quota_room_locked(key, nbytes, evicted)
+        offset = self._alloc_locked(nbytes)
+        if offset is None:
+            for victim in self._policy.victims():
+                obj = self._index[victim]
+                if obj.pins:
+                    continue
+                self._evict_locked(obj)
+                evicted.append(obj.key)
+                offset = self._alloc_locked(nbytes)
+                if offset is not None:
+                    break
+        if offset is None:
+            self.counts["refused"] += 1
+            limit = self._budget.limit(self._high_water)
+            why = "the rest pinned by reads and writes in flight"
+            if limit < self.capacity:
+                why += f"; the host's free memory caps the pool at {limit} of its {self.capacity} bytes"
+            raise CapacityError(
+                f"L1 pool cannot fit {nbytes} bytes: {self._alloc.free_bytes} free in {self._alloc.free_blocks} "
+                f"block(s), {why}"
+            )
+        need = self._alloc.rounded(nbytes)
+        self._used += need
+        self._usage.change(key.salt_digest, key.model_name, need)
         return L1Object(key, offset, nbytes, shape, dtype)
+
+    def _make_quota_room_locked(self, key: ObjectKey, nbytes: int, evicted: list[ObjectKey]) -> None:
+        """Evict the tenant's own unpinned objects, in policy order, until ``nbytes`` more fit in its quota; raise
+        CapacityError when they cannot (all the rest of the tenant's objects pinned) or it is larger than the quota."""
+        tenant = key.salt_digest
+        need = self._alloc.rounded(nbytes)
+        quota = self._usage.quotas.quota(tenant)
+        why = "the rest of it pinned by reads and writes in flight"
+        if quota is not None and need > quota:
+            self._refuse_quota_locked(tenant, nbytes, "larger than the quota")
+        for victim in self._usage.victims(tenant):
+            obj = self._index[victim]
+            if obj.pins:
+                continue
+            self._evict_locked(obj)
+            evicted.append(obj.key)
+            self.counts["quota_evictions"] += 1
+            if self._usage.excess(tenant, need) <= 0:
+                return
+        self._refuse_quota_locked(tenant, nbytes, why)
+
+    def _refuse_quota_locked(self, tenant: str, nbytes: int, why: str) -> NoReturn:
+        self.counts["refused"] += 1
+        self.counts["quota_refused"] += 1
+        # The tenant is named by its salt digest only: the salt is a secret.
+        raise CapacityError(
+            f"L1 pool: tenant {tenant or '(no salt)'} cannot fit {nbytes} more bytes in its quota of "
+            f"{self._usage.quotas.quota(tenant)} bytes ({self._usage.bytes_of(tenant)} held): {why}"
+        )
 
     def _alloc_locked(self, nbytes: int) -> int | None:
         """A block inside the resident part, else one that grows it as far as the memory budget allows."""
@@ -130,6 +195,8 @@ class L1Pool:
             obj.live = True
             self._index[obj.key] = obj
             self._policy.insert(obj.key)
+            self._usage.change(obj.key.salt_digest, obj.key.model_name, 0, 1)
+            self._usage.insert(obj.key.salt_digest, obj.key)
             if not keep_pin:
                 self._unpin_locked(obj)
 
@@ -145,6 +212,7 @@ class L1Pool:
                     self.counts["hits"] += 1
                     obj.pins += 1
                     self._policy.access(key)
+                    self._usage.access(key.salt_digest, key)
                 out.append(obj)
         return out
 
@@ -187,6 +255,8 @@ class L1Pool:
     def _unindex_locked(self, obj: L1Object) -> None:
         obj.live = False
         self._policy.remove(obj.key)
+        self._usage.remove(obj.key.salt_digest, obj.key)
+        self._usage.change(obj.key.salt_digest, obj.key.model_name, 0, -1)
 
     def _unpin_locked(self, obj: L1Object) -> None:
         if obj.pins <= 0:
@@ -197,6 +267,7 @@ class L1Pool:
 
     def _free_locked(self, obj: L1Object) -> None:
         self._used -= self._alloc.rounded(obj.nbytes)
+        self._usage.change(obj.key.salt_digest, obj.key.model_name, -self._alloc.rounded(obj.nbytes))
         self._alloc.free(obj.offset)
 
     def stats(self) -> dict[str, Any]:
@@ -210,6 +281,8 @@ class L1Pool:
                 "free_blocks": self._alloc.free_blocks,
                 "largest_free_block": self._alloc.largest_free,
                 **self.counts,
+                "tenants": self._usage.tenants(),
+                "models": self._usage.models(),
             }
 
     def close(self) -> None:
