@@ -1,0 +1,402 @@
+"""Tenants (cache_salt) and models: exact usage accounting in L1 and in the L2 adapters with a capacity index,
+per-tenant quotas that evict a tenant's own chunks first, their config, and no salt in stats or metrics."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import invariant, rule
+
+from kvtier import CapacityError, ConfigError, ObjectKey, Store
+from kvtier.l2.adapters import create_l2_adapter
+from kvtier.server.metrics import MAX_LABELLED, OTHER, flatten_stats
+from kvtier.storage.l1 import L1Object, L1Pool
+from kvtier.tenants import TenantQuotas, UsageLedger, main, parse_quota_flag, tenant_of_key_str
+from kvtier.types import salt_digest
+from test_l1_lifetime import PoolMachine
+
+KiB = 1024
+GiB = 1 << 30
+SALTS = ["", "alice-7f3e9a1c-secret", "bob-0c55d2e8-secret"]
+
+
+def tkey(i: int, salt: str = "", model: str = "m") -> ObjectKey:
+    return ObjectKey(model, format(i + 1, "x"), 0, salt)
+
+
+def kib_gb(n: float) -> float:
+    return n * KiB / GiB
+
+
+def put(pool: L1Pool, k: ObjectKey, nbytes: int = 4 * KiB) -> None:
+    pool.commit(pool.reserve(k, (nbytes,), torch.uint8))
+
+
+def tenants(pool: L1Pool) -> dict[str, Any]:
+    t: dict[str, Any] = pool.stats()["tenants"]
+    return t
+
+
+# -- quotas in the L1 pool -----------------------------------------------------------------------------------------
+def test_a_tenant_at_its_quota_evicts_its_own_chunks_in_policy_order_not_others() -> None:
+    a, b = salt_digest(SALTS[1]), salt_digest(SALTS[2])
+    pool = L1Pool(1 << 20, "LRU", quotas=TenantQuotas(default=16 * KiB))
+    try:
+        for i in range(4):
+            put(pool, tkey(i, SALTS[1]))
+            put(pool, tkey(100 + i, SALTS[2]))
+        pool.release(pool.acquire([tkey(0, SALTS[1])]))  # alice's chunk 0 is now her most recently used
+        for i in range(4, 6):  # alice's burst: two more chunks over her quota
+            put(pool, tkey(i, SALTS[1]))
+        assert pool.contains([tkey(i, SALTS[1]) for i in range(6)]) == [True, False, False, True, True, True]
+        assert all(pool.contains([tkey(100 + i, SALTS[2]) for i in range(4)])), "bob lost chunks to alice's burst"
+        got = tenants(pool)
+        assert got[a] == {"bytes": 16 * KiB, "objects": 4, "quota_bytes": 16 * KiB}
+        assert got[b] == {"bytes": 16 * KiB, "objects": 4, "quota_bytes": 16 * KiB}
+        assert pool.stats()["quota_evictions"] == 2 and pool.stats()["evictions"] == 2
+    finally:
+        pool.close()
+
+
+def test_quota_overrides_by_digest_and_the_unsalted_tenant() -> None:
+    a = salt_digest(SALTS[1])
+    quotas = TenantQuotas(default=8 * KiB, overrides={a: 20 * KiB, "": None})
+    pool = L1Pool(1 << 20, "FIFO", quotas=quotas)
+    try:
+        for i in range(10):
+            put(pool, tkey(i, SALTS[1]))
+            put(pool, tkey(100 + i, SALTS[2]))
+            put(pool, tkey(200 + i))  # no salt: exempted by its override
+        got = tenants(pool)
+        assert got[a]["bytes"] == 20 * KiB and got[a]["quota_bytes"] == 20 * KiB
+        assert got[salt_digest(SALTS[2])]["bytes"] == 8 * KiB
+        assert got[""] == {"bytes": 40 * KiB, "objects": 10, "quota_bytes": None}
+        assert pool.contains([tkey(i, SALTS[1]) for i in range(10)]) == [False] * 5 + [True] * 5, "FIFO within alice"
+    finally:
+        pool.close()
+
+
+def test_quota_refuses_what_cannot_fit_and_never_goes_over() -> None:
+    pool = L1Pool(1 << 20, "LRU", quotas=TenantQuotas(default=8 * KiB))
+    try:
+        with pytest.raises(CapacityError, match="larger than the quota") as info:
+            pool.reserve(tkey(0, SALTS[1]), (9 * KiB,), torch.uint8)
+        assert SALTS[1] not in str(info.value) and salt_digest(SALTS[1]) in str(info.value)
+        put(pool, tkey(1, SALTS[1]))
+        put(pool, tkey(2, SALTS[1]))
+        pinned = pool.acquire([tkey(1, SALTS[1]), tkey(2, SALTS[1])])  # reads in flight: nothing of hers evictable
+        with pytest.raises(CapacityError, match="pinned"):
+            pool.reserve(tkey(3, SALTS[1]), (4 * KiB,), torch.uint8)
+        put(pool, tkey(4, SALTS[2]))  # another tenant is not affected
+        pool.release(pinned)
+        put(pool, tkey(3, SALTS[1]))
+        stats = pool.stats()
+        assert stats["quota_refused"] == 2 and stats["quota_evictions"] == 1
+        assert tenants(pool)[salt_digest(SALTS[1])]["bytes"] == 8 * KiB
+    finally:
+        pool.close()
+
+
+def test_a_quota_of_zero_keeps_a_tenant_out_of_the_cache_and_others_in() -> None:
+    d = salt_digest(SALTS[2])
+    with Store(1 / 1024, l2_adapters=[{"type": "memory"}], l1_quotas_gb={d: 0}) as store:
+        k = tkey(0, SALTS[2])
+        store.store([k], [torch.ones(1024)])
+        assert store.stats()["l1_store_refused"] == 1  # no L1 room for this tenant: nothing queued for L2 either
+        other = tkey(1, SALTS[1])
+        store.store([other], [torch.ones(1024)])
+        store.flush()
+        store.clear_l1()
+        (got,) = store.retrieve([other])
+        assert got is not None
+
+
+def test_storing_one_key_10000_times_under_a_quota_keeps_one_block() -> None:
+    t = torch.arange(1024, dtype=torch.float32)
+    d = salt_digest(SALTS[1])
+    with Store(0.01, l1_quota_gb=kib_gb(8)) as store:
+        for i in range(10_000):
+            store.store([tkey(0, SALTS[1])], [t + i])
+        l1 = store.stats()["l1"]
+        assert l1["tenants"][d] == {"bytes": 4096, "objects": 1, "quota_bytes": 8192}
+        assert l1["models"] == {"m": {"bytes": 4096, "objects": 1}}
+        assert l1["quota_evictions"] == 0
+        store.clear_l1()
+        assert store.stats()["l1"]["tenants"] == {} and store.stats()["l1"]["models"] == {}
+
+
+@pytest.mark.parametrize("with_l2", [False, True])
+def test_concurrent_tenants_keep_exact_usage_and_their_quotas(tmp_path: Path, with_l2: bool) -> None:
+    adapters = [{"type": "fs", "base_path": str(tmp_path), "durability": "none"}] if with_l2 else []
+    errors: list[BaseException] = []
+    with Store(kib_gb(256), l2_adapters=adapters, l1_quota_gb=kib_gb(40), max_pending_l2_writes=512) as store:
+
+        def work(seed: int) -> None:
+            try:
+                for i in range(200):
+                    salt = SALTS[(seed + i) % 3]
+                    k = [tkey((seed * 31 + i) % 17, salt, f"m{i % 2}"), tkey(i % 5, salt, "m0")]
+                    store.store(k, [torch.full((1024,), float(seed)) for _ in k])
+                    store.retrieve(k)
+                    if i % 50 == 49:
+                        store.clear_l1()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        store.flush()
+        assert not errors, errors[:1]
+        l1 = store.stats()["l1"]
+        assert sum(v["bytes"] for v in l1["tenants"].values()) == l1["used_bytes"]
+        assert sum(v["objects"] for v in l1["tenants"].values()) == l1["objects"]
+        assert sum(v["bytes"] for v in l1["models"].values()) == l1["used_bytes"]
+        assert sum(v["objects"] for v in l1["models"].values()) == l1["objects"]
+        assert all(v["bytes"] <= 40 * KiB for v in l1["tenants"].values())
+        assert l1["used_bytes"] == l1["objects"] * 4096
+        store.clear_l1()
+        assert store.stats()["l1"]["tenants"] == {}
+
+
+class TenantPoolMachine(PoolMachine):
+    """The pool's state machine with keys of three tenants and two models, under quotas: every tenant's and
+    model's bytes are the blocks of its reserved, indexed and pinned objects, its objects its indexed ones, they
+    add up to the pool's totals, and no tenant ever holds more than its quota."""
+
+    QUOTAS = TenantQuotas(default=6 * KiB, overrides={salt_digest(SALTS[2]): 3 * KiB, "": None})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool.close()
+        self.pool = L1Pool(16 * KiB, "LRU", quotas=self.QUOTAS)
+
+    @staticmethod
+    def _key(k: int) -> ObjectKey:
+        return tkey(k % 4, SALTS[k % 3], f"m{k % 2}")
+
+    @rule(target=PoolMachine.reserved, k=st.integers(0, 11), n=st.sampled_from([16, 256, 700, 1024, 3000]))
+    def reserve(self, k: int, n: int) -> L1Object | None:
+        try:
+            obj = self.pool.reserve(self._key(k), (n,), torch.uint8)
+        except CapacityError:
+            return None
+        self.fill = (self.fill + 1) % 251
+        self.pool.view(obj).fill_(self.fill)
+        return self._pin(obj)
+
+    @rule(target=PoolMachine.pinned, k=st.integers(0, 11))
+    def acquire(self, k: int) -> L1Object | None:
+        (obj,) = self.pool.acquire([self._key(k)])
+        return None if obj is None else self._pin(obj)
+
+    @invariant()
+    def usage_adds_up(self) -> None:
+        held = {id(o): o for o in self.pool._index.values()}
+        held.update({i: o for i, (o, _) in self.pins.items()})
+        want_t: dict[str, list[int]] = {}
+        want_m: dict[str, list[int]] = {}
+        for o in held.values():
+            size = self.pool._alloc.rounded(o.nbytes)
+            for table, name in ((want_t, o.key.salt_digest), (want_m, o.key.model_name)):
+                entry = table.setdefault(name, [0, 0])
+                entry[0] += size
+                entry[1] += o.live
+        stats = self.pool.stats()
+        got_t = {t: [v["bytes"], v["objects"]] for t, v in stats["tenants"].items() if v["bytes"] or v["objects"]}
+        got_m = {m: [v["bytes"], v["objects"]] for m, v in stats["models"].items()}
+        assert got_t == want_t and got_m == want_m
+        assert sum(v[0] for v in got_t.values()) == stats["used_bytes"]
+        assert sum(v[1] for v in got_t.values()) == stats["objects"]
+        for t, (nbytes, _) in got_t.items():
+            quota = self.QUOTAS.quota(t)
+            assert quota is None or nbytes <= quota, f"tenant {t} holds {nbytes} over its quota {quota}"
+        for t in {salt_digest(s) for s in SALTS}:  # the per-tenant order holds exactly the tenant's indexed keys
+            order = self.pool._usage._orders.get(t)
+            keys = {k for k in self.pool._index if k.salt_digest == t}
+            if self.QUOTAS.quota(t) is None:
+                assert order is None
+            else:
+                assert set(order.victims() if order else ()) == keys
+
+    def teardown(self) -> None:
+        super().teardown()
+        assert self.pool.stats()["tenants"].keys() <= set(self.QUOTAS.overrides)
+        assert self.pool.stats()["models"] == {}
+
+
+TenantPoolMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+)
+test_tenant_pool_state_machine = TenantPoolMachine.TestCase
+
+
+def test_the_ledger_refuses_to_go_negative() -> None:
+    ledger = UsageLedger()
+    ledger.change("", "m", 10, 1)
+    with pytest.raises(RuntimeError, match="negative"):
+        ledger.change("", "m", -11, 0)
+
+
+# -- quotas in the L2 adapters -------------------------------------------------------------------------------------
+def adapter_config(kind: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"type": kind}
+    if kind == "fs":
+        base.update(base_path=str(tmp_path), durability="none")
+    return {**base, **extra}
+
+
+def rec(n: int) -> list[bytes]:
+    return [bytes(n)]
+
+
+@pytest.mark.parametrize("kind", ["fs", "memory"])
+def test_l2_tenant_quota_evicts_the_tenants_own_records(tmp_path: Path, kind: str) -> None:
+    a, b = salt_digest(SALTS[1]), salt_digest(SALTS[2])
+    config = adapter_config(kind, tmp_path, tenant_quota_gb=kib_gb(10), tenant_quotas_gb={b: None})
+    adapter = create_l2_adapter(config, "l2_adapters[0]").adapter
+    try:
+        akeys = [tkey(i, SALTS[1]).to_str() for i in range(6)]
+        bkeys = [tkey(100 + i, SALTS[2], "other").to_str() for i in range(5)]
+        for ak, bk in zip(akeys, bkeys, strict=False):
+            adapter.store_records([ak], [rec(4 * KiB)])
+            adapter.store_records([bk], [rec(4 * KiB)])
+        adapter.load_records([akeys[3]], [[bytearray(4 * KiB)]])  # a3 is now her most recently used
+        adapter.store_records([akeys[5]], [rec(4 * KiB)])  # evicts a4, not a3
+        adapter.store_records([akeys[5]], [rec(4 * KiB)])  # a re-store at her quota evicts nothing
+        assert adapter.contains(akeys) == [False, False, False, True, False, True]
+        assert all(adapter.contains(bkeys)), "bob lost records to alice's quota"
+        stats = adapter.stats()
+        assert stats["tenants"][a] == {"bytes": 8 * KiB, "objects": 2, "quota_bytes": 10 * KiB}
+        assert stats["tenants"][b] == {"bytes": 20 * KiB, "objects": 5, "quota_bytes": None}
+        assert stats["models"] == {"m": {"bytes": 8 * KiB, "objects": 2}, "other": {"bytes": 20 * KiB, "objects": 5}}
+        assert stats["quota_evictions"] == 4
+        with pytest.raises(CapacityError, match="quota"):  # a batch larger than her quota: all or nothing
+            adapter.store_records([tkey(50, SALTS[1]).to_str(), tkey(51, SALTS[1]).to_str()], [rec(6 * KiB)] * 2)
+        assert adapter.contains(akeys) == [False, False, False, True, False, True]
+        adapter.delete(akeys + bkeys)
+        assert adapter.stats()["tenants"] == {b: {"bytes": 0, "objects": 0, "quota_bytes": None}}
+        assert adapter.stats()["models"] == {}
+    finally:
+        adapter.close()
+
+
+def test_fs_usage_per_tenant_is_rebuilt_at_restart(tmp_path: Path) -> None:
+    config = adapter_config("fs", tmp_path, tenant_quota_gb=kib_gb(8))
+    with Store(1 / 1024, l2_adapters=[config]) as store:
+        for i in range(4):
+            store.store([tkey(i, SALTS[1])], [torch.zeros(3000, dtype=torch.uint8)])
+        store.flush()
+        before = store.stats()["l2"][0]["tenants"]
+    with Store(1 / 1024, l2_adapters=[config]) as store:
+        after = store.stats()["l2"][0]["tenants"]
+        assert after == before and after[salt_digest(SALTS[1])]["objects"] < 4  # the quota held on disk too
+        assert after[salt_digest(SALTS[1])]["bytes"] <= 8 * KiB
+
+
+def test_tenant_of_a_key_string() -> None:
+    assert tenant_of_key_str(tkey(3, SALTS[1], "org/model").to_str()) == (salt_digest(SALTS[1]), "org/model")
+    assert tenant_of_key_str("not-a-key") == ("", "")
+
+
+# -- config --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"l1_quota_gb": -1}, "l1_quota_gb"),
+        ({"l1_quota_gb": "1"}, "l1_quota_gb"),
+        ({"l1_quota_gb": True}, "l1_quota_gb"),
+        ({"l1_quota_gb": float("nan")}, "l1_quota_gb"),
+        ({"l1_quotas_gb": [1]}, "l1_quotas_gb"),
+        ({"l1_quotas_gb": {"0" * 32: -2}}, "l1_quotas_gb"),
+        ({"l1_quotas_gb": {"0" * 32: "lots"}}, "l1_quotas_gb"),
+    ],
+)
+def test_bad_quota_arguments_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        Store(0.001, **kwargs)
+
+
+def test_an_override_named_by_a_raw_salt_is_refused_without_echoing_it() -> None:
+    salt = "tenant-raw-salt-3b9f0d"
+    with pytest.raises(ConfigError, match="salt digest") as info:
+        Store(0.001, l1_quotas_gb={salt: 1})
+    assert salt not in str(info.value)
+    with pytest.raises(ConfigError, match="tenant_quotas_gb") as info:
+        create_l2_adapter({"type": "memory", "tenant_quotas_gb": {salt: 1}}, "l2_adapters[0]")
+    assert salt not in str(info.value)
+    with pytest.raises(ConfigError, match="--l1-quota") as info:
+        parse_quota_flag(f"{salt}=1", "--l1-quota")
+    assert salt not in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["tenant_quota_gb", "tenant_quotas_gb"])
+def test_redis_refuses_tenant_quotas_at_start_naming_the_field(field: str) -> None:
+    value: Any = 1.0 if field == "tenant_quota_gb" else {"0" * 32: 1.0}
+    with pytest.raises(ConfigError, match=rf"l2_adapters\[0\]\.{field}: not supported.*maxmemory"):
+        create_l2_adapter({"type": "redis", "url": "redis://localhost:6379", field: value}, "l2_adapters[0]")
+
+
+def test_quota_flags() -> None:
+    d = salt_digest(SALTS[1])
+    assert parse_quota_flag(f"{d}=2.5", "--l1-quota") == (d, 2.5)
+    assert parse_quota_flag(f"{d}=none", "--l1-quota") == (d, None)
+    assert parse_quota_flag("=1", "--l1-quota") == ("", 1.0)
+    for bad in (d, f"{d}=x", f"{d}=-1", f"{d.upper()}=1"):
+        with pytest.raises(ConfigError, match="--l1-quota"):
+            parse_quota_flag(bad, "--l1-quota")
+
+
+def test_server_config_reads_quota_flags_and_file(tmp_path: Path) -> None:
+    import argparse
+
+    from kvtier.server.config import ServerConfig, add_arguments, config_from_args
+
+    d = salt_digest(SALTS[1])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--l1-size-gb", "1", "--l1-quota-gb", "0.5", "--l1-quota", f"{d}=2", "--l1-quota", "=none"]
+    )
+    config = config_from_args(args)
+    assert config.store_kwargs()["l1_quota_gb"] == 0.5
+    assert config.store_kwargs()["l1_quotas_gb"] == {d: 2.0, "": None}
+    assert config.to_json()["l1_quotas_gb"] == {d: 2.0, "": None}  # digests are not secrets
+    with pytest.raises(ConfigError, match="l1_quota_gb"):
+        ServerConfig.from_dict({"l1_size_gb": 1, "l1_quota_gb": -1})
+    with pytest.raises(ConfigError, match="l1_quotas_gb") as info:
+        ServerConfig.from_dict({"l1_size_gb": 1, "l1_quotas_gb": {SALTS[1]: 1}})
+    assert SALTS[1] not in str(info.value)
+    with pytest.raises(ConfigError, match="--l1-quota"):
+        config_from_args(parser.parse_args(["--l1-size-gb", "1", "--l1-quota", "1"]))
+
+
+def test_digest_helper_reads_the_salt_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(SALTS[1]))
+    assert main(["digest"]) == 0
+    assert capsys.readouterr().out.strip() == salt_digest(SALTS[1])
+    assert main([]) == 2
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+def test_tenant_and_model_usage_become_labels_and_many_tenants_are_summed() -> None:
+    tenants_ = {format(i, "032x"): {"bytes": 1000 + i, "objects": 1, "quota_bytes": 5000} for i in range(150)}
+    stats = {"l1": {"tenants": tenants_, "models": {"org/m": {"bytes": 5, "objects": 1}}}, "l2": []}
+    flat = flatten_stats(stats)
+    samples = flat["kvtier_store_l1_tenant_bytes"]
+    assert len(samples) == MAX_LABELLED + 1
+    labelled = {labels["tenant"]: v for labels, v in samples}
+    assert labelled[format(149, "032x")] == 1149 and format(0, "032x") not in labelled  # the largest kept
+    assert labelled[OTHER] == sum(1000 + i for i in range(50))
+    assert len(flat["kvtier_store_l1_tenant_quota_bytes"]) == MAX_LABELLED  # quotas are not summed
+    assert flat["kvtier_store_l1_model_objects"] == [({"model": "org/m"}, 1.0)]
