@@ -3,7 +3,9 @@ per-tenant quotas that evict a tenant's own chunks first, their config, and no s
 
 from __future__ import annotations
 
+import importlib.util
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
 
 from kvtier import CapacityError, ConfigError, ObjectKey, Store
+from kvtier.bench.local_s3 import LocalS3, moto_available
 from kvtier.l2.adapters import create_l2_adapter
 from kvtier.server.metrics import MAX_LABELLED, OTHER, flatten_stats
 from kvtier.storage.l1 import L1Object, L1Pool
@@ -247,10 +250,23 @@ def test_the_ledger_refuses_to_go_negative() -> None:
 
 
 # -- quotas in the L2 adapters -------------------------------------------------------------------------------------
-def adapter_config(kind: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def local_s3() -> Iterator[LocalS3 | None]:
+    if not moto_available() or importlib.util.find_spec("obstore") is None:
+        yield None
+        return
+    with LocalS3(bucket="kvtier-tenants") as s3:
+        yield s3
+
+
+def adapter_config(kind: str, tmp_path: Path, s3: LocalS3 | None = None, **extra: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"type": kind}
     if kind == "fs":
         base.update(base_path=str(tmp_path), durability="none")
+    if kind == "object_store":
+        if s3 is None:
+            pytest.skip("moto[server] and obstore (the dev and object_store extras) are needed")
+        base.update(url=f"s3://kvtier-tenants/{abs(hash(str(tmp_path)))}", options=s3.options())
     return {**base, **extra}
 
 
@@ -258,10 +274,10 @@ def rec(n: int) -> list[bytes]:
     return [bytes(n)]
 
 
-@pytest.mark.parametrize("kind", ["fs", "memory"])
-def test_l2_tenant_quota_evicts_the_tenants_own_records(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["fs", "memory", "object_store"])
+def test_l2_tenant_quota_evicts_the_tenants_own_records(tmp_path: Path, kind: str, local_s3: LocalS3 | None) -> None:
     a, b = salt_digest(SALTS[1]), salt_digest(SALTS[2])
-    config = adapter_config(kind, tmp_path, tenant_quota_gb=kib_gb(10), tenant_quotas_gb={b: None})
+    config = adapter_config(kind, tmp_path, local_s3, tenant_quota_gb=kib_gb(10), tenant_quotas_gb={b: None})
     adapter = create_l2_adapter(config, "l2_adapters[0]").adapter
     try:
         akeys = [tkey(i, SALTS[1]).to_str() for i in range(6)]
@@ -336,6 +352,13 @@ def test_an_override_named_by_a_raw_salt_is_refused_without_echoing_it() -> None
     with pytest.raises(ConfigError, match="--l1-quota") as info:
         parse_quota_flag(f"{salt}=1", "--l1-quota")
     assert salt not in str(info.value)
+
+
+def test_a_shared_object_store_prefix_refuses_tenant_quotas() -> None:
+    pytest.importorskip("obstore")
+    config = {"type": "object_store", "url": "s3://b/p", "shared": True, "tenant_quota_gb": 1}
+    with pytest.raises(ConfigError, match=r"l2_adapters\[0\]\.tenant_quota_gb: not allowed with shared"):
+        create_l2_adapter(config, "l2_adapters[0]")
 
 
 @pytest.mark.parametrize("field", ["tenant_quota_gb", "tenant_quotas_gb"])
