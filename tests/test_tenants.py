@@ -3,6 +3,7 @@ per-tenant quotas that evict a tenant's own chunks first, their config, and no s
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
 from collections.abc import Iterator
@@ -63,6 +64,25 @@ def test_a_tenant_at_its_quota_evicts_its_own_chunks_in_policy_order_not_others(
         assert got[a] == {"bytes": 16 * KiB, "objects": 4, "quota_bytes": 16 * KiB}
         assert got[b] == {"bytes": 16 * KiB, "objects": 4, "quota_bytes": 16 * KiB}
         assert pool.stats()["quota_evictions"] == 2 and pool.stats()["evictions"] == 2
+    finally:
+        pool.close()
+
+
+def test_quota_evictions_are_reported_to_on_evict_outside_the_lock() -> None:
+    seen: list[list[ObjectKey]] = []
+    pool: L1Pool
+
+    def on_evict(keys: Any) -> None:
+        pool.stats()  # takes the pool lock: called inside it, this would deadlock
+        seen.append(list(keys))
+
+    pool = L1Pool(1 << 20, "LRU", quotas=TenantQuotas(default=8 * KiB), on_evict=on_evict)
+    try:
+        for i in range(4):
+            put(pool, tkey(i, SALTS[1]))
+        put(pool, tkey(0, SALTS[1]))  # a replacement is not an eviction
+        pool.clear()  # nor is a clear
+        assert seen == [[tkey(0, SALTS[1])], [tkey(1, SALTS[1])], [tkey(2, SALTS[1])]]
     finally:
         pool.close()
 
@@ -305,6 +325,41 @@ def test_l2_tenant_quota_evicts_the_tenants_own_records(tmp_path: Path, kind: st
         adapter.close()
 
 
+def test_fs_tenant_usage_is_exact_under_concurrent_batches(tmp_path: Path) -> None:
+    config = adapter_config("fs", tmp_path, max_capacity_gb=kib_gb(64), tenant_quota_gb=kib_gb(20))
+    adapter = create_l2_adapter(config, "l2_adapters[0]").adapter
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(60):
+                salt = SALTS[(seed + i) % 3]
+                ks = [tkey((seed * 7 + i + j) % 9, salt, f"m{j}").to_str() for j in range(2)]
+                # Refused when the tenant's other batches in flight hold the rest of its quota: never over it.
+                with contextlib.suppress(CapacityError):
+                    adapter.store_records(ks, [rec(3 * KiB), rec(2 * KiB)])
+                if i % 7 == 0:
+                    adapter.delete(ks[:1])
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:1]
+        stats = adapter.stats()
+        assert sum(v["bytes"] for v in stats["tenants"].values()) == stats["used_bytes"]
+        assert sum(v["objects"] for v in stats["tenants"].values()) == stats["records"]
+        assert sum(v["bytes"] for v in stats["models"].values()) == stats["used_bytes"]
+        assert all(v["bytes"] <= 20 * KiB for v in stats["tenants"].values())
+        assert stats["used_bytes"] <= 64 * KiB
+    finally:
+        adapter.close()
+
+
 def test_fs_usage_per_tenant_is_rebuilt_at_restart(tmp_path: Path) -> None:
     config = adapter_config("fs", tmp_path, tenant_quota_gb=kib_gb(8))
     with Store(1 / 1024, l2_adapters=[config]) as store:
@@ -423,3 +478,7 @@ def test_tenant_and_model_usage_become_labels_and_many_tenants_are_summed() -> N
     assert labelled[OTHER] == sum(1000 + i for i in range(50))
     assert len(flat["kvtier_store_l1_tenant_quota_bytes"]) == MAX_LABELLED  # quotas are not summed
     assert flat["kvtier_store_l1_model_objects"] == [({"model": "org/m"}, 1.0)]
+    tier = {"type": "fs", "tenants": {"": {"bytes": 7, "objects": 1, "quota_bytes": None}}}
+    flat = flatten_stats({"l2": [tier]})
+    assert flat["kvtier_store_l2_tenant_bytes"] == [({"index": "0", "type": "fs", "tenant": ""}, 7.0)]
+    assert "kvtier_store_l2_tenant_quota_bytes" not in flat  # no quota: no sample
