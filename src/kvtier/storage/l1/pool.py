@@ -16,8 +16,12 @@ Tenants. A :class:`~kvtier.tenants.UsageLedger` keeps the bytes and objects of e
 model: a tenant's bytes are the blocks held for its objects (reserved, indexed, or replaced but still pinned), so
 they add up to ``used_bytes``; its objects are its indexed ones, adding up to ``objects``. With quotas
 (:class:`~kvtier.tenants.TenantQuotas`), a reserve that would take a tenant past its quota first evicts that
-tenant's own unpinned objects in policy order; if they cannot make room it is refused, so a tenant never holds
-more than its quota, and one tenant's burst evicts its own objects, not everyone's.
+tenant's own unpinned objects in policy order, so one tenant's burst evicts its own objects, not everyone's. A
+tenant goes over its quota only by objects pinned by reads and writes in flight (a store batch larger than the
+quota still reaches L2: its objects stay pinned until written); when such a pin goes, the tenant's objects are
+evicted back down to its quota at once. So at any moment a tenant over its quota has every object pinned, and
+holds no more than its quota once its operations in flight are done. An object larger than its tenant's quota is
+refused.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -98,7 +102,7 @@ class L1Pool:
 
     def reserve(self, key: ObjectKey, shape: Sequence[int], dtype: torch.dtype) -> L1Object:
         """Room for one object, pinned and not yet visible. Raises CapacityError when it cannot fit: larger than
-        the pool, or too little unpinned memory to evict."""
+        the pool or its tenant's quota, or too little unpinned memory to evict."""
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self._alloc.rounded(nbytes) > self.capacity:
@@ -110,14 +114,23 @@ class L1Pool:
             with self._lock:
                 return self._reserve_locked(key, nbytes, shape, dtype, evicted)
         finally:
-            if evicted and self._on_evict is not None:
-                self._on_evict(evicted)
+            self._notify(evicted)
 
     def _reserve_locked(
         self, key: ObjectKey, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype, evicted: list[ObjectKey]
     ) -> L1Object:
-        if self._usage.excess(key.salt_digest, self._alloc.rounded(nbytes)) > 0:
-            self._make_quota_room_locked(key, nbytes, evicted)
+        tenant, need = key.salt_digest, self._alloc.rounded(nbytes)
+        quota = self._usage.quotas.quota(tenant)
+        if quota is not None and need > quota:
+            self.counts["refused"] += 1
+            self.counts["quota_refused"] += 1
+            # The tenant is named by its salt digest only: the salt is a secret.
+            raise CapacityError(
+                f"L1 pool: object of {nbytes} bytes is larger than the quota of tenant {tenant or '(no salt)'} "
+                f"({quota} bytes)"
+            )
+        if self._usage.excess(tenant, need) > 0:
+            self._trim_tenant_locked(tenant, need, evicted)
         offset = self._alloc_locked(nbytes)
         if offset is None:
             for victim in self._policy.victims():
@@ -144,34 +157,23 @@ class L1Pool:
         self._usage.change(key.salt_digest, key.model_name, need)
         return L1Object(key, offset, nbytes, shape, dtype)
 
-    def _make_quota_room_locked(self, key: ObjectKey, nbytes: int, evicted: list[ObjectKey]) -> None:
-        """Evict the tenant's own unpinned objects, in policy order, until ``nbytes`` more fit in its quota; raise
-        CapacityError when they cannot (all the rest of the tenant's objects pinned) or it is larger than the quota."""
-        tenant = key.salt_digest
-        need = self._alloc.rounded(nbytes)
-        quota = self._usage.quotas.quota(tenant)
-        why = "the rest of it pinned by reads and writes in flight"
-        if quota is not None and need > quota:
-            self._refuse_quota_locked(tenant, nbytes, "larger than the quota")
+    def _trim_tenant_locked(self, tenant: str, extra: int, evicted: list[ObjectKey]) -> None:
+        """Evict the tenant's own unpinned objects, in policy order, until ``extra`` more bytes fit in its quota (or
+        none is left unpinned: it then stays over by pinned objects until their pins go)."""
         for victim in self._usage.victims(tenant):
+            if self._usage.excess(tenant, extra) <= 0:
+                return
             obj = self._index[victim]
             if obj.pins:
                 continue
             self._evict_locked(obj)
             evicted.append(obj.key)
             self.counts["quota_evictions"] += 1
-            if self._usage.excess(tenant, need) <= 0:
-                return
-        self._refuse_quota_locked(tenant, nbytes, why)
 
-    def _refuse_quota_locked(self, tenant: str, nbytes: int, why: str) -> NoReturn:
-        self.counts["refused"] += 1
-        self.counts["quota_refused"] += 1
-        # The tenant is named by its salt digest only: the salt is a secret.
-        raise CapacityError(
-            f"L1 pool: tenant {tenant or '(no salt)'} cannot fit {nbytes} more bytes in its quota of "
-            f"{self._usage.quotas.quota(tenant)} bytes ({self._usage.bytes_of(tenant)} held): {why}"
-        )
+    def _notify(self, evicted: list[ObjectKey]) -> None:
+        """Report evictions (outside the pool lock: the callback may call back into the pool)."""
+        if evicted and self._on_evict is not None:
+            self._on_evict(evicted)
 
     def _alloc_locked(self, nbytes: int) -> int | None:
         """A block inside the resident part, else one that grows it as far as the memory budget allows."""
@@ -186,6 +188,7 @@ class L1Pool:
     def commit(self, obj: L1Object, keep_pin: bool = False) -> None:
         """Make a reserved object visible, replacing an older one of its key; drop the reserve pin unless
         ``keep_pin`` (the caller then releases it later, e.g. after the L2 write)."""
+        evicted: list[ObjectKey] = []
         with self._lock:
             old = self._index.pop(obj.key, None)
             if old is not None and old is not obj:
@@ -198,7 +201,8 @@ class L1Pool:
             self._usage.change(obj.key.salt_digest, obj.key.model_name, 0, 1)
             self._usage.insert(obj.key.salt_digest, obj.key)
             if not keep_pin:
-                self._unpin_locked(obj)
+                self._unpin_locked(obj, evicted)
+        self._notify(evicted)
 
     def acquire(self, keys: Sequence[ObjectKey]) -> list[L1Object | None]:
         """Pin the visible objects of ``keys`` (``None`` for misses) and count the reads."""
@@ -218,10 +222,12 @@ class L1Pool:
 
     def release(self, objs: Sequence[L1Object | None]) -> None:
         """Drop one pin from each object; an unindexed object is freed with its last pin."""
+        evicted: list[ObjectKey] = []
         with self._lock:
             for obj in objs:
                 if obj is not None:
-                    self._unpin_locked(obj)
+                    self._unpin_locked(obj, evicted)
+        self._notify(evicted)
 
     def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         with self._lock:
@@ -258,12 +264,16 @@ class L1Pool:
         self._usage.remove(obj.key.salt_digest, obj.key)
         self._usage.change(obj.key.salt_digest, obj.key.model_name, 0, -1)
 
-    def _unpin_locked(self, obj: L1Object) -> None:
+    def _unpin_locked(self, obj: L1Object, evicted: list[ObjectKey]) -> None:
         if obj.pins <= 0:
             raise RuntimeError(f"L1 object {obj.key.to_str()} released more often than pinned")
         obj.pins -= 1
-        if not obj.pins and not obj.live:
+        if obj.pins:
+            return
+        if not obj.live:
             self._free_locked(obj)
+        elif self._usage.excess(obj.key.salt_digest, 0) > 0:  # over its quota by pinned objects: now it can trim
+            self._trim_tenant_locked(obj.key.salt_digest, 0, evicted)
 
     def _free_locked(self, obj: L1Object) -> None:
         self._used -= self._alloc.rounded(obj.nbytes)
