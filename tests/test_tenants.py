@@ -285,6 +285,21 @@ TenantPoolMachine.TestCase.settings = settings(
 test_tenant_pool_state_machine = TenantPoolMachine.TestCase
 
 
+class TenantPoolS3FIFOMachine(TenantPoolMachine):
+    """The same under S3-FIFO, whose per-tenant order reorders itself while it offers victims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool.close()
+        self.pool = L1Pool(16 * KiB, "S3-FIFO", quotas=self.QUOTAS)
+
+
+TenantPoolS3FIFOMachine.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+)
+test_tenant_pool_state_machine_s3fifo = TenantPoolS3FIFOMachine.TestCase
+
+
 def test_the_ledger_refuses_to_go_negative() -> None:
     ledger = UsageLedger()
     ledger.change("", "m", 10, 1)
@@ -478,6 +493,13 @@ def test_server_config_reads_quota_flags_and_file(tmp_path: Path) -> None:
     assert SALTS[1] not in str(info.value)
     with pytest.raises(ConfigError, match="--l1-quota"):
         config_from_args(parser.parse_args(["--l1-size-gb", "1", "--l1-quota", "1"]))
+    config_file = tmp_path / "kvtier.yaml"
+    config_file.write_text(f"l1_size_gb: 1\nl1_quotas_gb:\n  {'1' * 32}: 2\n")  # unquoted: YAML reads a number
+    with pytest.raises(ConfigError, match="quote it"):
+        config_from_args(parser.parse_args(["--config", str(config_file)]))
+    config_file.write_text(f"l1_size_gb: 1\nl1_quota_gb: 0.25\nl1_quotas_gb:\n  '{d}': null\n")
+    config = config_from_args(parser.parse_args(["--config", str(config_file)]))
+    assert (config.l1_quota_gb, config.l1_quotas_gb) == (0.25, {d: None})
 
 
 def test_digest_helper_reads_the_salt_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:

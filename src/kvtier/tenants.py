@@ -95,10 +95,15 @@ class TenantQuotas:
         for i, (name, gb) in enumerate(overrides_gb.items()):
             if not is_tenant_name(name):
                 # Never echo the name: a raw salt put here by mistake is a secret.
-                length = len(name) if isinstance(name, str) else "?"
+                length = len(name) if isinstance(name, str) else len(str(name))
+                quote = (
+                    "; quote it in YAML, where a digest of decimal digits reads as a number"
+                    if isinstance(name, int)
+                    else ""
+                )
                 raise ConfigError(
                     f"{overrides_field}: entry #{i + 1} is not named by a salt digest (a {type(name).__name__} of "
-                    f"length {length}); {_DIGEST_HINT}"
+                    f"length {length}); {_DIGEST_HINT}{quote}"
                 )
             where = f"{overrides_field}[{name!r}]"
             overrides[name] = None if gb is None else _gb_to_bytes(_quota_gb(gb, where))
