@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +46,20 @@ class L1Object:
 class L1Pool:
     """``size`` bytes of memory (``backing``: ``anonymous``, ``memfd`` or ``hugepages``, see
     :class:`~kvtier.storage.l1.arena.Arena`) holding objects under ``policy`` (a name from :mod:`..policies`).
-    ``headroom``: bytes the pool leaves to the rest of the host (default: 5 % of the memory limit, >= 256 MiB)."""
+    ``headroom``: bytes the pool leaves to the rest of the host (default: 5 % of the memory limit, >= 256 MiB).
+    ``on_evict``: called with the keys of the objects the pool evicted (by policy or quota; not replaced, cleared
+    or purged ones), outside the pool lock, by the thread whose reserve evicted them; it must not block."""
 
-    def __init__(self, size: int, policy: str = "LRU", backing: str = "anonymous", headroom: int | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        policy: str = "LRU",
+        backing: str = "anonymous",
+        headroom: int | None = None,
+        on_evict: Callable[[Sequence[ObjectKey]], None] | None = None,
+    ) -> None:
+        self._on_evict = on_evict
+        self._evicted: list[ObjectKey] = []  # evicted under the lock, handed to on_evict once it is released
         self._policy = create_policy(policy)
         self.arena = Arena(size, backing)
         self._alloc = Allocator(self.arena.size)
@@ -78,6 +89,20 @@ class L1Pool:
     def reserve(self, key: ObjectKey, shape: Sequence[int], dtype: torch.dtype) -> L1Object:
         """Room for one object, pinned and not yet visible. Raises CapacityError when it cannot fit: larger than
         the pool, or too little unpinned memory to evict."""
+        try:
+            return self._reserve(key, shape, dtype)
+        finally:
+            self._notify_evicted()
+
+    def _notify_evicted(self) -> None:
+        """Hand the keys evicted so far to ``on_evict``, outside the lock (evictions happen under it)."""
+        if self._evicted and self._on_evict is not None:
+            with self._lock:
+                evicted, self._evicted = self._evicted, []
+            if evicted:
+                self._on_evict(evicted)
+
+    def _reserve(self, key: ObjectKey, shape: Sequence[int], dtype: torch.dtype) -> L1Object:
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self._alloc.rounded(nbytes) > self.capacity:
@@ -183,6 +208,8 @@ class L1Pool:
         self._unindex_locked(obj)
         self._free_locked(obj)
         self.counts["evictions"] += 1
+        if self._on_evict is not None:
+            self._evicted.append(obj.key)
 
     def _unindex_locked(self, obj: L1Object) -> None:
         obj.live = False
