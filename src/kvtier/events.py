@@ -3,8 +3,8 @@
 A router that sends each request to the server already holding the longest prefix of its prompt needs to know
 which server holds which chunk. kvtier tells it: the Store emits one :class:`KVEvent` per chunk key and tier
 when it stores, evicts or purges, and ``kvtier server --events-port N`` publishes them on a ZeroMQ PUB socket.
-This module is the whole contract and imports neither torch nor the rest of kvtier, so a router imports it
-(or copies the few structs below) without pulling in the store.
+This module is the whole contract and imports neither torch nor the store, so a router imports it (or copies the
+few structs below) without pulling in the rest.
 
 Wire format (schema version :data:`SCHEMA_VERSION`), close to vLLM's KV events so that a router that already
 reads those recognises it: each ZeroMQ message has three frames::
@@ -53,6 +53,9 @@ from typing import Any, Final, Literal
 
 import blake3
 import msgspec
+import zmq
+
+from kvtier.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -329,3 +332,102 @@ class EventHub:
                 "listeners": len(self._listeners),
                 "publisher": self.publisher,
             }
+
+
+#: Messages a subscriber may have queued on the server (ZeroMQ SNDHWM) before batches are dropped for it.
+DEFAULT_SNDHWM: Final = 1024
+
+
+class EventPublisher:
+    """Publishes a hub's events on a ZeroMQ PUB socket (XPUB, so that subscribers can be counted): a listener.
+
+    Never blocks: every send is non-blocking. Each subscriber has its own queue of ``hwm`` messages in ZeroMQ
+    (plus the kernel's socket buffers). While every subscriber has room, a batch goes to all of them. When one
+    is full (a slow or stopped reader), the batch is still sent to every subscriber with room and dropped for the
+    full ones: it is counted in ``dropped_events`` (events that missed at least one subscriber), and the full
+    subscriber sees the gap in ``seq``. A slow subscriber therefore costs the others nothing, and the server
+    nothing but the two socket options flipped per such batch (ZeroMQ's PUB alone would drop silently, uncounted).
+
+    ``address``: a ZeroMQ endpoint to bind (``tcp://HOST:PORT``); a bind failure is a ConfigError naming
+    ``events_port``. Call :meth:`close` once no hub calls it any more (or it drops what comes after).
+    """
+
+    def __init__(self, address: str, hub: EventHub, *, hwm: int = DEFAULT_SNDHWM) -> None:
+        self.address = address
+        self.hub = hub
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.XPUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, hwm)
+        self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscribe reaches us: subscribers are counted
+        self._sock.setsockopt(zmq.XPUB_NODROP, 1)  # a full subscriber makes send raise Again (so we can count)
+        try:
+            self._sock.bind(address)
+        except zmq.ZMQError as exc:
+            self._ctx.destroy(linger=0)
+            raise ConfigError(
+                f"events_port: cannot publish events on {address} ({exc.strerror}); expected a free TCP port"
+            ) from exc
+        self._lock = threading.Lock()  # send vs close: the hub's thread sends, the server's closes
+        self._closed = False
+        self.subscribers = 0
+        self.counts = {"published_events": 0, "published_batches": 0, "dropped_events": 0}
+
+    def __call__(self, events: Sequence[KVEvent]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._read_subscriptions()
+            batch = EventBatch(
+                publisher=self.hub.publisher,
+                started=self.hub.started,
+                ts=time.time(),
+                dropped=self.hub.counts["dropped"] + self.counts["dropped_events"],
+                events=list(events),
+            )
+            frames = message_frames(batch)
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                # Some subscriber's queue is full: count the loss, then send to everyone else (lossy mode drops
+                # the message for full queues only and never raises Again).
+                self.counts["dropped_events"] += len(events)
+                self._sock.setsockopt(zmq.XPUB_NODROP, 0)
+                try:
+                    self._sock.send_multipart(frames, zmq.NOBLOCK)
+                finally:
+                    self._sock.setsockopt(zmq.XPUB_NODROP, 1)
+            self.counts["published_events"] += len(events)
+            self.counts["published_batches"] += 1
+
+    def _read_subscriptions(self) -> None:
+        """Count subscribers from XPUB's (un)subscribe messages (``\\x01topic`` / ``\\x00topic``)."""
+        while True:
+            try:
+                msg = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg[:1] == b"\x01":
+                self.subscribers += 1
+            elif msg[:1] == b"\x00":
+                self.subscribers = max(0, self.subscribers - 1)
+
+    def stats(self) -> dict[str, Any]:
+        """``published_events``, ``published_batches``, ``dropped_events`` (missed by a full subscriber),
+        ``subscribers`` (subscriptions seen when the last batch was sent), ``address``, ``publisher``."""
+        with self._lock:
+            return {
+                **self.counts,
+                "subscribers": self.subscribers,
+                "address": self.address,
+                "publisher": self.hub.publisher,
+            }
+
+    def close(self) -> None:
+        """Close the socket (idempotent); later calls publish nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._sock.close(linger=0)
+            self._ctx.term()

@@ -497,6 +497,14 @@ class Store:
     _events: EventHub | None  # created by the first add_listener
     _lineage: OrderedDict[ObjectKey, str | None]  # key -> previous chunk's hash (None: a first chunk)
 
+    def event_hub(self) -> EventHub:
+        """The Store's :class:`~kvtier.events.EventHub` (created on first use): its publisher id, counters and
+        listeners. Events are built only while it has a listener."""
+        with self._lock:
+            if self._events is None:
+                self._events = EventHub()
+            return self._events
+
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(events)`` with batches of :class:`~kvtier.events.KVEvent` (stored / evicted / purged /
         cleared, per chunk key and tier; see :mod:`kvtier.events`) from now on.
@@ -506,11 +514,7 @@ class Store:
         and visible to it as a gap in ``seq``), one that raises is logged and keeps receiving. No listener, no
         cost: events are built only while one is registered.
         """
-        with self._lock:
-            if self._events is None:
-                self._events = EventHub()
-            events = self._events
-        events.add_listener(listener)
+        self.event_hub().add_listener(listener)
 
     def remove_listener(self, listener: Listener) -> None:
         """Stop calling ``listener`` (events already handed to it may still arrive once)."""
