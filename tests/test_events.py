@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -303,3 +304,23 @@ def test_hub_rejects_bad_capacity_and_listener() -> None:
     hub.close()
     with pytest.raises(RuntimeError, match="closed"):
         hub.add_listener(lambda events: None)
+
+
+@pytest.mark.parametrize("kind", ["memory", "fs"])
+def test_l2_adapter_evictions_are_reported(kind: str, tmp_path: Path) -> None:
+    config: dict[str, object] = {"type": kind, "max_capacity_gb": 64 / (1 << 20)}  # 64 KiB: about 9 records
+    if kind == "fs":
+        config |= {"base_path": str(tmp_path), "durability": "none"}
+    with Store(l1_size_gb=MB, l2_adapters=[config]) as store:
+        got = Collector()
+        store.add_listener(got)
+        keys = [ObjectKey("org/m", format(0x200 + i, "x"), 2, "salt-x") for i in range(30)]
+        for key in keys:
+            store.store([key], [chunk(1)])
+            store.flush()
+        settle(store)
+        evicted = got.of("evicted", kind)
+        assert len(evicted) == store.stats()["l2"][0]["evictions"] >= 15
+        assert [e.hash for e in evicted] == [k.chunk_hash for k in keys[: len(evicted)]]
+        assert all(e.model == "org/m" and e.rank == 2 and e.salt == salt_digest("salt-x") for e in evicted)
+        assert not got.of("evicted", L1_TIER)

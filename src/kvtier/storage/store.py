@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -503,6 +504,8 @@ class Store:
         with self._lock:
             if self._events is None:
                 self._events = EventHub()
+                for tier in self._tiers:  # adapters that evict on their own capacity index report it
+                    tier.adapter.on_evict = functools.partial(self._on_l2_evict, self._tier_label(tier))
             return self._events
 
     def add_listener(self, listener: Listener) -> None:
@@ -578,6 +581,18 @@ class Store:
 
     def _on_l1_evict(self, keys: Sequence[ObjectKey]) -> None:
         self._emit("evicted", keys, L1_TIER)
+
+    def _on_l2_evict(self, tier: str, names: Sequence[str]) -> None:
+        """An adapter evicted records ``names`` (``ObjectKey.to_str()`` strings: model, rank, salt digest, hash)."""
+        events = self._events
+        if events is None or not events.has_listeners:
+            return
+        fields = []
+        for name in names:
+            parts = name.split("@")
+            if len(parts) == 4 and parts[1].isdigit():  # anything else is not a record of ours
+                fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
+        events.emit("evicted", fields, tier)
 
     def _drain_unwritten(self) -> None:
         """Release what a worker that died (it cannot, short of the interpreter stopping) left queued."""

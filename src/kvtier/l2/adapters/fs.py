@@ -230,6 +230,7 @@ class FSAdapter(L2Adapter):
         """Remove records, policy order, until ``need`` bytes are free; never one of ``protect``."""
         if need <= 0:
             return
+        evicted = []
         for key in list(self._policy.victims()):
             if need <= 0:
                 break
@@ -239,7 +240,9 @@ class FSAdapter(L2Adapter):
             self.path_for(key).unlink(missing_ok=True)
             self._drop_locked(key)
             self.counts["evictions"] += 1
+            evicted.append(key)
             need -= size
+        self._evicted(evicted)
 
     # -- load and the rest ------------------------------------------------------------------------------------
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:

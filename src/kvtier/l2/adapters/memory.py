@@ -45,10 +45,13 @@ class MemoryAdapter(L2Adapter):
                 if old is not None:
                     self._used -= len(old)
             if self._capacity is not None:
+                evicted = []
                 while self._used + need > self._capacity and self._records:
-                    _, victim = self._records.popitem(last=False)
+                    name, victim = self._records.popitem(last=False)
                     self._used -= len(victim)
                     self.evictions += 1
+                    evicted.append(name)
+                self._evicted(evicted)
             for key, data in zip(keys, datas, strict=True):
                 old = self._records.pop(key, None)  # a key twice in one batch: the last wins
                 if old is not None:
