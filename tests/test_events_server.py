@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -219,3 +221,23 @@ def test_events_config_errors(ports: dict[str, int]) -> None:
             start(ports, "--l1-size-gb", "0.01")
     finally:
         taken.close(0)
+
+
+def readme_blocks() -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("\n## KV events\n") :]
+    section = section[: section.index("\n## ", 1)]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_readme_examples_run(index: int, tmp_path: Path) -> None:
+    blocks = readme_blocks()
+    assert len(blocks) == 3
+    script = tmp_path / "example.py"
+    script.write_text(blocks[index])
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    if index == 1:  # the subscriber prints stored events of the prompt's four chunks, parents chained
+        lines = [line.split() for line in out.stdout.splitlines() if " stored l1 my-org/my-model " in line]
+        assert len(lines) >= 4 and lines[1][5] == lines[0][4] and lines[0][5] == "None"
