@@ -87,6 +87,26 @@ def test_quota_evictions_are_reported_to_on_evict_outside_the_lock() -> None:
         pool.close()
 
 
+def test_quota_evictions_are_kv_events_in_l1_and_l2(tmp_path: Path) -> None:
+    from kvtier.events import L1_TIER
+    from test_events import Collector, settle
+
+    fs = adapter_config("fs", tmp_path, tenant_quota_gb=kib_gb(24))  # a batch of 5 records (4 KiB each) fits
+    with Store(1 / 1024, l2_adapters=[fs], l1_quota_gb=kib_gb(8)) as store:
+        got = Collector()
+        store.add_listener(got)
+        keys = [tkey(i, SALTS[1]) for i in range(10)]
+        for batch in (keys[:5], keys[5:]):  # each trims L1 as its L2 write lands
+            store.store(batch, [torch.full((1024,), float(i)) for i in range(5)])
+            store.flush()
+        settle(store)
+        l1_evicted = [e.hash for e in got.of("evicted", L1_TIER)]
+        assert l1_evicted == [k.chunk_hash for k in keys[:8]] and store.stats()["l1"]["quota_evictions"] == 8
+        l2_evicted = [e for e in got.of("evicted") if e.tier != L1_TIER]
+        assert len(l2_evicted) == store.stats()["l2"][0]["quota_evictions"] > 0
+        assert all(e.salt == salt_digest(SALTS[1]) for e in got.of("evicted"))
+
+
 def test_quota_overrides_by_digest_and_the_unsalted_tenant() -> None:
     a = salt_digest(SALTS[1])
     quotas = TenantQuotas(default=8 * KiB, overrides={a: 20 * KiB, "": None})

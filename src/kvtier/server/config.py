@@ -22,6 +22,10 @@ key                    flag                         meaning
 ``log_format``         ``--log-format``             ``json`` (one object per line) | ``text``
 ``admin_token``        ``--admin-token``            token required by state-changing admin calls (POST
                                                     /clear); also ``KVTIER_ADMIN_TOKEN``; default: none
+``events_port``        ``--events-port``            publish KV events on a ZeroMQ PUB socket at ``host``:this
+                                                    port (default: none, off); see :mod:`kvtier.events`
+``events_hwm``         ``--events-hwm``             messages queued per events subscriber before batches
+                                                    are dropped for it (default 1024)
 =====================  ===========================  ========================================================
 
 A flag given on the command line replaces the file's value; ``--l2-adapter`` given at least once replaces the
@@ -80,6 +84,8 @@ class ServerConfig:
     admin_token: str | None = field(default=None, repr=False)
     l1_quota_gb: float | None = None
     l1_quotas_gb: dict[str, float | None] = field(default_factory=dict)
+    events_port: int | None = None
+    events_hwm: int = 1024
 
     @property
     def max_message_bytes(self) -> int:
@@ -149,10 +155,14 @@ class ServerConfig:
             admin_token=_admin_token(r),
             l1_quota_gb=None if quota_gb is None else float(quota_gb),
             l1_quotas_gb={k: None if v is None else float(v) for k, v in (quotas_gb or {}).items()},
+            events_port=r.integer("events_port", None, min=1, max=65535),
+            events_hwm=r.integer("events_hwm", 1024, min=1, max=1 << 20),
         )
         r.finish()
         if config.port == config.http_port:
             raise ConfigError(f"http_port: expected a port other than port ({config.port})")
+        if config.events_port in (config.port, config.http_port):
+            raise ConfigError(f"events_port: expected a port other than port and http_port ({config.events_port})")
         return config
 
 
@@ -184,6 +194,8 @@ _FLAG_KEYS = (
     "l1_backing",
     "admin_token",
     "l1_quota_gb",
+    "events_port",
+    "events_hwm",
 )
 
 
@@ -229,6 +241,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=float, metavar="MB", help="largest accepted request (default: 2048)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default: info)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, help="json lines or plain text (default: json)")
+    parser.add_argument(
+        "--events-port",
+        type=int,
+        help="publish KV events (stored / evicted / purged per chunk) on a ZeroMQ PUB socket at --host:PORT, for "
+        "KV-aware routers (default: off)",
+    )
+    parser.add_argument(
+        "--events-hwm",
+        type=int,
+        metavar="MESSAGES",
+        help="event messages queued per subscriber before batches are dropped for it (default: 1024)",
+    )
     parser.add_argument(
         "--admin-token",
         metavar="TOKEN",

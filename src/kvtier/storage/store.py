@@ -25,14 +25,17 @@ import functools
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 import numpy as np
 import torch
 
 from kvtier.errors import CapacityError, ConfigError, L2Error
+from kvtier.events import L1_TIER, EventHub, Kind, Listener
 from kvtier.l2.adapters import create_l2_adapter
 from kvtier.l2.tier import L2Tier
 from kvtier.storage.keys import keys_for_tokens
@@ -43,6 +46,8 @@ from kvtier.types import LayoutDesc, ObjectKey
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
+#: Chains of chunk keys ``keys_for_tokens`` computed that the Store remembers, for events' parent hashes.
+LINEAGE_KEYS = 65536
 
 
 @dataclass
@@ -132,10 +137,17 @@ class Store:
             raise ConfigError(f"l2_adapters: expected a list of adapter configs, got {type(l2_adapters).__name__}")
         self.chunk_size = chunk_size
         self._tiers: list[L2Tier] = []
+        self._init_events()
         try:
             for i, config in enumerate(l2_adapters):
                 self._tiers.append(create_l2_adapter(config, f"l2_adapters[{i}]"))
-            self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper(), l1_backing, quotas=quotas)
+            self._pool = L1Pool(
+                max(1, int(l1_size_gb * GiB)),
+                eviction_policy.upper(),
+                l1_backing,
+                on_evict=self._on_l1_evict,
+                quotas=quotas,
+            )
         except BaseException:
             for tier in self._tiers:
                 tier.close()
@@ -164,7 +176,10 @@ class Store:
     ) -> list[ObjectKey]:
         """Keys of the full ``chunk_size`` chunks of ``token_ids`` (rolling blake3 prefix hash; the partial
         tail gets none)."""
-        return keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt)
+        keys = keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt)
+        if self._events is not None:
+            self._remember_chain(keys)
+        return keys
 
     # -- store ------------------------------------------------------------------------------------------------
     @_call
@@ -207,6 +222,7 @@ class Store:
             self._pool.commit(obj, keep_pin=bool(self._tiers))
             stored_keys.append(key)
             objs.append(obj)
+        self._emit_stored(keys, stored_keys, [o.nbytes for o in objs], L1_TIER)
         with self._lock:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
@@ -262,6 +278,7 @@ class Store:
                     self._l2_failed(tier, exc, "l2_write_failures", len(item.keys))
                 else:
                     self._l2_ok(tier)
+                    self._emit_stored(item.keys, item.keys, [o.nbytes for o in item.objs], self._tier_label(tier))
                     with self._lock:
                         self.counts["l2_written"] += len(item.keys)
         finally:
@@ -396,6 +413,7 @@ class Store:
                 raise
             self._l2_ok(tier)
             hits = 0
+            landed: list[L1Object] = []  # loaded into L1: stored events
             for j, i in enumerate(batch):
                 obj = reserved.get(j)
                 dst = got[j]
@@ -405,6 +423,7 @@ class Store:
                         out[i] = dst  # decoded straight into the caller's tensor or a fresh one
                     else:
                         self._pool.commit(obj, keep_pin=True)
+                        landed.append(obj)
                         if into is not None:
                             into[i].copy_(dst)
                             out[i] = into[i]
@@ -412,6 +431,7 @@ class Store:
                             out[i] = dst.clone()
                 if obj is not None:
                     self._pool.release([obj])
+            self._emit_stored(keys, [o.key for o in landed], [o.nbytes for o in landed], L1_TIER)
             with self._lock:
                 self.counts["l2_prefetched"] += hits
             indices = [i for i in indices if out[i] is None]
@@ -445,6 +465,8 @@ class Store:
     def clear_l1(self) -> None:
         """Drop every object from L1 (L2 keeps its copies; objects in flight go when their pins do)."""
         self._pool.clear()
+        if self._events is not None:
+            self._events.emit_cleared(L1_TIER)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the store, L1 and each L2 adapter (JSON-able)."""
@@ -457,6 +479,7 @@ class Store:
             "l2_pending_bytes": self._pending_bytes,
             "l1": self._pool.stats(),
             "l2": [tier.stats() for tier in self._tiers],
+            **({"events": self._events.stats()} if self._events is not None else {}),
         }
 
     def close(self) -> None:
@@ -478,9 +501,111 @@ class Store:
                     continue  # the worker is draining a full queue
             writer.join()
             self._drain_unwritten()
+        if self._events is not None:
+            self._events.close()  # after the last L2 write: its stored events are delivered too
         for tier in self._tiers:
             tier.close()
         self._pool.close()
+
+    # -- events -----------------------------------------------------------------------------------------------
+    _events: EventHub | None  # created by the first add_listener
+    _lineage: OrderedDict[ObjectKey, str | None]  # key -> previous chunk's hash (None: a first chunk)
+
+    def event_hub(self) -> EventHub:
+        """The Store's :class:`~kvtier.events.EventHub` (created on first use): its publisher id, counters and
+        listeners. Events are built only while it has a listener."""
+        with self._lock:
+            if self._events is None:
+                self._events = EventHub()
+                for tier in self._tiers:  # adapters that evict on their own capacity index report it
+                    tier.adapter.on_evict = functools.partial(self._on_l2_evict, self._tier_label(tier))
+            return self._events
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(events)`` with batches of :class:`~kvtier.events.KVEvent` (stored / evicted / purged /
+        cleared, per chunk key and tier; see :mod:`kvtier.events`) from now on.
+
+        Listeners run on one thread of their own, never in the caller's: the Store queues events (bounded) and
+        never waits for a listener; a slow one makes events drop (counted in ``stats()["events"]["dropped"]``,
+        and visible to it as a gap in ``seq``), one that raises is logged and keeps receiving. No listener, no
+        cost: events are built only while one is registered.
+        """
+        self.event_hub().add_listener(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (events already handed to it may still arrive once)."""
+        if self._events is not None:
+            self._events.remove_listener(listener)
+
+    def _init_events(self) -> None:
+        self._events = None
+        self._lineage = OrderedDict()  # the chains keys_for_tokens computed, for the parents of stored events
+        self._lineage_lock = threading.Lock()
+
+    def _tier_label(self, tier: L2Tier) -> str:
+        """The L2 tier's name in events (``fs``, ``redis+fp8``); suffixed ``#index`` when two tiers share it."""
+        names = [t.name for t in self._tiers]
+        return tier.name if names.count(tier.name) == 1 else f"{tier.name}#{self._tiers.index(tier)}"
+
+    def _remember_chain(self, keys: Sequence[ObjectKey]) -> None:
+        with self._lineage_lock:
+            prev: str | None = None
+            for key in keys:
+                self._lineage[key] = prev
+                self._lineage.move_to_end(key)
+                prev = key.chunk_hash
+            while len(self._lineage) > LINEAGE_KEYS:
+                self._lineage.popitem(last=False)
+
+    def _parents(self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey]) -> list[str | None]:
+        """Parent hashes of ``keys`` (a subset of one call's ``call_keys``, in order): from the chains
+        keys_for_tokens computed, else the key before it in the call when of the same model, rank and salt (see
+        :mod:`kvtier.events`)."""
+        position = {key: i for i, key in enumerate(call_keys)}
+        out: list[str | None] = []
+        with self._lineage_lock:
+            for key in keys:
+                if key in self._lineage:
+                    out.append(self._lineage[key])
+                    continue
+                i = position.get(key, 0)
+                before = call_keys[i - 1] if i > 0 else None
+                same = before is not None and (before.model_name, before.kv_rank, before.cache_salt) == (
+                    key.model_name,
+                    key.kv_rank,
+                    key.cache_salt,
+                )
+                out.append(before.chunk_hash if same and before is not None else None)
+        return out
+
+    def _emit_stored(
+        self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey], sizes: Sequence[int], tier: str
+    ) -> None:
+        """``stored`` events for ``keys`` (those of one call's ``call_keys`` that landed in ``tier``)."""
+        events = self._events
+        if events is None or not keys or not events.has_listeners:
+            return
+        events.emit("stored", keys, tier, sizes, self._parents(call_keys, keys))
+
+    def _emit(self, kind: Kind, keys: Sequence[ObjectKey], tier: str) -> None:
+        events = self._events
+        if events is not None and keys and events.has_listeners:
+            events.emit(kind, keys, tier)
+
+    def _on_l1_evict(self, keys: Sequence[ObjectKey]) -> None:
+        self._emit("evicted", keys, L1_TIER)
+
+    def _on_l2_evict(self, tier: str, names: Sequence[str]) -> None:
+        """An adapter evicted records ``names`` (``ObjectKey.to_str()`` strings: model, rank, salt digest, hash)."""
+        events = self._events
+        if events is None or not events.has_listeners:
+            return
+        fields = []
+        for name in names:
+            parts = name.split("@")
+            if len(parts) == 4 and parts[1].isdigit():  # anything else is not a record of ours
+                fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
+        events.emit("evicted", fields, tier)
 
     def _drain_unwritten(self) -> None:
         """Release what a worker that died (it cannot, short of the interpreter stopping) left queued."""

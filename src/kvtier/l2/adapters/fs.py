@@ -254,6 +254,7 @@ class FSAdapter(L2Adapter):
                 )
             replaced = sum(self._index.get(k, 0) for k in batch if tenant_of_key_str(k)[0] == tenant)
             excess = self._usage.bytes_of(tenant) + kept - replaced - quota
+            evicted = []
             for key in list(self._usage.victims(tenant)):
                 if excess <= 0:
                     break
@@ -264,6 +265,8 @@ class FSAdapter(L2Adapter):
                 self._drop_locked(key)
                 self.counts["evictions"] += 1
                 self.counts["quota_evictions"] += 1
+                evicted.append(key)
+            self._evicted(evicted)
             if excess > 0:  # the rest is this tenant's batches being written right now
                 raise CapacityError(
                     f"fs L2: tenant {tenant or '(no salt)'} has no room for {kept} more bytes in its quota ({quota} "
@@ -304,6 +307,7 @@ class FSAdapter(L2Adapter):
         """Remove records, policy order, until ``need`` bytes are free; never one of ``protect``."""
         if need <= 0:
             return
+        evicted = []
         for key in list(self._policy.victims()):
             if need <= 0:
                 break
@@ -313,7 +317,9 @@ class FSAdapter(L2Adapter):
             self.path_for(key).unlink(missing_ok=True)
             self._drop_locked(key)
             self.counts["evictions"] += 1
+            evicted.append(key)
             need -= size
+        self._evicted(evicted)
 
     # -- load and the rest ------------------------------------------------------------------------------------
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:

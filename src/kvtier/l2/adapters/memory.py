@@ -55,6 +55,7 @@ class MemoryAdapter(L2Adapter):
         with self._lock:
             for key in keys:  # replaced records free their room first
                 self._pop_locked(key)
+            evicted: list[str] = []
             for tenant, size in needs.items():  # a tenant at its quota evicts its own records first
                 for victim in list(self._usage.victims(tenant)):
                     if self._usage.excess(tenant, size) <= 0:
@@ -62,10 +63,14 @@ class MemoryAdapter(L2Adapter):
                     self._pop_locked(victim)
                     self.evictions += 1
                     self.quota_evictions += 1
+                    evicted.append(victim)
             if self._capacity is not None:
                 while self._used + need > self._capacity and self._records:
-                    self._pop_locked(next(iter(self._records)))
+                    name = next(iter(self._records))
+                    self._pop_locked(name)
                     self.evictions += 1
+                    evicted.append(name)
+            self._evicted(evicted)
             for key, data in zip(keys, datas, strict=True):
                 self._pop_locked(key)  # a key twice in one batch: the last wins
                 self._records[key] = data

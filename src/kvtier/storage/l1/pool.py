@@ -59,8 +59,9 @@ class L1Pool:
     """``size`` bytes of memory (``backing``: ``anonymous``, ``memfd`` or ``hugepages``, see
     :class:`~kvtier.storage.l1.arena.Arena`) holding objects under ``policy`` (a name from :mod:`..policies`).
     ``headroom``: bytes the pool leaves to the rest of the host (default: 5 % of the memory limit, >= 256 MiB).
-    ``quotas``: per-tenant quotas (none by default). ``on_evict``: called with the keys of the objects the pool
-    evicted (by policy or by quota; not those replaced or cleared), outside the pool lock."""
+    ``on_evict``: called with the keys of the objects the pool evicted (by policy or quota; not replaced, cleared
+    or purged ones), outside the pool lock, by the thread whose reserve evicted them; it must not block.
+    ``quotas``: per-tenant quotas (none by default; see the module docstring)."""
 
     def __init__(
         self,
@@ -68,13 +69,14 @@ class L1Pool:
         policy: str = "LRU",
         backing: str = "anonymous",
         headroom: int | None = None,
+        on_evict: Callable[[Sequence[ObjectKey]], None] | None = None,
         *,
         quotas: TenantQuotas | None = None,
-        on_evict: Callable[[Sequence[ObjectKey]], None] | None = None,
     ) -> None:
+        self._on_evict = on_evict
+        self._evicted: list[ObjectKey] = []  # evicted under the lock, handed to on_evict once it is released
         self._policy = create_policy(policy)
         self._usage = UsageLedger(quotas, policy)
-        self._on_evict = on_evict
         self.arena = Arena(size, backing)
         self._alloc = Allocator(self.arena.size)
         self._budget = MemoryBudget(self._alloc.size, headroom, reserved=self.arena.backing == "hugepages")
@@ -103,22 +105,30 @@ class L1Pool:
     def reserve(self, key: ObjectKey, shape: Sequence[int], dtype: torch.dtype) -> L1Object:
         """Room for one object, pinned and not yet visible. Raises CapacityError when it cannot fit: larger than
         the pool or its tenant's quota, or too little unpinned memory to evict."""
+        try:
+            return self._reserve(key, shape, dtype)
+        finally:
+            self._notify_evicted()
+
+    def _notify_evicted(self) -> None:
+        """Hand the keys evicted so far to ``on_evict``, outside the lock (evictions happen under it)."""
+        if self._evicted and self._on_evict is not None:
+            with self._lock:
+                evicted, self._evicted = self._evicted, []
+            if evicted:
+                self._on_evict(evicted)
+
+    def _reserve(self, key: ObjectKey, shape: Sequence[int], dtype: torch.dtype) -> L1Object:
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self._alloc.rounded(nbytes) > self.capacity:
             with self._lock:
                 self.counts["refused"] += 1
             raise CapacityError(f"object {key.to_str()} of {nbytes} bytes is larger than the L1 pool ({self.capacity})")
-        evicted: list[ObjectKey] = []
-        try:
-            with self._lock:
-                return self._reserve_locked(key, nbytes, shape, dtype, evicted)
-        finally:
-            self._notify(evicted)
+        with self._lock:
+            return self._reserve_locked(key, nbytes, shape, dtype)
 
-    def _reserve_locked(
-        self, key: ObjectKey, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype, evicted: list[ObjectKey]
-    ) -> L1Object:
+    def _reserve_locked(self, key: ObjectKey, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> L1Object:
         tenant, need = key.salt_digest, self._alloc.rounded(nbytes)
         quota = self._usage.quotas.quota(tenant)
         if quota is not None and need > quota:
@@ -130,7 +140,7 @@ class L1Pool:
                 f"({quota} bytes)"
             )
         if self._usage.excess(tenant, need) > 0:
-            self._trim_tenant_locked(tenant, need, evicted)
+            self._trim_tenant_locked(tenant, need)
         offset = self._alloc_locked(nbytes)
         if offset is None:
             for victim in self._policy.victims():
@@ -138,7 +148,6 @@ class L1Pool:
                 if obj.pins:
                     continue
                 self._evict_locked(obj)
-                evicted.append(obj.key)
                 offset = self._alloc_locked(nbytes)
                 if offset is not None:
                     break
@@ -157,7 +166,7 @@ class L1Pool:
         self._usage.change(key.salt_digest, key.model_name, need)
         return L1Object(key, offset, nbytes, shape, dtype)
 
-    def _trim_tenant_locked(self, tenant: str, extra: int, evicted: list[ObjectKey]) -> None:
+    def _trim_tenant_locked(self, tenant: str, extra: int) -> None:
         """Evict the tenant's own unpinned objects, in policy order, until ``extra`` more bytes fit in its quota (or
         none is left unpinned: it then stays over by pinned objects until their pins go)."""
         for victim in self._usage.victims(tenant):
@@ -167,13 +176,7 @@ class L1Pool:
             if obj.pins:
                 continue
             self._evict_locked(obj)
-            evicted.append(obj.key)
             self.counts["quota_evictions"] += 1
-
-    def _notify(self, evicted: list[ObjectKey]) -> None:
-        """Report evictions (outside the pool lock: the callback may call back into the pool)."""
-        if evicted and self._on_evict is not None:
-            self._on_evict(evicted)
 
     def _alloc_locked(self, nbytes: int) -> int | None:
         """A block inside the resident part, else one that grows it as far as the memory budget allows."""
@@ -188,7 +191,6 @@ class L1Pool:
     def commit(self, obj: L1Object, keep_pin: bool = False) -> None:
         """Make a reserved object visible, replacing an older one of its key; drop the reserve pin unless
         ``keep_pin`` (the caller then releases it later, e.g. after the L2 write)."""
-        evicted: list[ObjectKey] = []
         with self._lock:
             old = self._index.pop(obj.key, None)
             if old is not None and old is not obj:
@@ -201,8 +203,8 @@ class L1Pool:
             self._usage.change(obj.key.salt_digest, obj.key.model_name, 0, 1)
             self._usage.insert(obj.key.salt_digest, obj.key)
             if not keep_pin:
-                self._unpin_locked(obj, evicted)
-        self._notify(evicted)
+                self._unpin_locked(obj)
+        self._notify_evicted()  # a tenant over its quota by this pin trimmed itself
 
     def acquire(self, keys: Sequence[ObjectKey]) -> list[L1Object | None]:
         """Pin the visible objects of ``keys`` (``None`` for misses) and count the reads."""
@@ -222,12 +224,11 @@ class L1Pool:
 
     def release(self, objs: Sequence[L1Object | None]) -> None:
         """Drop one pin from each object; an unindexed object is freed with its last pin."""
-        evicted: list[ObjectKey] = []
         with self._lock:
             for obj in objs:
                 if obj is not None:
-                    self._unpin_locked(obj, evicted)
-        self._notify(evicted)
+                    self._unpin_locked(obj)
+        self._notify_evicted()  # a tenant over its quota by these pins trimmed itself
 
     def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         with self._lock:
@@ -257,6 +258,8 @@ class L1Pool:
         self._unindex_locked(obj)
         self._free_locked(obj)
         self.counts["evictions"] += 1
+        if self._on_evict is not None:
+            self._evicted.append(obj.key)
 
     def _unindex_locked(self, obj: L1Object) -> None:
         obj.live = False
@@ -264,7 +267,7 @@ class L1Pool:
         self._usage.remove(obj.key.salt_digest, obj.key)
         self._usage.change(obj.key.salt_digest, obj.key.model_name, 0, -1)
 
-    def _unpin_locked(self, obj: L1Object, evicted: list[ObjectKey]) -> None:
+    def _unpin_locked(self, obj: L1Object) -> None:
         if obj.pins <= 0:
             raise RuntimeError(f"L1 object {obj.key.to_str()} released more often than pinned")
         obj.pins -= 1
@@ -273,7 +276,7 @@ class L1Pool:
         if not obj.live:
             self._free_locked(obj)
         elif self._usage.excess(obj.key.salt_digest, 0) > 0:  # over its quota by pinned objects: now it can trim
-            self._trim_tenant_locked(obj.key.salt_digest, 0, evicted)
+            self._trim_tenant_locked(obj.key.salt_digest, 0)
 
     def _free_locked(self, obj: L1Object) -> None:
         self._used -= self._alloc.rounded(obj.nbytes)
