@@ -226,14 +226,16 @@ class UsageLedger:
 def _bump(table: dict[str, list[int]], name: str, nbytes: int, objects: int) -> None:
     entry = table.get(name)
     if entry is None:
-        entry = table[name] = [0, 0]
-    entry[0] += nbytes
-    entry[1] += objects
-    if entry[0] < 0 or entry[1] < 0:
-        # An owner that credits more than it charged has a bookkeeping bug: fail loudly where it happens.
-        raise RuntimeError(f"usage ledger went negative for {name!r}: {entry}")
-    if not entry[0] and not entry[1]:
-        del table[name]
+        entry = table[name] = [nbytes, objects]
+    else:
+        entry[0] += nbytes
+        entry[1] += objects
+    if entry[0] <= 0 or entry[1] <= 0:
+        if entry[0] < 0 or entry[1] < 0:
+            # An owner that credits more than it charged has a bookkeeping bug: fail loudly where it happens.
+            raise RuntimeError(f"usage ledger went negative for {name!r}: {entry}")
+        if not entry[0] and not entry[1]:
+            del table[name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

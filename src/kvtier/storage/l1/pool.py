@@ -77,6 +77,7 @@ class L1Pool:
         self._evicted: list[ObjectKey] = []  # evicted under the lock, handed to on_evict once it is released
         self._policy = create_policy(policy)
         self._usage = UsageLedger(quotas, policy)
+        self._quotas_on = self._usage.quotas.enabled  # without quotas the hot paths skip their checks
         self.arena = Arena(size, backing)
         self._alloc = Allocator(self.arena.size)
         self._budget = MemoryBudget(self._alloc.size, headroom, reserved=self.arena.backing == "hugepages")
@@ -130,7 +131,7 @@ class L1Pool:
 
     def _reserve_locked(self, key: ObjectKey, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> L1Object:
         tenant, need = key.salt_digest, self._alloc.rounded(nbytes)
-        quota = self._usage.quotas.quota(tenant)
+        quota = self._usage.quotas.quota(tenant) if self._quotas_on else None
         if quota is not None and need > quota:
             self.counts["refused"] += 1
             self.counts["quota_refused"] += 1
@@ -139,7 +140,7 @@ class L1Pool:
                 f"L1 pool: object of {nbytes} bytes is larger than the quota of tenant {tenant or '(no salt)'} "
                 f"({quota} bytes)"
             )
-        if self._usage.excess(tenant, need) > 0:
+        if quota is not None and self._usage.excess(tenant, need) > 0:
             self._trim_tenant_locked(tenant, need)
         offset = self._alloc_locked(nbytes)
         if offset is None:
@@ -201,7 +202,8 @@ class L1Pool:
             self._index[obj.key] = obj
             self._policy.insert(obj.key)
             self._usage.change(obj.key.salt_digest, obj.key.model_name, 0, 1)
-            self._usage.insert(obj.key.salt_digest, obj.key)
+            if self._quotas_on:
+                self._usage.insert(obj.key.salt_digest, obj.key)
             if not keep_pin:
                 self._unpin_locked(obj)
         self._notify_evicted()  # a tenant over its quota by this pin trimmed itself
@@ -218,7 +220,8 @@ class L1Pool:
                     self.counts["hits"] += 1
                     obj.pins += 1
                     self._policy.access(key)
-                    self._usage.access(key.salt_digest, key)
+                    if self._quotas_on:
+                        self._usage.access(key.salt_digest, key)
                 out.append(obj)
         return out
 
@@ -264,7 +267,8 @@ class L1Pool:
     def _unindex_locked(self, obj: L1Object) -> None:
         obj.live = False
         self._policy.remove(obj.key)
-        self._usage.remove(obj.key.salt_digest, obj.key)
+        if self._quotas_on:
+            self._usage.remove(obj.key.salt_digest, obj.key)
         self._usage.change(obj.key.salt_digest, obj.key.model_name, 0, -1)
 
     def _unpin_locked(self, obj: L1Object) -> None:
@@ -275,7 +279,8 @@ class L1Pool:
             return
         if not obj.live:
             self._free_locked(obj)
-        elif self._usage.excess(obj.key.salt_digest, 0) > 0:  # over its quota by pinned objects: now it can trim
+        elif self._quotas_on and self._usage.excess(obj.key.salt_digest, 0) > 0:
+            # over its quota by pinned objects: now it can trim
             self._trim_tenant_locked(obj.key.salt_digest, 0)
 
     def _free_locked(self, obj: L1Object) -> None:
