@@ -431,6 +431,22 @@ def test_fs_usage_per_tenant_is_rebuilt_at_restart(tmp_path: Path) -> None:
         assert after[salt_digest(SALTS[1])]["bytes"] <= 8 * KiB
 
 
+def test_fs_trims_a_tenant_whose_quota_shrank_at_restart(tmp_path: Path) -> None:
+    d = salt_digest(SALTS[1])
+    with Store(1 / 1024, l2_adapters=[adapter_config("fs", tmp_path)]) as store:
+        for i in range(6):
+            store.store([tkey(i, SALTS[1]), tkey(100 + i, SALTS[2])], [torch.zeros(3000, dtype=torch.uint8)] * 2)
+        store.flush()
+    smaller = adapter_config("fs", tmp_path, tenant_quotas_gb={d: kib_gb(7)})
+    with Store(1 / 1024, l2_adapters=[smaller]) as store:
+        tenants_ = store.stats()["l2"][0]["tenants"]
+        assert tenants_[d]["bytes"] <= 7 * KiB and tenants_[d]["objects"] == 2
+        assert tenants_[salt_digest(SALTS[2])]["objects"] == 6, "only the tenant over its quota is trimmed"
+        store.clear_l1()
+        got = store.retrieve([tkey(i, SALTS[1]) for i in range(6)])
+        assert [g is not None for g in got] == [False] * 4 + [True] * 2, "the oldest went first"
+
+
 def test_tenant_of_a_key_string() -> None:
     assert tenant_of_key_str(tkey(3, SALTS[1], "org/model").to_str()) == (salt_digest(SALTS[1]), "org/model")
     assert tenant_of_key_str("not-a-key") == ("", "")

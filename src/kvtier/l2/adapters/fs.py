@@ -119,6 +119,10 @@ class FSAdapter(L2Adapter):
         if self._capacity is not None and self._used > self._capacity:  # the capacity shrank since last run
             with self._lock:
                 self._evict_locked(self._used - self._capacity)
+        if self._usage.quotas.enabled:  # a tenant's quota shrank since last run: its oldest records go now
+            with self._lock:
+                for tenant in [t for t in self._usage.tenants() if self._usage.excess(t, 0) > 0]:
+                    self._make_quota_room_locked({(tenant, ""): (0, 0)}, set())
 
     def _take_lock(self) -> None:
         fd = os.open(self.base_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
