@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
 
@@ -381,6 +382,58 @@ def test_l2_tenant_quota_evicts_the_tenants_own_records(tmp_path: Path, kind: st
         assert adapter.stats()["models"] == {}
     finally:
         adapter.close()
+
+
+_adapter_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["store", "store", "load", "delete"]),
+        st.lists(
+            st.tuples(st.integers(0, 2), st.integers(0, 5), st.sampled_from([1, 1000, 3000])), min_size=1, max_size=3
+        ),
+    ),
+    max_size=25,
+)
+
+
+@pytest.mark.parametrize("kind", ["memory", "fs"])
+@given(ops=_adapter_ops)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_l2_tenant_usage_matches_the_records_after_any_sequence(kind: str, ops: list[Any]) -> None:
+    quotas = {salt_digest(SALTS[1]): kib_gb(5), salt_digest(SALTS[2]): None}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = adapter_config(kind, Path(tmp), max_capacity_gb=kib_gb(12), tenant_quota_gb=kib_gb(6))
+        adapter = create_l2_adapter({**config, "tenant_quotas_gb": quotas}, "l2_adapters[0]").adapter
+        try:
+            sizes: dict[str, int] = {}  # the model: key -> record size, for the keys the adapter reports held
+            for op, items in ops:
+                keys = [tkey(i, SALTS[t], f"m{i % 2}").to_str() for t, i, _ in items]
+                if op == "store":
+                    with contextlib.suppress(CapacityError):
+                        adapter.store_records(keys, [rec(n) for _, _, n in items])
+                elif op == "load":
+                    adapter.load_records(keys, [[bytearray(4000)] for _ in keys])
+                else:
+                    adapter.delete(keys)
+                held = adapter.contains(list(dict.fromkeys(keys + list(sizes))))
+                for k, h in zip(dict.fromkeys(keys + list(sizes)), held, strict=True):
+                    if h:
+                        sizes[k] = len(adapter.read_heads([k], 1 << 20)[0] or b"")
+                    else:
+                        sizes.pop(k, None)
+                stats = adapter.stats()
+                want: dict[str, list[int]] = {}
+                for k, n in sizes.items():
+                    entry = want.setdefault(tenant_of_key_str(k)[0], [0, 0])
+                    entry[0] += n
+                    entry[1] += 1
+                got = {t: [v["bytes"], v["objects"]] for t, v in stats["tenants"].items() if v["objects"]}
+                assert got == want
+                assert sum(v[0] for v in got.values()) == stats["used_bytes"] <= 12 * KiB
+                for t, (nbytes, _) in got.items():
+                    quota = TenantQuotas.parse(6 * KiB / GiB, quotas, "a", "b").quota(t)
+                    assert quota is None or nbytes <= quota
+        finally:
+            adapter.close()
 
 
 def test_fs_tenant_usage_is_exact_under_concurrent_batches(tmp_path: Path) -> None:
