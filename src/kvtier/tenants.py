@@ -1,5 +1,5 @@
 """Tenants and models: usage accounting and per-tenant quotas, for the L1 pool and the L2 adapters that keep a
-capacity index (fs, memory).
+capacity index (fs, memory, object store on an owned prefix).
 
 A **tenant** is a ``cache_salt``. The salt is a secret, so a tenant is only ever named by its keyed digest
 (:attr:`kvtier.ObjectKey.salt_digest`: 32 lower-case hex digits; ``""`` for requests without a salt, which form
