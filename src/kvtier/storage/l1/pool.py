@@ -60,7 +60,8 @@ class L1Pool:
     :class:`~kvtier.storage.l1.arena.Arena`) holding objects under ``policy`` (a name from :mod:`..policies`).
     ``headroom``: bytes the pool leaves to the rest of the host (default: 5 % of the memory limit, >= 256 MiB).
     ``on_evict``: called with the keys of the objects the pool evicted (by policy or quota; not replaced, cleared
-    or purged ones), outside the pool lock, by the thread whose reserve evicted them; it must not block.
+    or purged ones), outside the pool lock, by the thread whose reserve (or, for a tenant trimming back to its quota,
+    release or commit) evicted them; it must not block.
     ``quotas``: per-tenant quotas (none by default; see the module docstring)."""
 
     def __init__(
