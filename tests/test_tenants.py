@@ -500,6 +500,25 @@ def test_fs_trims_a_tenant_whose_quota_shrank_at_restart(tmp_path: Path) -> None
         assert [g is not None for g in got] == [False] * 4 + [True] * 2, "the oldest went first"
 
 
+def test_object_store_trims_a_tenant_whose_quota_shrank_at_restart(tmp_path: Path, local_s3: LocalS3 | None) -> None:
+    d = salt_digest(SALTS[1])
+    config = adapter_config("object_store", tmp_path, local_s3)
+    adapter = create_l2_adapter(config, "l2_adapters[0]").adapter
+    try:
+        for i in range(5):
+            adapter.store_records([tkey(i, SALTS[1]).to_str(), tkey(100 + i, SALTS[2]).to_str()], [rec(2 * KiB)] * 2)
+    finally:
+        adapter.close()
+    adapter = create_l2_adapter({**config, "tenant_quotas_gb": {d: kib_gb(5)}}, "l2_adapters[0]").adapter
+    try:
+        assert adapter.contains([tkey(i, SALTS[1]).to_str() for i in range(5)]) == [False] * 3 + [True] * 2
+        stats = adapter.stats()
+        assert stats["tenants"][d] == {"bytes": 4 * KiB, "objects": 2, "quota_bytes": 5 * KiB}
+        assert stats["tenants"][salt_digest(SALTS[2])]["objects"] == 5 and stats["quota_evictions"] == 3
+    finally:
+        adapter.close()
+
+
 def test_tenant_of_a_key_string() -> None:
     assert tenant_of_key_str(tkey(3, SALTS[1], "org/model").to_str()) == (salt_digest(SALTS[1]), "org/model")
     assert tenant_of_key_str("not-a-key") == ("", "")

@@ -359,6 +359,16 @@ class ObjectStoreAdapter(L2Adapter):
             self._usage = UsageLedger(self._quotas, "LRU")
             for _, path, size in found:
                 self._index_put(path, size)
+            over: list[str] = []
+            if self._quotas.enabled:  # a tenant's quota shrank since last run: its oldest records go now
+                needs = {(t, ""): 0 for t in self._usage.tenants() if self._usage.excess(t, 0) > 0}
+                over = self._make_tenant_room(needs, set())
+                for name in over:
+                    self._index_drop(name)
+        if over:
+            self._delete_names(over)
+            self._health.count("evictions", len(over))
+            self._health.count("quota_evictions", len(over))
         if found:
             log.info("L2 object store %s: %d record(s), %d bytes found", self.url, len(found), self._used)
 
