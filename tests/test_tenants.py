@@ -22,6 +22,7 @@ from kvtier.bench.local_s3 import LocalS3, moto_available
 from kvtier.l2.adapters import create_l2_adapter
 from kvtier.server.metrics import MAX_LABELLED, OTHER, flatten_stats
 from kvtier.storage.l1 import L1Object, L1Pool
+from kvtier.storage.policies import create_policy
 from kvtier.tenants import TenantQuotas, UsageLedger, main, parse_quota_flag, tenant_of_key_str
 from kvtier.types import salt_digest
 from test_l1_lifetime import PoolMachine
@@ -319,6 +320,33 @@ TenantPoolS3FIFOMachine.TestCase.settings = settings(
     max_examples=30, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
 )
 test_tenant_pool_state_machine_s3fifo = TenantPoolS3FIFOMachine.TestCase
+
+
+@given(
+    n=st.integers(0, 300),
+    actions=st.lists(st.sampled_from(["evict", "skip", "touch"]), max_size=400),
+    policy=st.sampled_from(["LRU", "FIFO"]),
+)
+@settings(max_examples=60, deadline=None)
+def test_lru_victims_are_read_in_windows_and_offer_each_key_once(n: int, actions: list[str], policy: str) -> None:
+    # The walk copies the order a window at a time (not whole per eviction); it must still offer the keys in order,
+    # each once, while the owner evicts some, skips (pinned) others and reads some (moved to the back).
+    order = create_policy(policy)
+    for i in range(n):
+        order.insert(i)
+    expected = list(range(n))
+    offered: list[int] = []
+    walk = order.victims()
+    for step, key in enumerate(walk):
+        offered.append(key)
+        action = actions[step] if step < len(actions) else "skip"
+        if action == "evict":
+            order.remove(key)
+        elif action == "touch":  # a read during the walk: of a key offered already, or of one still to come
+            order.access(offered[step // 2] if step % 2 else (step * 7) % n)
+    assert len(offered) == len(set(offered)) == n
+    if "touch" not in actions:
+        assert offered == expected
 
 
 def test_the_ledger_refuses_to_go_negative() -> None:
