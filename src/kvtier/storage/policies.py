@@ -66,24 +66,7 @@ class LRUPolicy(EvictionPolicy[K]):
         self._order.pop(key, None)
 
     def victims(self) -> Iterator[K]:
-        # The owner removes keys while walking, so the walk reads the order in windows copied from its front: the
-        # keys offered and skipped (pinned) stay there, so each window spans them plus a few new ones. An eviction
-        # that takes the first unpinned key copies a handful of keys, not the whole order (a copy per eviction
-        # cost O(objects): 10,000s of keys in a large pool).
-        seen: set[K] = set()
-        kept = 0  # keys offered and still present: the front of the order the next window must reach past
-        want = 8
-        while True:
-            size = kept + want
-            window = list(itertools.islice(self._order, size))
-            fresh = [k for k in window if k not in seen]
-            for key in fresh:
-                seen.add(key)
-                yield key
-            if len(window) < size and not fresh:
-                return  # the window held the whole order and nothing new
-            kept = sum(1 for k in seen if k in self._order) if fresh else kept
-            want = min(want * 2, 1 << 16)
+        return _windowed(lambda: iter(self._order), self.__contains__)
 
     def __len__(self) -> int:
         return len(self._order)
@@ -139,8 +122,7 @@ class LFUPolicy(EvictionPolicy[K]):
                 del self._buckets[old]
 
     def victims(self) -> Iterator[K]:
-        order = [k for c in sorted(self._buckets) for k in self._buckets[c]]
-        yield from order
+        return _windowed(lambda: (k for c in sorted(self._buckets) for k in self._buckets[c]), self.__contains__)
 
     def __len__(self) -> int:
         return len(self._count)
@@ -232,6 +214,31 @@ class S3FIFOPolicy(EvictionPolicy[K]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._freq
+
+
+def _windowed(front: Callable[[], Iterator[K]], present: Callable[[K], bool]) -> Iterator[K]:
+    """The keys of an order (``front()`` iterates it from the best victim), each offered once, read in windows.
+
+    The owner removes keys while walking, so the order cannot be iterated across a ``yield``; copying all of it per
+    eviction costs O(keys) (milliseconds for 100,000s of keys). The keys offered and skipped (pinned) stay at the
+    front, so each window spans them plus a few new ones, doubling while the owner keeps skipping: an eviction that
+    takes the first unpinned key copies a handful of keys."""
+    seen: set[K] = set()
+    kept = 0  # keys offered and still present: the part of the front the next window must reach past
+    want = 8
+    while True:
+        size = kept + want
+        window = list(itertools.islice(front(), size))
+        fresh = [k for k in window if k not in seen]
+        for key in fresh:
+            seen.add(key)
+            yield key
+        if len(window) < size and not fresh:
+            return  # the window held the whole order and nothing new
+        # What the owner left of this window stays at the front (keys it read moved back: the window then reaches a
+        # little further than it needs). O(window), so a whole walk copies O(keys) in all.
+        kept = len(window) - len(fresh) + sum(1 for k in fresh if present(k))
+        want = min(want * 2, 1 << 16)
 
 
 POLICIES: dict[str, Callable[[], EvictionPolicy[Any]]] = {

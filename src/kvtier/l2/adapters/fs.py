@@ -259,7 +259,7 @@ class FSAdapter(L2Adapter):
             replaced = sum(self._index.get(k, 0) for k in batch if tenant_of_key_str(k)[0] == tenant)
             excess = self._usage.bytes_of(tenant) + kept - replaced - quota
             evicted = []
-            for key in list(self._usage.victims(tenant)):
+            for key in self._usage.victims(tenant):
                 if excess <= 0:
                     break
                 if key in batch:
@@ -312,7 +312,7 @@ class FSAdapter(L2Adapter):
         if need <= 0:
             return
         evicted = []
-        for key in list(self._policy.victims()):
+        for key in self._policy.victims():  # a walk that allows removals: no copy of the whole order
             if need <= 0:
                 break
             if protect and key in protect:

@@ -57,7 +57,7 @@ class MemoryAdapter(L2Adapter):
                 self._pop_locked(key)
             evicted: list[str] = []
             for tenant, size in needs.items():  # a tenant at its quota evicts its own records first
-                for victim in list(self._usage.victims(tenant)):
+                for victim in self._usage.victims(tenant):
                     if self._usage.excess(tenant, size) <= 0:
                         break
                     self._pop_locked(victim)
