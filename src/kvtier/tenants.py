@@ -109,13 +109,6 @@ class TenantQuotas:
             overrides[name] = None if gb is None else _gb_to_bytes(_quota_gb(gb, where))
         return cls(default, overrides)
 
-    def to_json(self) -> dict[str, Any]:
-        """The quotas in GiB, as config gives them (digests only: nothing secret)."""
-        return {
-            "default_gb": None if self.default is None else self.default / GiB,
-            "overrides_gb": {k: None if v is None else v / GiB for k, v in self.overrides.items()},
-        }
-
 
 def _quota_gb(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
