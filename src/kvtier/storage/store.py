@@ -585,14 +585,8 @@ class Store:
     def _on_l2_evict(self, tier: str, names: Sequence[str]) -> None:
         """An adapter evicted records ``names`` (``ObjectKey.to_str()`` strings: model, rank, salt digest, hash)."""
         events = self._events
-        if events is None or not events.has_listeners:
-            return
-        fields = []
-        for name in names:
-            parts = name.split("@")
-            if len(parts) == 4 and parts[1].isdigit():  # anything else is not a record of ours
-                fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
-        events.emit("evicted", fields, tier)
+        if events is not None and events.has_listeners:
+            events.emit("evicted", _key_fields(names), tier)
 
     def _drain_unwritten(self) -> None:
         """Release what a worker that died (it cannot, short of the interpreter stopping) left queued."""
@@ -618,3 +612,13 @@ class Store:
         # A Store dropped without close() gives its L1 mapping back at once, not at process exit.
         if not getattr(self, "_closed", True) and hasattr(self, "_pool"):
             self._pool.arena.close()
+
+
+def _key_fields(names: Sequence[str]) -> list[tuple[str, int, str, str]]:
+    """``(model, rank, salt digest, hash)`` of record names (``ObjectKey.to_str()``); others are skipped."""
+    fields = []
+    for name in names:
+        parts = name.split("@")
+        if len(parts) == 4 and parts[1].isdigit():
+            fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
+    return fields
