@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier import ObjectKey, Store
+from kvtier import CapacityError, ObjectKey, Store
 from kvtier.events import (
     KINDS,
     L1_TIER,
@@ -165,6 +165,22 @@ def test_pool_on_evict_reports_policy_evictions_outside_the_lock() -> None:
         before = len(evicted)
         pool.clear()  # ... nor is a clear
         assert sum(len(b) for b in seen) == before
+    finally:
+        pool.close()
+
+
+def test_pool_on_evict_reports_evictions_of_a_reserve_that_then_fails() -> None:
+    seen: list[ObjectKey] = []
+    pool = L1Pool(1 << 20, "LRU", on_evict=seen.extend)
+    try:
+        keys = [ObjectKey("m", format(i + 1, "x")) for i in range(16)]
+        for key in keys:
+            pool.commit(pool.reserve(key, (1 << 16,), torch.uint8))
+        pinned = pool.acquire(keys[1::2])  # every other object pinned by a read in flight
+        with pytest.raises(CapacityError):
+            pool.reserve(ObjectKey("m", "b19"), (1 << 19,), torch.uint8)  # evicts the rest: 64 KiB holes, no room
+        assert seen == keys[0::2] and pool.contains(keys[0::2]) == [False] * 8
+        pool.release(pinned)
     finally:
         pool.close()
 
