@@ -192,6 +192,7 @@ class Store:
         stored_keys: list[ObjectKey] = []
         objs: list[L1Object] = []
         refused = 0
+        parent_of = self._parent_map(keys)
         for key, t in zip(keys, tensors, strict=True):
             try:
                 obj = self._pool.reserve(key, t.shape, t.dtype)
@@ -206,10 +207,10 @@ class Store:
                 if self._tiers:  # the objects already stored keep their pin for the L2 write: drop it
                     self._pool.release(objs)
                 raise
+            self._emit_l1_stored(obj, parent_of)
             self._pool.commit(obj, keep_pin=bool(self._tiers))
             stored_keys.append(key)
             objs.append(obj)
-        self._emit_stored(keys, stored_keys, [o.nbytes for o in objs], L1_TIER)
         with self._lock:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
@@ -365,6 +366,7 @@ class Store:
         """Load ``keys[i]`` for ``i`` in ``indices`` from the first L2 tier that holds it, into L1, then into
         ``into[i]`` (when given) or a new tensor; set ``out[i]`` on a hit. One read per record: the destination
         is sized from the record's header, checked against its length by the tier before it asks."""
+        parent_of = self._parent_map(keys)
         for tier in self._tiers:
             if not indices:
                 return
@@ -400,7 +402,6 @@ class Store:
                 raise
             self._l2_ok(tier)
             hits = 0
-            landed: list[L1Object] = []  # loaded into L1: stored events
             for j, i in enumerate(batch):
                 obj = reserved.get(j)
                 dst = got[j]
@@ -409,8 +410,8 @@ class Store:
                     if obj is None:
                         out[i] = dst  # decoded straight into the caller's tensor or a fresh one
                     else:
+                        self._emit_l1_stored(obj, parent_of)
                         self._pool.commit(obj, keep_pin=True)
-                        landed.append(obj)
                         if into is not None:
                             into[i].copy_(dst)
                             out[i] = into[i]
@@ -418,7 +419,6 @@ class Store:
                             out[i] = dst.clone()
                 if obj is not None:
                     self._pool.release([obj])
-            self._emit_stored(keys, [o.key for o in landed], [o.nbytes for o in landed], L1_TIER)
             with self._lock:
                 self.counts["l2_prefetched"] += hits
             indices = [i for i in indices if out[i] is None]
@@ -544,35 +544,44 @@ class Store:
             while len(self._lineage) > LINEAGE_KEYS:
                 self._lineage.popitem(last=False)
 
-    def _parents(self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey]) -> list[str | None]:
-        """Parent hashes of ``keys`` (a subset of one call's ``call_keys``, in order): from the chains
+    def _parent_map(self, call_keys: Sequence[ObjectKey]) -> dict[ObjectKey, str | None] | None:
+        """The parent hash of each key of one call (``None`` when nothing listens): from the chains
         keys_for_tokens computed, else the key before it in the call when of the same model, rank and salt (see
         :mod:`kvtier.events`)."""
-        position = {key: i for i, key in enumerate(call_keys)}
-        out: list[str | None] = []
+        events = self._events
+        if events is None or not events.has_listeners:
+            return None
+        out: dict[ObjectKey, str | None] = {}
+        before: ObjectKey | None = None
         with self._lineage_lock:
-            for key in keys:
+            for key in call_keys:
                 if key in self._lineage:
-                    out.append(self._lineage[key])
-                    continue
-                i = position.get(key, 0)
-                before = call_keys[i - 1] if i > 0 else None
-                same = before is not None and (before.model_name, before.kv_rank, before.cache_salt) == (
+                    out[key] = self._lineage[key]
+                elif before is not None and (before.model_name, before.kv_rank, before.cache_salt) == (
                     key.model_name,
                     key.kv_rank,
                     key.cache_salt,
-                )
-                out.append(before.chunk_hash if same and before is not None else None)
+                ):
+                    out[key] = before.chunk_hash
+                else:
+                    out[key] = None
+                before = key
         return out
+
+    def _emit_l1_stored(self, obj: L1Object, parent_of: dict[ObjectKey, str | None] | None) -> None:
+        """A ``stored`` event for an object about to be committed to L1. Emitted before the commit, so that an
+        eviction of this object (only possible once committed) always comes after it in ``seq``."""
+        events = self._events
+        if parent_of is not None and events is not None:
+            events.emit("stored", [obj.key], L1_TIER, [obj.nbytes], [parent_of.get(obj.key)])
 
     def _emit_stored(
         self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey], sizes: Sequence[int], tier: str
     ) -> None:
         """``stored`` events for ``keys`` (those of one call's ``call_keys`` that landed in ``tier``)."""
-        events = self._events
-        if events is None or not keys or not events.has_listeners:
-            return
-        events.emit("stored", keys, tier, sizes, self._parents(call_keys, keys))
+        parent_of = self._parent_map(call_keys)
+        if parent_of is not None and self._events is not None and keys:
+            self._events.emit("stored", keys, tier, sizes, [parent_of.get(k) for k in keys])
 
     def _emit(self, kind: Kind, keys: Sequence[ObjectKey], tier: str) -> None:
         events = self._events
