@@ -105,6 +105,16 @@ class Backfill:
                 for job in self._by_key.get(key, ()):
                     job.stale = True
 
+    def stale_matching(self, selects: Callable[[ObjectKey], bool]) -> None:
+        """Pending backfills of the keys ``selects`` picks must not land (a purge or delete of them)."""
+        if not self._by_key:
+            return
+        with self._cv:
+            for key, jobs in self._by_key.items():
+                if selects(key):
+                    for job in jobs:
+                        job.stale = True
+
     def _loop(self) -> None:
         while True:
             with self._cv:

@@ -25,29 +25,38 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 import numpy as np
 import torch
 
 from kvtier.errors import CapacityError, ConfigError, L2Error
-from kvtier.l2.adapters import create_l2_adapter
+from kvtier.events import L1_TIER, EventHub, Kind, Listener
+from kvtier.l2.adapters import PURGE_BATCH, KeyMatch, create_l2_adapter
 from kvtier.l2.tier import L2Tier
+from kvtier.storage.admission import TierAdmission, admission_of, without_admission
 from kvtier.storage.backfill import Backfill
 from kvtier.storage.copy import clone, copy_into
+from kvtier.storage.fence import PurgeFence, stamp
 from kvtier.storage.keys import keys_for_tokens
 from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
 from kvtier.storage.pipeline import Write as _Write
 from kvtier.storage.pipeline import WritePipeline
 from kvtier.storage.policies import POLICIES
-from kvtier.types import LayoutDesc, ObjectKey
+from kvtier.tenants import TenantQuotas
+from kvtier.types import LayoutDesc, ObjectKey, salt_digest
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
 #: a store's objects go to the write pipeline in groups of about this many bytes as they are copied into L1, so
 #: the L2 writes of the first group are encoded and written while the rest are still being copied
 WRITE_GROUP_BYTES = 64 << 20
+#: Chains of chunk keys ``keys_for_tokens`` computed that the Store remembers, for events' parent hashes.
+LINEAGE_KEYS = 65536
 
 
 P = ParamSpec("P")
@@ -99,12 +108,53 @@ class _Countdown:
         self.done()
 
 
+def _fenced(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    """An operation the purge fence orders (see :mod:`kvtier.storage.fence`): stamped with the generation at which
+    it began; a store skips the keys an open fence blocks, a read reports them as misses (``retrieve``: ``None``;
+    ``lookup`` / ``retrieve_into``: the count of leading hits cut at the first blocked key). When no purge concerns
+    the op this costs a registration in a dict and an integer compare."""
+    name = method.__name__
+
+    def store_call(store: Store, keys: Any, tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        fence = store._fence
+        gen = fence.enter()
+        try:
+            blocked = fence.blocked(keys, gen) if fence._fences else None
+            if blocked:
+                kept = [i for i, b in enumerate(blocked) if not b]
+                with store._lock:
+                    store.counts["purge_skipped_stores"] += len(blocked) - len(kept)
+                keys, tensors = [keys[i] for i in kept], [tensors[i] for i in kept]
+            return method(store, keys, tensors, *args, **kwargs)
+        finally:
+            fence.leave(gen)
+
+    def read_call(store: Store, keys: Any, *args: Any, **kwargs: Any) -> Any:
+        fence = store._fence
+        gen = fence.enter()
+        try:
+            result: Any = method(store, keys, *args, **kwargs)
+            blocked = fence.blocked(keys, gen) if fence._fences else None
+            if not blocked:
+                return result
+            if name == "retrieve":
+                return [None if b else t for t, b in zip(result, blocked, strict=True)]
+            return min(result, blocked.index(True))
+        finally:
+            fence.leave(gen)
+
+    call = store_call if name == "store" else read_call
+    return functools.wraps(method)(call)  # type: ignore[return-value]
+
+
 class Store:
     """A tiered KV store in this process.
 
     ``l1_size_gb``: size of the L1 pool (GiB, pages touched lazily). ``eviction_policy``: ``LRU``
     (default), ``LFU``, ``FIFO`` or ``S3-FIFO``. ``l2_adapters``: adapter configs, e.g. ``{"type": "fs",
-    "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key.
+    "base_path": ..., "serde": {...}}``, written through in order and read from the first that has a key; an
+    adapter's ``"admission": "second_hit"`` writes a chunk to it only once it was requested again while in L1
+    (default ``"always"``; see :mod:`kvtier.storage.admission`).
     ``chunk_size``: tokens per chunk for :meth:`keys_for_tokens`. ``max_pending_l2_writes``: store batches that
     may wait for their L2 write; beyond it, or while half of L1 is already pinned by waiting writes, a store's L2
     write is dropped (counted as ``l2_writes_dropped``), never waited for.
@@ -113,6 +163,11 @@ class Store:
     the process), ``memfd``, or ``hugepages`` (falls back to transparent huge pages with a warning). Pages are
     touched lazily, and the pool grows only as far as the cgroup or host memory allows minus a headroom (its
     effective capacity, ``stats()["l1"]["effective_capacity_bytes"]``); past that it evicts or refuses a store.
+
+    Tenants (keyword-only; see :mod:`kvtier.tenants`): ``l1_quota_gb`` caps the L1 bytes of every tenant (each
+    ``cache_salt``, and the requests without one), ``l1_quotas_gb`` overrides it per tenant, keyed by salt digest
+    (``{digest: GiB or None}``). A tenant at its quota evicts its own objects. ``stats()["l1"]["tenants"]`` and
+    ``["models"]`` report the usage of each.
 
     Every public method may be called from several threads.
     """
@@ -126,6 +181,8 @@ class Store:
         max_pending_l2_writes: int = 64,
         *,
         l1_backing: str = "anonymous",
+        l1_quota_gb: float | None = None,
+        l1_quotas_gb: Mapping[str, float | None] | None = None,
     ) -> None:
         if isinstance(l1_size_gb, bool) or not isinstance(l1_size_gb, int | float) or not l1_size_gb > 0:
             raise ConfigError(f"l1_size_gb: expected a number > 0, got {l1_size_gb!r}")
@@ -139,25 +196,39 @@ class Store:
             raise ConfigError(f"max_pending_l2_writes: expected an integer >= 1, got {max_pending_l2_writes!r}")
         if max_pending_l2_writes < 1:
             raise ConfigError(f"max_pending_l2_writes: expected an integer >= 1, got {max_pending_l2_writes!r}")
+        quotas = TenantQuotas.parse(l1_quota_gb, l1_quotas_gb, "l1_quota_gb", "l1_quotas_gb")
         if l2_adapters is None:
             l2_adapters = []
         if not isinstance(l2_adapters, list | tuple):
             raise ConfigError(f"l2_adapters: expected a list of adapter configs, got {type(l2_adapters).__name__}")
         self.chunk_size = chunk_size
+        admission = [admission_of(config, f"l2_adapters[{i}]") for i, config in enumerate(l2_adapters)]
         self._tiers: list[L2Tier] = []
+        self._init_events()
         try:
             for i, config in enumerate(l2_adapters):
-                self._tiers.append(create_l2_adapter(config, f"l2_adapters[{i}]"))
-            self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper(), l1_backing)
+                self._tiers.append(create_l2_adapter(without_admission(config), f"l2_adapters[{i}]"))
+            self._pool = L1Pool(
+                max(1, int(l1_size_gb * GiB)),
+                eviction_policy.upper(),
+                l1_backing,
+                on_evict=self._on_l1_evict,
+                quotas=quotas,
+            )
         except BaseException:
             for tier in self._tiers:
                 tier.close()
             raise
+        self._admission = [TierAdmission(policy) for policy in admission]
+        # The tiers a store writes through to, and the bit mask of those that wait for a second hit instead.
+        self._write_tiers = [t for t, a in zip(self._tiers, self._admission, strict=True) if not a.second_hit]
+        self._second_hit_mask = sum(1 << i for i, a in enumerate(self._admission) if a.second_hit)
         self._lock = threading.Lock()
         self._closed = False
         self._calls = threading.Condition()  # guards _in_flight: public calls running now (see _call)
         self._in_flight = 0
         self._failing: dict[int, int] = {}  # id(tier) -> failed calls since it started failing (logged once)
+        self._fence = PurgeFence()
         self.counts = {
             "stored": 0,
             "l1_store_refused": 0,
@@ -169,6 +240,10 @@ class Store:
             "l2_errors": 0,
             "l1_backfilled": 0,
             "l1_backfill_skipped": 0,
+            "purge_skipped_stores": 0,
+            "purge_skipped_writes": 0,
+            "purge_skipped_loads": 0,
+            "invalidations": 0,
         }
         # L2 hits read straight into a caller's tensors are copied into L1 later, off the caller's path.
         self._backfill = Backfill(self._pool, min(self._pool.capacity // 4, GiB), self._add_count)
@@ -182,6 +257,7 @@ class Store:
             count=self._add_count,
             failed=lambda tier, exc, n: self._l2_failed(tier, exc, "l2_write_failures", n),
             ok=self._l2_ok,
+            written=self._on_l2_written,
         )
 
     # -- keys -------------------------------------------------------------------------------------------------
@@ -190,10 +266,14 @@ class Store:
     ) -> list[ObjectKey]:
         """Keys of the full ``chunk_size`` chunks of ``token_ids`` (rolling blake3 prefix hash; the partial
         tail gets none)."""
-        return keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt)
+        keys = keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt)
+        if self._events is not None:
+            self._remember_chain(keys)
+        return keys
 
     # -- store ------------------------------------------------------------------------------------------------
     @_call
+    @_fenced
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None:
         """Copy each tensor into L1 under its key and queue the write-through to every L2 adapter.
 
@@ -219,6 +299,7 @@ class Store:
         queued_upto = 0  # objs[:queued_upto] are handed to the write pipeline (it holds their pins)
         closing = False
         self._backfill.stale(keys)  # before anything commits: an older L2 copy must not land over these
+        parent_of = self._parent_map(keys)
         for key, t in zip(keys, tensors, strict=True):
             try:
                 obj = self._pool.reserve(key, t.shape, t.dtype)
@@ -230,26 +311,30 @@ class Store:
                 copy_into(self._pool.view(obj), t.detach())
             except BaseException:
                 self._pool.release([obj])
-                if self._tiers:  # the objects stored and not yet queued keep their pin for the L2 write: drop it
+                if self._write_tiers:  # the objects stored and not yet queued keep their pin for the L2 write: drop it
                     self._pool.release(objs[queued_upto:])
                 raise
-            self._pool.commit(obj, keep_pin=bool(self._tiers))
+            self._emit_l1_stored(obj, parent_of)
+            self._pool.commit(obj, keep_pin=bool(self._write_tiers))
             stored_keys.append(key)
             objs.append(obj)
-            if self._tiers and sum(o.nbytes for o in objs[queued_upto:]) >= WRITE_GROUP_BYTES:
+            if self._write_tiers and sum(o.nbytes for o in objs[queued_upto:]) >= WRITE_GROUP_BYTES:
                 closing |= not self._queue_group(stored_keys[queued_upto:], objs[queued_upto:])
                 queued_upto = len(objs)
         with self._lock:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
-        if self._tiers and len(objs) > queued_upto:
+            self._admit_skipped_locked(len(objs))
+        if self._write_tiers and len(objs) > queued_upto:
             closing |= not self._queue_group(stored_keys[queued_upto:], objs[queued_upto:])
         if closing:
             raise RuntimeError("kvtier Store is closed")
 
     def _queue_group(self, keys: list[ObjectKey], objs: list[L1Object]) -> bool:
-        """Queue the L2 write of objects a store just copied into L1; False only when the Store is closing."""
-        return self._enqueue_write(_Write(keys, objs, sum(o.nbytes for o in objs))) or not self._closed
+        """Queue the L2 write of objects a store just copied into L1 (to the tiers that take writes at store
+        time); False only when the Store is closing."""
+        write = _Write(keys, objs, sum(o.nbytes for o in objs), self._write_tiers)
+        return self._enqueue_write(write) or not self._closed
 
     def _enqueue_write(self, write: _Write) -> bool:
         """The one path by which L2 writes are queued (a store's write-behind, a late write of an admission
@@ -258,7 +343,11 @@ class Store:
         # close() drains the pipeline only once the public calls in flight (this one's caller) have returned, and
         # the pipeline refuses writes once it is closing: a write is either queued before the drain (and done by
         # it) or refused here, never acknowledged and lost. Not under self._lock: the pipeline counts through it.
-        queued = not self._closed and self._writes.submit(write)
+        try:
+            queued = not self._closed and self._writes.submit(write)
+        except BaseException:
+            self._pool.release(write.objs)
+            raise
         if not queued:
             with self._lock:
                 if not self._closed:
@@ -277,8 +366,66 @@ class Store:
         self._writes.drain()
         self._backfill.drain()
 
+    # -- write admission (see kvtier.storage.admission) --------------------------------------------------------
+    def _admit_skipped_locked(self, n: int) -> None:
+        """``n`` chunks were stored to L1 and not written to the ``second_hit`` tiers (yet)."""
+        for a in self._admission:
+            if a.second_hit:
+                a.skipped += n
+
+    def _admit_loaded_from(self, obj: L1Object, tier: L2Tier) -> None:
+        """``obj`` was loaded from ``tier`` and is about to become visible in L1: that tier holds it, so its next
+        hit does not write it there again. Set before commit, while no other thread can see the object."""
+        if self._second_hit_mask:
+            obj.l2_held |= 1 << self._tiers.index(tier)
+
+    def _admit_on_hit(self, pinned: list[L1Object | None], n: int) -> None:
+        """The L1 hits ``pinned[:n]`` (pinned by the caller) were served: queue the write of each to the
+        ``second_hit`` tiers that lack it (a key twice in one call is written once; a key an invalidation running
+        now selects is not written).
+
+        The pin of an object offered to the write pipeline goes with it (released when the write is done, or at
+        once when it is not queued): its entry in ``pinned`` becomes ``None``, so the caller releases exactly the
+        pins it still holds, even when this raises half-way.
+        """
+        if not self._second_hit_mask:
+            return
+        blocked = self._fence.blocked([o.key for o in pinned[:n] if o is not None], stamp())
+        if blocked:
+            return  # an invalidation concerns this call: no late write may race it (the next hit writes)
+        groups: dict[int, list[int]] = {}  # tier mask -> indices of the hits that go to exactly those tiers
+        with self._lock:  # the test-and-set of l2_held: two concurrent hits queue one write
+            for i, obj in enumerate(pinned[:n]):
+                if obj is None:
+                    continue
+                todo = self._second_hit_mask & ~obj.l2_held
+                if todo:
+                    obj.l2_held |= todo
+                    groups.setdefault(todo, []).append(i)
+        for mask, indices in groups.items():
+            hits = [obj for i in indices if (obj := pinned[i]) is not None]
+            tiers = [t for b, t in enumerate(self._tiers) if mask >> b & 1]
+            for i in indices:
+                pinned[i] = None  # the pin goes with the write (see _enqueue_write)
+            queued = False
+            try:
+                queued = self._enqueue_write(_Write([o.key for o in hits], hits, sum(o.nbytes for o in hits), tiers))
+            finally:
+                with self._lock:
+                    if queued:
+                        for b, a in enumerate(self._admission):
+                            a.admitted += len(hits) if mask >> b & 1 else 0
+                    else:  # not written (no room, closing, or the enqueue raised): the next hit tries again
+                        for obj in hits:
+                            obj.l2_held &= ~mask
+
+    def _admission_stats(self, index: int) -> dict[str, Any]:
+        with self._lock:
+            return self._admission[index].stats()
+
     # -- lookup / retrieve ------------------------------------------------------------------------------------
     @_call
+    @_fenced
     def lookup(self, keys: Sequence[ObjectKey]) -> int:
         """How many leading keys are in some tier (L1 or any L2 adapter). An L2 record counts when its header
         says it is ours (this tier's serde identity, this key); a foreign record does not."""
@@ -303,17 +450,20 @@ class Store:
         return first_miss + next((i for i, hit in enumerate(combined) if not hit), len(combined))
 
     @_call
+    @_fenced
     def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]:
         """A new tensor per key (``None`` for a miss), owned by the caller. L1 misses are fetched from the first
         L2 adapter that holds them, through L1."""
         out: list[torch.Tensor | None] = [None] * len(keys)
         objs = self._pool.acquire(keys)
+        pinned = list(objs)
         try:
             for i, obj in enumerate(objs):
                 if obj is not None:
                     out[i] = clone(self._pool.view(obj))
+            self._admit_on_hit(pinned, len(pinned))
         finally:
-            self._pool.release(objs)
+            self._pool.release(pinned)
         missing = [i for i, obj in enumerate(objs) if obj is None]
         if missing:
             self._prefetch(keys, missing, out)
@@ -338,6 +488,7 @@ class Store:
             pending.arm()
 
     @_call
+    @_fenced
     def _retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor], pending: _Countdown) -> int:
         if len(keys) != len(outs):
             raise ValueError(f"retrieve_into got {len(keys)} keys but {len(outs)} outputs")
@@ -346,6 +497,7 @@ class Store:
             if not isinstance(dst, torch.Tensor) or not dst.is_contiguous() or dst.device.type != "cpu":
                 raise ValueError(f"retrieve_into: outs[{i}] must be a contiguous CPU tensor")
         objs = self._pool.acquire(keys)
+        pinned = list(objs)
         n = 0
         try:
             for obj, dst in zip(objs, outs, strict=True):
@@ -353,8 +505,9 @@ class Store:
                     break
                 copy_into(dst, self._pool.view(obj))
                 n += 1
+            self._admit_on_hit(pinned, n)
         finally:
-            self._pool.release(objs)
+            self._pool.release(pinned)
         if n == len(keys) or not self._tiers:
             return n
         rest = list(range(n, len(keys)))
@@ -383,6 +536,7 @@ class Store:
         is sized from the record's header, checked against its length by the tier before it asks. A tier that
         loads in place reads straight into ``into[i]``; L1 gets its copy from the backfill (``pending`` counts
         the copies still reading ``into``)."""
+        parent_of = self._parent_map(keys)
         for tier in self._tiers:
             if not indices:
                 return
@@ -434,11 +588,12 @@ class Store:
                     if obj is None:
                         out[i] = dst  # decoded straight into the caller's tensor or a fresh one
                         header = headers.get(j) if headers is not None else None
-                        if header is not None and pending is not None:
+                        if header is not None and pending is not None and not self._fence.blocked([keys[i]], stamp()):
                             pending.add()
                             self._backfill.submit(keys[i], dst, header, pending.done)
                     else:
-                        self._pool.commit(obj, keep_pin=True)
+                        self._admit_loaded_from(obj, tier)
+                        self._commit_loaded(obj, parent_of)
                         if into is not None:
                             copy_into(into[i], dst)
                             out[i] = into[i]
@@ -480,6 +635,8 @@ class Store:
         """Drop every object from L1 (L2 keeps its copies; objects in flight go when their pins do)."""
         self._backfill.stale(None)
         self._pool.clear()
+        if self._events is not None:
+            self._events.emit_cleared(L1_TIER)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the store, L1 and each L2 adapter (JSON-able)."""
@@ -492,8 +649,211 @@ class Store:
             "l2_pending_bytes": self._writes.pending_bytes,
             "l2_writes_refused_by": dict(self._writes.refused),
             "l1": self._pool.stats(),
-            "l2": [tier.stats() for tier in self._tiers],
+            "l2": [{**tier.stats(), **self._admission_stats(i)} for i, tier in enumerate(self._tiers)],
+            "invalidations_running": self._fence.running(),
+            **({"events": self._events.stats()} if self._events is not None else {}),
         }
+
+    # -- invalidation (see kvtier.storage.fence) ------------------------------------------------------------------
+    @_call
+    def delete(self, keys: Sequence[ObjectKey]) -> int:
+        """Remove ``keys`` from L1 and every L2 tier; return how many of them some tier held. Nothing of these
+        keys stored before this returns is served after it (a queued write is skipped, a load in flight does not
+        put it back into L1 or hand it out). An L2 tier that fails is logged and counted; the others go on."""
+        for key in keys:
+            if not isinstance(key, ObjectKey):
+                raise TypeError(f"keys must be kvtier.ObjectKey, got {type(key).__name__}")
+        wanted = set(keys)
+        if not wanted:
+            return 0
+        ordered = list(dict.fromkeys(keys))
+        held: set[ObjectKey] = set()
+
+        def l2(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
+            done = 0
+            for start in range(0, len(ordered), batch_size):
+                part = ordered[start : start + batch_size]
+                present = tier.contains(part)
+                tier.delete(part)
+                gone = [k for k, p in zip(part, present, strict=True) if p]
+                held.update(gone)
+                done += len(gone)
+                report(done, [k.to_str() for k in gone])
+            return done
+
+        result = self._invalidate(
+            "delete", wanted.__contains__, l2=l2, batch_size=PURGE_BATCH, progress=None, where={"keys": len(wanted)}
+        )
+        held.update(result.pop("_l1_keys"))
+        return len(held)
+
+    @_call
+    def purge(
+        self,
+        model_name: str | None = None,
+        cache_salt: str | None = None,
+        *,
+        batch_size: int = PURGE_BATCH,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Remove every object of a model (``model_name``), of a tenant (``cache_salt``; ``""`` is the unsalted
+        tenant) or of a tenant of a model (both) from L1 and every L2 tier; at least one must be given.
+
+        Each L2 tier is walked in batches of ``batch_size`` keys (its cheapest way: a directory index, ``SCAN``
+        + ``UNLINK``, a listing by prefix), each batch its own backend call, so serving goes on meanwhile;
+        ``progress(counts)`` is called after each batch. Nothing of the selected objects stored before this
+        returns is served after it. Returns ``{"l1": removed, "l2": [{"tier", "deleted"[, "error"]}], "errors",
+        "elapsed_s"}``; an L2 tier that fails (or cannot list its keys) is reported under ``errors`` and the
+        other tiers are still purged.
+        """
+        if model_name is None and cache_salt is None:
+            raise ValueError("purge: give model_name, cache_salt or both (clear() drops everything)")
+        if model_name is not None:
+            ObjectKey(model_name, "0")  # the same check a key's model gets; raises ConfigError naming the field
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ConfigError(f"cache_salt: expected a string, got {type(cache_salt).__name__}")
+        digest = None if cache_salt is None else salt_digest(cache_salt)
+        match = KeyMatch(model_name, digest)
+
+        def selects(key: ObjectKey) -> bool:
+            return (model_name is None or key.model_name == model_name) and (
+                digest is None or key.salt_digest == digest
+            )
+
+        def l2(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
+            return tier.adapter.purge(match, batch_size, report)
+
+        where = {"model_name": model_name, "salt_digest": digest}
+        result = self._invalidate("purge", selects, l2=l2, batch_size=batch_size, progress=progress, where=where)
+        result.pop("_l1_keys")
+        return result
+
+    @_call
+    def clear(
+        self, *, l1: bool = True, l2: bool = False, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Drop every object from L1 (``l1``) and/or from every L2 tier (``l2``: the records kvtier stored; other
+        data on the backend is left alone). Writes queued before this returns are skipped for the tiers cleared;
+        while an L2 clear runs, reads may miss. Returns counts as :meth:`purge` does."""
+        if not l1 and not l2:
+            raise ValueError("clear: nothing to clear (l1=False and l2=False)")
+
+        def all_of(tier: L2Tier, batch_size: int, report: Callable[[int, list[str]], None]) -> int:
+            return tier.adapter.purge(KeyMatch(), batch_size, report)
+
+        result = self._invalidate(
+            "clear",
+            lambda key: True,
+            l2=all_of if l2 else None,
+            batch_size=PURGE_BATCH,
+            progress=progress,
+            where={"clear_l1": l1, "clear_l2": l2},
+            l1=l1,
+        )
+        result.pop("_l1_keys")
+        return result
+
+    def _invalidate(
+        self,
+        what: str,
+        selects: Callable[[ObjectKey], bool],
+        *,
+        l2: Callable[[L2Tier, int, Callable[[int, list[str]], None]], int] | None,
+        batch_size: int,
+        progress: Callable[[dict[str, Any]], None] | None,
+        where: dict[str, Any],
+        l1: bool = True,
+    ) -> dict[str, Any]:
+        """The fenced invalidation every public one shares: open the fence, wait for the ops that began before
+        it, sweep L1, walk each L2 tier, close the fence."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        start = time.monotonic()
+        doc: dict[str, Any] = {"op": what, **where, "state": "waiting", "l1": 0, "l2_deleted": 0, "tier": None}
+        fence = self._fence.open(selects)
+        fence.progress = doc
+        tiers: list[dict[str, Any]] = []
+        errors: list[str] = []
+        removed: list[ObjectKey] = []
+
+        def report(**changes: Any) -> None:
+            doc.update(changes, elapsed_s=round(time.monotonic() - start, 3))
+            if progress is not None:
+                progress(dict(doc))
+
+        try:
+            self._fence.wait_for_earlier_ops(fence)  # stores and loads that began before: done before the sweep
+            # Their L1 backfills may still wait: stale them (later ops skip blocked keys when they submit one).
+            self._backfill.stale_matching(selects)
+            if l1:
+                removed = self._pool.remove(selects) if what != "clear" else self._clear_l1_counted()
+            self._invalidated_l1(removed)
+            # Writes queued before the fence opened: drop the pending ones, wait for those being written (what
+            # they wrote, the L2 walk below removes).
+            self._add_count("purge_skipped_writes", self._writes.cancel(selects))  # not under _lock: writers count
+            report(state="l1 done", l1=len(removed))
+            total = 0
+            for tier in self._tiers if l2 is not None else []:
+                assert l2 is not None
+                entry: dict[str, Any] = {"tier": tier.name, "deleted": 0}
+                tiers.append(entry)
+                base = total
+
+                def tier_report(
+                    n: int, batch: list[str], entry: dict[str, Any] = entry, base: int = base, tier: L2Tier = tier
+                ) -> None:
+                    entry["deleted"] = n
+                    self._invalidated_l2(tier, batch)
+                    report(state="l2", tier=entry["tier"], l2_deleted=base + n)
+
+                try:
+                    n = l2(tier, batch_size, tier_report)
+                except (L2Error, NotImplementedError) as exc:
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+                    errors.append(f"{tier.name}: {entry['error']}")
+                    if isinstance(exc, L2Error):
+                        self._l2_failed(tier, exc)
+                    log.warning("%s: L2 %s not fully invalidated: %s", what, tier.name, exc)
+                else:
+                    entry["deleted"] = n
+                total += entry["deleted"]
+            report(state="done", l2_deleted=total)
+        finally:
+            self._fence.close(fence)
+            with self._lock:
+                self.counts["invalidations"] += 1
+        return {
+            "l1": len(removed),
+            "l2": tiers,
+            "l2_deleted": sum(t["deleted"] for t in tiers),
+            "errors": errors,
+            "elapsed_s": round(time.monotonic() - start, 3),
+            "_l1_keys": removed,
+        }
+
+    def _invalidated_l1(self, keys: list[ObjectKey]) -> None:
+        """``keys`` were removed from L1 by an invalidation (an operator's delete / purge / clear)."""
+        self._emit("purged", keys, L1_TIER)
+
+    def _invalidated_l2(self, tier: L2Tier, names: list[str]) -> None:
+        """Records ``names`` (``ObjectKey.to_str()``) were removed from ``tier`` by an invalidation."""
+        self._emit_names("purged", self._tier_label(tier), names)
+
+    def _clear_l1_counted(self) -> list[ObjectKey]:
+        removed = self._pool.remove(lambda key: True)
+        self._pool.clear()  # gives the pages back too
+        return removed
+
+    def _commit_loaded(self, obj: L1Object, parent_of: dict[ObjectKey, str | None] | None) -> None:
+        """Where a load puts a record into L1 (with its ``stored`` event): not when a purge began since the load
+        did (the object stays pinned for the caller, who releases it; the fenced read then reports a miss)."""
+        blocked = self._fence.blocked([obj.key], stamp())
+        if blocked:
+            with self._lock:
+                self.counts["purge_skipped_loads"] += 1
+            return
+        self._emit_l1_stored(obj, parent_of)
+        self._pool.commit(obj, keep_pin=True)
 
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
@@ -506,9 +866,122 @@ class Store:
             self._calls.wait_for(lambda: self._in_flight == 0)
         self._writes.close()  # every acknowledged write is written or counted as failed first
         self._backfill.close()  # it copies into L1: done before L1 is unmapped
+        if self._events is not None:
+            self._events.close()  # after the last L2 write: its stored events are delivered too
         for tier in self._tiers:
             tier.close()
         self._pool.close()
+
+    # -- events -----------------------------------------------------------------------------------------------
+    _events: EventHub | None  # created by the first add_listener
+    _lineage: OrderedDict[ObjectKey, str | None]  # key -> previous chunk's hash (None: a first chunk)
+
+    def event_hub(self) -> EventHub:
+        """The Store's :class:`~kvtier.events.EventHub` (created on first use): its publisher id, counters and
+        listeners. Events are built only while it has a listener."""
+        with self._lock:
+            if self._events is None:
+                self._events = EventHub()
+                for tier in self._tiers:  # adapters that evict on their own capacity index report it
+                    tier.adapter.on_evict = functools.partial(self._on_l2_evict, self._tier_label(tier))
+            return self._events
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(events)`` with batches of :class:`~kvtier.events.KVEvent` (stored / evicted / purged /
+        cleared, per chunk key and tier; see :mod:`kvtier.events`) from now on.
+
+        Listeners run on one thread of their own, never in the caller's: the Store queues events (bounded) and
+        never waits for a listener; a slow one makes events drop (counted in ``stats()["events"]["dropped"]``,
+        and visible to it as a gap in ``seq``), one that raises is logged and keeps receiving. No listener, no
+        cost: events are built only while one is registered.
+        """
+        self.event_hub().add_listener(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (events already handed to it may still arrive once)."""
+        if self._events is not None:
+            self._events.remove_listener(listener)
+
+    def _init_events(self) -> None:
+        self._events = None
+        self._lineage = OrderedDict()  # the chains keys_for_tokens computed, for the parents of stored events
+        self._lineage_lock = threading.Lock()
+
+    def _tier_label(self, tier: L2Tier) -> str:
+        """The L2 tier's name in events (``fs``, ``redis+fp8``); suffixed ``#index`` when two tiers share it."""
+        names = [t.name for t in self._tiers]
+        return tier.name if names.count(tier.name) == 1 else f"{tier.name}#{self._tiers.index(tier)}"
+
+    def _remember_chain(self, keys: Sequence[ObjectKey]) -> None:
+        with self._lineage_lock:
+            prev: str | None = None
+            for key in keys:
+                self._lineage[key] = prev
+                self._lineage.move_to_end(key)
+                prev = key.chunk_hash
+            while len(self._lineage) > LINEAGE_KEYS:
+                self._lineage.popitem(last=False)
+
+    def _parent_map(self, call_keys: Sequence[ObjectKey]) -> dict[ObjectKey, str | None] | None:
+        """The parent hash of each key of one call (``None`` when nothing listens): from the chains
+        keys_for_tokens computed, else the key before it in the call when of the same model, rank and salt (see
+        :mod:`kvtier.events`)."""
+        events = self._events
+        if events is None or not events.has_listeners:
+            return None
+        out: dict[ObjectKey, str | None] = {}
+        before: ObjectKey | None = None
+        with self._lineage_lock:
+            for key in call_keys:
+                if key in self._lineage:
+                    out[key] = self._lineage[key]
+                elif before is not None and (before.model_name, before.kv_rank, before.cache_salt) == (
+                    key.model_name,
+                    key.kv_rank,
+                    key.cache_salt,
+                ):
+                    out[key] = before.chunk_hash
+                else:
+                    out[key] = None
+                before = key
+        return out
+
+    def _emit_l1_stored(self, obj: L1Object, parent_of: dict[ObjectKey, str | None] | None) -> None:
+        """A ``stored`` event for an object about to be committed to L1. Emitted before the commit, so that an
+        eviction of this object (only possible once committed) always comes after it in ``seq``."""
+        events = self._events
+        if parent_of is not None and events is not None:
+            events.emit("stored", [obj.key], L1_TIER, [obj.nbytes], [parent_of.get(obj.key)])
+
+    def _emit_stored(
+        self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey], sizes: Sequence[int], tier: str
+    ) -> None:
+        """``stored`` events for ``keys`` (those of one call's ``call_keys`` that landed in ``tier``)."""
+        parent_of = self._parent_map(call_keys)
+        if parent_of is not None and self._events is not None and keys:
+            self._events.emit("stored", keys, tier, sizes, [parent_of.get(k) for k in keys])
+
+    def _emit(self, kind: Kind, keys: Sequence[ObjectKey], tier: str) -> None:
+        events = self._events
+        if events is not None and keys and events.has_listeners:
+            events.emit(kind, keys, tier)
+
+    def _on_l1_evict(self, keys: Sequence[ObjectKey]) -> None:
+        self._emit("evicted", keys, L1_TIER)
+
+    def _on_l2_evict(self, tier: str, names: Sequence[str]) -> None:
+        """An adapter evicted records ``names`` (``ObjectKey.to_str()`` strings: model, rank, salt digest, hash)."""
+        self._emit_names("evicted", tier, names)
+
+    def _on_l2_written(self, tier: L2Tier, keys: Sequence[ObjectKey], sizes: Sequence[int]) -> None:
+        """The write pipeline wrote ``keys`` to ``tier``."""
+        self._emit_stored(keys, keys, sizes, self._tier_label(tier))
+
+    def _emit_names(self, kind: Kind, tier: str, names: Sequence[str]) -> None:
+        """``kind`` events for records named ``names`` (``ObjectKey.to_str()`` strings)."""
+        events = self._events
+        if events is not None and events.has_listeners:
+            events.emit(kind, _key_fields(names), tier)
 
     def __enter__(self) -> Store:
         return self
@@ -520,3 +993,13 @@ class Store:
         # A Store dropped without close() gives its L1 mapping back at once, not at process exit.
         if not getattr(self, "_closed", True) and hasattr(self, "_pool"):
             self._pool.arena.close()
+
+
+def _key_fields(names: Sequence[str]) -> list[tuple[str, int, str, str]]:
+    """``(model, rank, salt digest, hash)`` of record names (``ObjectKey.to_str()``); others are skipped."""
+    fields = []
+    for name in names:
+        parts = name.split("@")
+        if len(parts) == 4 and parts[1].isdigit():
+            fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
+    return fields
