@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.common import Figure, Report
+from kvtier.bench.common import Figure, Report, load_between, machine_load
 from kvtier.errors import ConfigError, MissingDependencyError
 
 PHASES = ("miss", "l1", "l2_raw", "l2_fp8")
@@ -218,6 +218,7 @@ def run(args: argparse.Namespace) -> Report:
          "model": Path(args.model).name, "omp_threads": os.environ.get("OMP_NUM_THREADS", "1")},
     )  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="kvtier-bench-vllm-"))
+    before = machine_load()  # the machine's load before and after, printed with the figures
     try:
         baseline = _run_part("baseline", args, {"raw": str(root / "b-raw"), "fp8": str(root / "b-fp8")}, say)
         recompute = statistics.median(r["miss"] for r in baseline)
@@ -243,6 +244,7 @@ def run(args: argparse.Namespace) -> Report:
                                   "recompute", 1.0,
                                   note=f"TTFT {med[phase]:.3f} s"))  # fmt: skip
     finally:
+        report.load = load_between(before, machine_load())
         shutil.rmtree(root, ignore_errors=True)
     return report
 
