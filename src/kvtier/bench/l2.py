@@ -261,33 +261,32 @@ def _tier_mode(h: Harness, c: _Chunks, serdes: list[str], root: Path, args: argp
 
 
 @contextmanager
-def _store_mode(h: Harness, c: _Chunks, serdes: list[str], root: Path, args: argparse.Namespace) -> Iterator[None]:
+def _store_mode(h: Harness, c: _Chunks, name: str, root: Path, args: argparse.Namespace) -> Iterator[None]:
+    """The whole Store with serde ``name`` (one serde at a time: a Store's L1 holds every chunk twice)."""
     d = c.durability
-    plain_write = Op(f"plain write ({d})", c.plain_write, c.total)
     l1_gb = 2 * c.total / GiB + 0.25  # every chunk twice: a write-behind never finds L1 half full
+    adapter = {
+        "type": "fs",
+        "base_path": str(root / f"store-{name}"),
+        "durability": args.durability,
+        "serde": _serde_config(name, args.workers),
+    }
     with ExitStack() as stack:
-        for name in serdes:
-            adapter = {
-                "type": "fs",
-                "base_path": str(root / f"store-{name}"),
-                "durability": args.durability,
-                "serde": _serde_config(name, args.workers),
-            }
-            store = stack.enter_context(Store(l1_size_gb=l1_gb, l2_adapters=[adapter]))
-            alone = _tier(root, f"store-tier-{name}", name, args)
-            stack.callback(alone.close)
-            c.tier_store(alone)()  # the records the tier alone loads, the same bytes as the Store's
-            store_op = Op(f"Store {name} store ({d})", c.store_store(store), c.total, setup=store.clear_l1)
-            load_op = Op(f"Store {name} hot load", c.store_load(store), c.total, setup=store.clear_l1)
-            tier_load = Op(f"tier {name} hot load", c.tier_load(alone), c.total)
-            note = f"store() + flush(), L1 emptied before; fs, durability {args.durability}"
-            if name == "raw":
-                h.compare(f"Store: raw store ({d})", store_op, plain_write, note)
-            else:
-                serde = stack.enter_context(create_serde_processor(_serde_config(name, args.workers)))
-                encode = Op(f"{name} encode alone", c.encode(serde)[0], c.total)
-                h.compare(f"Store: {name} store ({d})", store_op, encode, f"{note}; GB/s of KV")
-            h.compare(f"Store: {name} hot load", load_op, tier_load, "retrieve_into, L1 emptied before, records cached")
+        store = stack.enter_context(Store(l1_size_gb=l1_gb, l2_adapters=[adapter]))
+        alone = _tier(root, f"store-tier-{name}", name, args)
+        stack.callback(alone.close)
+        c.tier_store(alone)()  # the records the tier alone loads, the same bytes as the Store's
+        store_op = Op(f"Store {name} store ({d})", c.store_store(store), c.total, setup=store.clear_l1)
+        load_op = Op(f"Store {name} hot load", c.store_load(store), c.total, setup=store.clear_l1)
+        tier_load = Op(f"tier {name} hot load", c.tier_load(alone), c.total)
+        note = f"store() + flush(), L1 emptied before; fs, durability {args.durability}"
+        if name == "raw":
+            h.compare(f"Store: raw store ({d})", store_op, Op(f"plain write ({d})", c.plain_write, c.total), note)
+        else:
+            serde = stack.enter_context(create_serde_processor(_serde_config(name, args.workers)))
+            encode = Op(f"{name} encode alone", c.encode(serde)[0], c.total)
+            h.compare(f"Store: {name} store ({d})", store_op, encode, f"{note}; GB/s of KV")
+        h.compare(f"Store: {name} hot load", load_op, tier_load, "retrieve_into, L1 emptied before, records cached")
         yield
 
 
@@ -328,17 +327,20 @@ def run(args: argparse.Namespace) -> Report:
     try:
         with recording_load(report):
             c = _Chunks(src, args.chunks, batch, root, args.durability)
-            # One harness per mode: its resources (tiers, Stores, L1) live only while its rounds run.
+            # One harness per mode (per serde for the Store): its resources (tiers, Stores and their L1) live only
+            # while its rounds run.
             for mode in modes:
-                h = Harness(args.rounds, order=args.order, reference_samples=1)
-                if mode == "encode":
-                    build = _encode_mode(h, c, serdes, args)
-                elif mode == "tier":
-                    build = _tier_mode(h, c, serdes, root, args)
-                else:
-                    build = _store_mode(h, c, serdes, root, args)
-                with build:
-                    results += h.run(f"bench l2 {mode}", show_progress=not args.json)
+                for name in serdes if mode == "store" else [None]:
+                    h = Harness(args.rounds, order=args.order, reference_samples=1)
+                    if mode == "encode":
+                        build = _encode_mode(h, c, serdes, args)
+                    elif mode == "tier":
+                        build = _tier_mode(h, c, serdes, root, args)
+                    else:
+                        assert name is not None
+                        build = _store_mode(h, c, name, root, args)
+                    with build:
+                        results += h.run(f"bench l2 {mode} {name or ''}", show_progress=not args.json)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report.add_results(results)
