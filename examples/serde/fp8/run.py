@@ -92,9 +92,11 @@ def main() -> None:
                     f"{same}"
                 )
             l2 = client.stats()["store"]["l2"][0]
+            prompts = 1 + args.repeat  # each timed recompute stored the prompt once more, under its own salt
             print(
-                f"\nfs L2 holds {l2.get('used_bytes', 0) / 1e6:.1f} MB of fp8 records for {ids.shape[1]} tokens "
-                f"(bf16 would be about {2 * ids.shape[1] * 30 * 192 * 2 / 1e6:.1f} MB)"
+                f"\nfs L2 holds {l2.get('used_bytes', 0) / 1e6:.1f} MB of fp8 records for {prompts} copies of the "
+                f"{ids.shape[1]}-token prompt (bf16 would be about {2 * ids.shape[1] * 30 * 192 * 2 / 1e6:.1f} MB "
+                "per copy)"
             )
     finally:
         server.stop()
