@@ -183,7 +183,6 @@ def _encode_block_bf16(  # noqa: PLR0917 (numba kernels take positional scalars)
 ) -> None:
     """Encode block ``b`` (``T x C`` elements) with its groups' exponents ``e_row`` and caps ``c_row``;
     ``subs`` / ``thrs`` / ``cap32`` are ``C``-long int32 scratch rows."""
-    shift, half, rebias, min_field, sub_mul = fmt[0], fmt[1], fmt[2], fmt[3], fmt[4]
     # per group, as int32 lanes: the exponent-field subtract, the smallest magnitude that stays a bf16 normal
     # after it (below it the code is 0; at least 1, so that zero is 0 too), and the cap
     muls = np.empty(C, dtype=np.float32)
@@ -193,6 +192,36 @@ def _encode_block_bf16(  # noqa: PLR0917 (numba kernels take positional scalars)
         thrs[c] = max((e + _I1) << _I7, _I1)
         cap32[c] = np.int32(c_row[c])
         muls[c] = _subnormal_factor(e)
+    # A subnormal source has no exponent field to subtract the scale from: it takes a float multiply instead.
+    # KV rarely holds one, so a block without any (one pass over the block, in cache after the amax) runs the
+    # loop without that path (14.8 against 16.9 ms for a 32 MiB chunk, measured here).
+    low = np.full(C, 0xFFFF, dtype=np.uint16)
+    for t in range(T):
+        base = (b * T + t) * C
+        s_row = src[base : base + C]
+        for c in range(C):
+            low[c] = min(low[c], np.uint16(np.uint16(s_row[c] & np.uint16(0x7FFF)) - np.uint16(1)))
+    if low.min() < np.uint16(0x7F):
+        _encode_rows_bf16(src, dst, b, T, C, subs, thrs, cap32, muls, fmt, True)
+    else:
+        _encode_rows_bf16(src, dst, b, T, C, subs, thrs, cap32, muls, fmt, False)
+
+
+@_kernel(inline="always", error_model="numpy")
+def _encode_rows_bf16(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray,
+    dst: np.ndarray,
+    b: int,
+    T: int,
+    C: int,
+    subs: np.ndarray,
+    thrs: np.ndarray,
+    cap32: np.ndarray,
+    muls: np.ndarray,
+    fmt: tuple[Any, ...],
+    subnormals: bool,
+) -> None:
+    shift, half, rebias, min_field, sub_mul = fmt[0], fmt[1], fmt[2], fmt[3], fmt[4]
     for t in range(T):
         base = (b * T + t) * C
         s_row = src[base : base + C]
@@ -200,9 +229,10 @@ def _encode_block_bf16(  # noqa: PLR0917 (numba kernels take positional scalars)
         for c in range(C):
             x = np.int32(s_row[c])
             a = x & _MAG16
-            # scaled: a subtract from the exponent field; a subnormal (no exponent to subtract from) times 2**-e
-            sub = np.int32(np.float32(np.int32(a << _I16).view(np.float32) * muls[c]).view(np.int32) >> _I16)
-            p = np.int32(a - subs[c]) if a >= _BF16_MIN_NORMAL else sub
+            p = np.int32(a - subs[c])  # scaled: a subtract from the exponent field
+            if subnormals:  # a subnormal times 2**-e (exact: a power of two, a normal result)
+                sub = np.int32(np.float32(np.int32(a << _I16).view(np.float32) * muls[c]).view(np.int32) >> _I16)
+                p = p if a >= _BF16_MIN_NORMAL else sub
             code = _bf16_code(p, shift, half, rebias, min_field, sub_mul)
             cap = cap32[c]
             code = cap if code > cap else code  # caps <= the largest finite code: clamps overflow too
