@@ -18,17 +18,15 @@ SCALED_BF16 = {
     torch.float8_e4m3fn: K.encode_bf16_with_exponents_e4m3,
     torch.float8_e5m2: K.encode_bf16_with_exponents_e5m2,
 }
+PLAIN_WIDE = {torch.float8_e4m3fn: K.encode_plain_wide_e4m3, torch.float8_e5m2: K.encode_plain_wide_e5m2}
 PLAIN_BF16 = {torch.float8_e4m3fn: K.encode_plain_bf16_e4m3, torch.float8_e5m2: K.encode_plain_bf16_e5m2}
 
 
 def _decode_scaled(  # noqa: PLR0917
     codes: np.ndarray, out: np.ndarray, B: int, T: int, C: int, exps: np.ndarray, dtype: torch.dtype, fp8: torch.dtype
 ) -> None:
-    e4m3 = fp8 == torch.float8_e4m3fn
-    if dtype == torch.float32:
-        K.decode_scaled32(codes, out, B, T, C, exps, e4m3)
-    else:
-        K.decode_scaled16(codes, out, B, T, C, exps, dtype == torch.float16, e4m3)
+    out_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    getattr(K, f"decode_scaled_{out_name}_{FP8_NAME[fp8]}")(codes, out, B, T, C, exps)
 
 
 def _caps(fp8: torch.dtype, dtype: torch.dtype, exps: np.ndarray) -> np.ndarray:
@@ -262,8 +260,7 @@ def test_unscaled_wide_encode_is_torch_cast_and_finds_the_first_non_finite(
 ) -> None:
     bits = _patterns(dtype)
     out = np.empty(bits.size, dtype=np.uint8)
-    e4m3 = fp8 == torch.float8_e4m3fn
-    assert K.encode_plain_wide(bits, out, e4m3) == -1
+    assert PLAIN_WIDE[fp8](bits, out) == -1
     x = torch.from_numpy(bits.view(NP_INT[dtype])).view(dtype)
     assert np.array_equal(out, x.to(fp8).view(torch.uint8).numpy())
     inf, nan = (0x7C00, 0x7E01) if dtype == torch.float16 else (0x7F800000, 0x7FC00001)
@@ -273,4 +270,4 @@ def test_unscaled_wide_encode_is_torch_cast_and_finds_the_first_non_finite(
             damaged = bits.copy()
             damaged[where] = bad
             damaged[-1 if where == 0 else 0] = bad
-            assert K.encode_plain_wide(damaged, out, e4m3) == min(where, bits.size - 1 if where == 0 else 0)
+            assert PLAIN_WIDE[fp8](damaged, out) == min(where, bits.size - 1 if where == 0 else 0)

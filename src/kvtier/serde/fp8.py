@@ -111,6 +111,7 @@ class _Tables:
 
 
 _TABLES = {fp8: _Tables(fp8) for fp8 in _FORMATS}
+_OUT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -213,9 +214,9 @@ class Fp8Stage(TensorBytesStage):
         pieces = self._pieces(shape, parts)
         if not self.scaled:
             if src.dtype == torch.bfloat16:
-                plain: Any = functools.partial(k.encode_plain_bf16_e4m3 if e4m3 else k.encode_plain_bf16_e5m2)
+                plain: Any = k.encode_plain_bf16_e4m3 if e4m3 else k.encode_plain_bf16_e5m2
             else:
-                plain = functools.partial(_plain_wide, k.encode_plain_wide, e4m3)
+                plain = k.encode_plain_wide_e4m3 if e4m3 else k.encode_plain_wide_e5m2
 
             def run_plain(part: list[tuple[int, int, int, int, int, int]]) -> None:
                 for offset, count, _, _, _, _ in part:
@@ -234,7 +235,7 @@ class Fp8Stage(TensorBytesStage):
         if src.dtype == torch.bfloat16:
             scaled: Any = k.encode_scaled_bf16_e4m3 if e4m3 else k.encode_scaled_bf16_e5m2
         else:
-            scaled = functools.partial(_scaled_wide, k.encode_scaled_wide, e4m3)
+            scaled = k.encode_scaled_wide_e4m3 if e4m3 else k.encode_scaled_wide_e5m2
 
         def run_scaled(part: list[tuple[int, int, int, int, int, int]]) -> None:
             for offset, b, t, c, g0, _ in part:
@@ -263,17 +264,14 @@ class Fp8Stage(TensorBytesStage):
         out = _bits(dst)
         codes = data[:n].numpy()
         e4m3 = self.fp8 == torch.float8_e4m3fn
-        fp16, wide = dst.dtype == torch.float16, dst.dtype == torch.float32
+        suffix = f"{_OUT_NAMES[dst.dtype]}_{'e4m3' if e4m3 else 'e5m2'}"
+        decode_plain, decode_scaled = getattr(k, f"decode_plain_{suffix}"), getattr(k, f"decode_scaled_{suffix}")
         pieces = self._pieces(shape, parts)
         if not self.scaled:
 
             def run_plain(part: list[tuple[int, int, int, int, int, int]]) -> None:
                 for offset, count, _, _, _, _ in part:
-                    src_view, dst_view = codes[offset : offset + count], out[offset : offset + count]
-                    if wide:
-                        k.decode_plain32(src_view, dst_view, e4m3)
-                    else:
-                        k.decode_plain16(src_view, dst_view, fp16, e4m3)
+                    decode_plain(codes[offset : offset + count], out[offset : offset + count])
 
             return [functools.partial(run_plain, part) for part in pieces]
         exps = data[n:].numpy().view(np.int8)
@@ -286,21 +284,9 @@ class Fp8Stage(TensorBytesStage):
         def run_scaled(part: list[tuple[int, int, int, int, int, int]]) -> None:
             for offset, b, t, c, g0, _ in part:
                 end = offset + b * t * c
-                src_view, dst_view, e = codes[offset:end], out[offset:end], exps[g0 : g0 + b * c]
-                if wide:
-                    k.decode_scaled32(src_view, dst_view, b, t, c, e, e4m3)
-                else:
-                    k.decode_scaled16(src_view, dst_view, b, t, c, e, fp16, e4m3)
+                decode_scaled(codes[offset:end], out[offset:end], b, t, c, exps[g0 : g0 + b * c])
 
         return [functools.partial(run_scaled, part) for part in pieces]
-
-
-def _plain_wide(kernel: Any, e4m3: bool, src: np.ndarray, dst: np.ndarray) -> int:
-    return int(kernel(src, dst, e4m3))
-
-
-def _scaled_wide(kernel: Any, e4m3: bool, *args: Any) -> int:
-    return int(kernel(*args, e4m3))
 
 
 # The names of the two halves before stages were typed: one object is both now.

@@ -507,14 +507,19 @@ def _plain_wide(src: np.ndarray, dst: np.ndarray, fmt: tuple[Any, ...], fp16: bo
     return -1
 
 
+# One entry per format (and below per output dtype): numba compiles what a process uses, one small kernel at a time
+# (a kernel holding every variant took 10-17 s to compile on a loaded 2-core machine).
 @_kernel(error_model="numpy")
-def encode_plain_wide(src: np.ndarray, dst: np.ndarray, e4m3: bool) -> int:
-    """The unscaled cast of fp16 (``src`` as ``uint16``) or fp32 (``uint32``) to e4m3fn (saturating) or e5m2 (past
-    the largest finite value to inf), as torch casts; returns the first non-finite element, or -1."""
-    fp16 = src.itemsize == 2
-    if e4m3:
-        return _plain_wide(src, dst, _E4_F32, fp16)
-    return _plain_wide(src, dst, _E5_F32, fp16)
+def encode_plain_wide_e4m3(src: np.ndarray, dst: np.ndarray) -> int:
+    """The unscaled cast of fp16 (``src`` as ``uint16``) or fp32 (``uint32``) to e4m3fn (saturating), as torch
+    casts; returns the first non-finite element, or -1."""
+    return _plain_wide(src, dst, _E4_F32, src.itemsize == 2)
+
+
+@_kernel(error_model="numpy")
+def encode_plain_wide_e5m2(src: np.ndarray, dst: np.ndarray) -> int:
+    """:func:`encode_plain_wide_e4m3` to e5m2 (past the largest finite value to inf, as torch does)."""
+    return _plain_wide(src, dst, _E5_F32, src.itemsize == 2)
 
 
 @_kernel(inline="always", error_model="numpy")
@@ -621,7 +626,7 @@ def encode_wide_with_exponents(  # noqa: PLR0917 (numba kernels take positional 
 
 
 @_kernel(error_model="numpy")
-def encode_scaled_wide(  # noqa: PLR0917 (numba kernels take positional scalars)
+def encode_scaled_wide_e4m3(  # noqa: PLR0917 (numba kernels take positional scalars)
     src: np.ndarray,
     dst: np.ndarray,
     B: int,
@@ -632,15 +637,28 @@ def encode_scaled_wide(  # noqa: PLR0917 (numba kernels take positional scalars)
     out_max: float,
     lo: int,
     lut_f64: np.ndarray,
-    e4m3: bool,
 ) -> int:
-    """:func:`encode_scaled_bf16_e4m3` for fp16 (``src`` as ``uint16``) and fp32 (``uint32``) sources, to e4m3fn
-    or e5m2: the scale subtracts ``e`` from the float32 exponent field, :func:`_f32_code` rounds as torch does.
-    Returns the first group holding a non-finite value, or -1."""
-    fp16 = src.itemsize == 2
-    if e4m3:
-        return _scaled_wide(src, dst, B, T, C, exps, caps, 448.0, out_max, lo, lut_f64, _E4_F32, fp16)
-    return _scaled_wide(src, dst, B, T, C, exps, caps, 57344.0, out_max, lo, lut_f64, _E5_F32, fp16)
+    """:func:`encode_scaled_bf16_e4m3` for fp16 (``src`` as ``uint16``) and fp32 (``uint32``) sources: the scale
+    subtracts ``e`` from the float32 exponent field, :func:`_f32_code` rounds as torch does. Returns the first
+    group holding a non-finite value, or -1."""
+    return _scaled_wide(src, dst, B, T, C, exps, caps, 448.0, out_max, lo, lut_f64, _E4_F32, src.itemsize == 2)
+
+
+@_kernel(error_model="numpy")
+def encode_scaled_wide_e5m2(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray,
+    dst: np.ndarray,
+    B: int,
+    T: int,
+    C: int,
+    exps: np.ndarray,
+    caps: np.ndarray,
+    out_max: float,
+    lo: int,
+    lut_f64: np.ndarray,
+) -> int:
+    """:func:`encode_scaled_wide_e4m3` for e5m2."""
+    return _scaled_wide(src, dst, B, T, C, exps, caps, 57344.0, out_max, lo, lut_f64, _E5_F32, src.itemsize == 2)
 
 
 # -- decode: arithmetic, no table ------------------------------------------------------------------------------
@@ -761,33 +779,53 @@ def _decode_scaled32(  # noqa: PLR0917 (numba kernels take positional scalars)
 
 
 @_kernel(error_model="numpy")
-def decode_scaled16(  # noqa: PLR0917 (numba kernels take positional scalars)
-    src: np.ndarray, dst: np.ndarray, B: int, T: int, C: int, exps: np.ndarray, fp16: bool, e4m3: bool
+def decode_scaled_bf16_e4m3(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray, dst: np.ndarray, B: int, T: int, C: int, exps: np.ndarray
 ) -> None:
     """Decode the codes of a ``[B, T, C]`` view with the group exponents ``exps`` (``int8``, one per ``(b, c)``,
-    each >= the encoder's lowest for this output) into ``dst``, the ``uint16`` bits of bf16 (or fp16 with
-    ``fp16``) outputs: ``value(code) * 2**e`` exactly."""
-    # every branch passes its constants as globals, which numba freezes: each loop is compiled for one format
-    if e4m3:
-        if fp16:
-            _decode_scaled16(src, dst, B, T, C, exps, _E4_DEC, _FP16_OUT)
-        else:
-            _decode_scaled16(src, dst, B, T, C, exps, _E4_DEC, _BF16_OUT)
-    elif fp16:
-        _decode_scaled16(src, dst, B, T, C, exps, _E5_DEC, _FP16_OUT)
-    else:
-        _decode_scaled16(src, dst, B, T, C, exps, _E5_DEC, _BF16_OUT)
+    each >= the encoder's lowest for this output) into ``dst``, the output's bits (``uint16``; ``uint32`` for
+    fp32): ``value(code) * 2**e`` exactly."""
+    _decode_scaled16(src, dst, B, T, C, exps, _E4_DEC, _BF16_OUT)
 
 
 @_kernel(error_model="numpy")
-def decode_scaled32(  # noqa: PLR0917 (numba kernels take positional scalars)
-    src: np.ndarray, dst: np.ndarray, B: int, T: int, C: int, exps: np.ndarray, e4m3: bool
+def decode_scaled_fp16_e4m3(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray, dst: np.ndarray, B: int, T: int, C: int, exps: np.ndarray
 ) -> None:
-    """:func:`decode_scaled16` for fp32 outputs (``dst`` as ``uint32``)."""
-    if e4m3:
-        _decode_scaled32(src, dst, B, T, C, exps, _E4_DEC)
-    else:
-        _decode_scaled32(src, dst, B, T, C, exps, _E5_DEC)
+    """decode_scaled_bf16_e4m3 from e4m3 to fp16."""
+    _decode_scaled16(src, dst, B, T, C, exps, _E4_DEC, _FP16_OUT)
+
+
+@_kernel(error_model="numpy")
+def decode_scaled_fp32_e4m3(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray, dst: np.ndarray, B: int, T: int, C: int, exps: np.ndarray
+) -> None:
+    """decode_scaled_bf16_e4m3 from e4m3 to fp32."""
+    _decode_scaled32(src, dst, B, T, C, exps, _E4_DEC)
+
+
+@_kernel(error_model="numpy")
+def decode_scaled_bf16_e5m2(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray, dst: np.ndarray, B: int, T: int, C: int, exps: np.ndarray
+) -> None:
+    """decode_scaled_bf16_e4m3 from e5m2 to bf16."""
+    _decode_scaled16(src, dst, B, T, C, exps, _E5_DEC, _BF16_OUT)
+
+
+@_kernel(error_model="numpy")
+def decode_scaled_fp16_e5m2(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray, dst: np.ndarray, B: int, T: int, C: int, exps: np.ndarray
+) -> None:
+    """decode_scaled_bf16_e4m3 from e5m2 to fp16."""
+    _decode_scaled16(src, dst, B, T, C, exps, _E5_DEC, _FP16_OUT)
+
+
+@_kernel(error_model="numpy")
+def decode_scaled_fp32_e5m2(  # noqa: PLR0917 (numba kernels take positional scalars)
+    src: np.ndarray, dst: np.ndarray, B: int, T: int, C: int, exps: np.ndarray
+) -> None:
+    """decode_scaled_bf16_e4m3 from e5m2 to fp32."""
+    _decode_scaled32(src, dst, B, T, C, exps, _E5_DEC)
 
 
 @_kernel(inline="always", error_model="numpy")
@@ -825,26 +863,39 @@ def _decode_plain32(src: np.ndarray, dst: np.ndarray, fmt: tuple[Any, ...]) -> N
 
 
 @_kernel(error_model="numpy")
-def decode_plain16(src: np.ndarray, dst: np.ndarray, fp16: bool, e4m3: bool) -> None:
-    """The unscaled decode to bf16 (or fp16 with ``fp16``) bits: every code's value as torch casts it."""
-    if e4m3:
-        if fp16:
-            _decode_plain16(src, dst, _E4_DEC, _FP16_OUT)
-        else:
-            _decode_plain16(src, dst, _E4_DEC, _BF16_OUT)
-    elif fp16:
-        # e5m2 is the high byte of fp16 (its subnormals are fp16 subnormals, which the arithmetic path does not
-        # produce): a shift is the exact cast of every code
-        for i in range(src.size):
-            dst[i] = np.uint16(np.uint16(src[i]) << _U8)
-    else:
-        _decode_plain16(src, dst, _E5_DEC, _BF16_OUT)
+def decode_plain_bf16_e4m3(src: np.ndarray, dst: np.ndarray) -> None:
+    """The unscaled decode: every code's value in the output's bits, as torch casts it (NaN codes: a NaN)."""
+    _decode_plain16(src, dst, _E4_DEC, _BF16_OUT)
 
 
 @_kernel(error_model="numpy")
-def decode_plain32(src: np.ndarray, dst: np.ndarray, e4m3: bool) -> None:
-    """The unscaled decode to fp32 bits."""
-    if e4m3:
-        _decode_plain32(src, dst, _E4_DEC)
-    else:
-        _decode_plain32(src, dst, _E5_DEC)
+def decode_plain_fp16_e4m3(src: np.ndarray, dst: np.ndarray) -> None:
+    """decode_plain_bf16_e4m3 from e4m3 to fp16."""
+    _decode_plain16(src, dst, _E4_DEC, _FP16_OUT)
+
+
+@_kernel(error_model="numpy")
+def decode_plain_fp32_e4m3(src: np.ndarray, dst: np.ndarray) -> None:
+    """decode_plain_bf16_e4m3 from e4m3 to fp32."""
+    _decode_plain32(src, dst, _E4_DEC)
+
+
+@_kernel(error_model="numpy")
+def decode_plain_bf16_e5m2(src: np.ndarray, dst: np.ndarray) -> None:
+    """decode_plain_bf16_e4m3 from e5m2 to bf16."""
+    _decode_plain16(src, dst, _E5_DEC, _BF16_OUT)
+
+
+@_kernel(error_model="numpy")
+def decode_plain_fp16_e5m2(src: np.ndarray, dst: np.ndarray) -> None:
+    """decode_plain_bf16_e4m3 from e5m2 to fp16."""
+    # e5m2 is the high byte of fp16 (its subnormals are fp16 subnormals, which the arithmetic path does not
+    # produce): a shift is the exact cast of every code
+    for i in range(src.size):
+        dst[i] = np.uint16(np.uint16(src[i]) << _U8)
+
+
+@_kernel(error_model="numpy")
+def decode_plain_fp32_e5m2(src: np.ndarray, dst: np.ndarray) -> None:
+    """decode_plain_bf16_e4m3 from e5m2 to fp32."""
+    _decode_plain32(src, dst, _E5_DEC)
