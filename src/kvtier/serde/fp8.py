@@ -130,7 +130,10 @@ def _check_source(tensor: torch.Tensor, what: str) -> None:
 
 class Fp8Stage(TensorBytesStage):
     """Quantizes a bf16 / fp16 / fp32 tensor to fp8 bytes (plus group exponents when scaled), and decodes them
-    into the destination's dtype with a table lookup (plus an exponent add when scaled)."""
+    into the destination's dtype with branch-free arithmetic on the bits (no table; the scale is an exponent add).
+
+    :meth:`split_serialize` / :meth:`split_deserialize` cut one tensor's work into slices of whole groups, which the
+    serde processor runs on several workers (the kernels release the GIL)."""
 
     name = "fp8"
 
@@ -305,7 +308,7 @@ def _warm_up(fp8: torch.dtype, scaled: bool) -> None:
     for dtype in _SOURCES:
         if _warm_stop.is_set():
             return
-        src = torch.ones((2, 1, 2, 4), dtype=dtype)  # rows of 4: the 16-bit decode takes its four-code kernel
+        src = torch.ones((2, 1, 2, 4), dtype=dtype)
         ser, deser = Fp8Serializer(fp8, scaled), Fp8Deserializer(fp8, scaled)
         dst = torch.empty(ser.estimate_serialized_size(LayoutDesc.of(src)), dtype=torch.uint8)
         n = ser.serialize(src, dst)
