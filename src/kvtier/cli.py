@@ -63,6 +63,14 @@ BENCHES: dict[str, tuple[str, str, str]] = {
         "Run a kvtier server with fs (and Redis) L2 under N client processes re-storing and retrieving overlapping "
         "prefixes, every chunk checked byte for byte; exit 1 when a pass criterion fails.",
     ),
+    "workload": (
+        "kvtier.bench.workload",
+        "a multi-tenant trace replayed through a Store with fs L2: hit rate per tier and tenant, L2 bytes written",
+        "Replay a seeded synthetic multi-tenant trace (shared system prompts, Zipf-reused RAG documents, one-shot "
+        "prompts) through a real Store with an fs L2 tier, for each L1 size, eviction policy (LRU, LFU, S3-FIFO) "
+        "and admission policy (always, second_hit); print the hit rate per tier and per tenant and the L2 bytes "
+        "written, and plot hit rate against L1 size (PNG; needs matplotlib: pip install 'kvtier[bench]').",
+    ),
 }
 
 

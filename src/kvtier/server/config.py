@@ -49,6 +49,7 @@ import yaml
 
 from kvtier.config import ConfigReader, redact_config, redact_url, secret_values
 from kvtier.errors import ConfigError
+from kvtier.storage.admission import admission_of
 
 #: The environment variable that gives the admin token when neither the flag nor the file does.
 ADMIN_TOKEN_ENV = "KVTIER_ADMIN_TOKEN"
@@ -122,6 +123,7 @@ class ServerConfig:
                     f"l2_adapters[{i}].type: expected an adapter type name (a string), "
                     f"got {redact_config(adapter.get('type'))!r}"
                 )
+            admission_of(adapter, f"l2_adapters[{i}]")  # before torch loads: a wrong policy fails at once
         config = cls(
             l1_size_gb=r.number("l1_size_gb", min=1e-6),
             eviction_policy=r.string("eviction_policy", "LRU"),

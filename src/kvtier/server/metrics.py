@@ -33,6 +33,8 @@ _COUNTER_SUFFIXES = (
     "refused",
     "written",
     "prefetched",
+    "skipped",
+    "admitted",
     "total",
 )
 

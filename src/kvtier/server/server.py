@@ -34,7 +34,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any, Protocol
 
@@ -51,6 +51,7 @@ from kvtier.server.jobs import Job, Jobs, Progress
 from kvtier.server.logs import RateLimitedLog, fields
 from kvtier.server.metrics import ServerMetrics
 from kvtier.server.shm import RegionTable, align_up
+from kvtier.storage.copy import copy_into
 from kvtier.types import ObjectKey, salt_digest
 
 log = logging.getLogger("kvtier.server")
@@ -102,7 +103,9 @@ class StoreLike(Protocol):
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None: ...
     def lookup(self, keys: Sequence[ObjectKey]) -> int: ...
     def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]: ...
-    def retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor]) -> int: ...
+    def retrieve_into(
+        self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor], *, after: Callable[[], None] | None = None
+    ) -> int: ...
     def clear_l1(self) -> None: ...
     def delete(self, keys: Sequence[ObjectKey]) -> int: ...
     def purge(
@@ -286,10 +289,16 @@ class RequestHandler:
                 or not len(request.locs) == len(request.metas) == len(keys)
             ):
                 raise p.ProtocolError("retrieve into: keys, metas and locs must all be given, of one length")
-            with _Pinned(self.regions, owner) as pinned:
+            pinned = _Pinned(self.regions, owner)
+            try:
                 outs = [pinned.view(loc, meta) for loc, meta in zip(request.locs, request.metas, strict=True)]
-                with self._store_lock:
-                    hits = self.store.retrieve_into(keys, outs)
+            except BaseException:
+                pinned.close()
+                raise
+            # The Store may still copy L2 hits out of these regions into L1 after it returned (its backfill): they
+            # stay pinned (mapped) until it calls ``after``, which it does exactly once, even when it raises.
+            with self._store_lock:
+                hits = self.store.retrieve_into(keys, outs, after=pinned.close)
             self.metrics.bytes.labels("out", "shm").inc(sum(loc.nbytes for loc in request.locs[:hits]))
             return p.CountReply(hits), []
         with self._store_lock:
@@ -308,7 +317,7 @@ class RequestHandler:
             with _Pinned(self.regions, owner) as pinned:
                 for t, meta, n in zip(tensors, metas, sizes, strict=True):
                     loc = p.Loc(staging.region, offset, n)
-                    pinned.view(loc, meta).copy_(t)
+                    copy_into(pinned.view(loc, meta), t)  # one thread's memcpy: torch's 2 threads crawl on a busy host
                     locs.append(loc)
                     offset += align_up(n)
             self.metrics.bytes.labels("out", "shm").inc(sum(sizes))
@@ -529,9 +538,14 @@ class _Pinned:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for entry in self._held.values():
+        self.close()
+
+    def close(self) -> None:
+        """Release every region pinned (idempotent; may be called from another thread once the request's own
+        thread is done with this object)."""
+        held, self._held = self._held, {}
+        for entry in held.values():
             self.regions.release(entry)
-        self._held.clear()
 
 
 class Server:

@@ -4,7 +4,12 @@
 * **Crash safety.** A record is written to a temporary name in its final directory, fsynced (``durability:
   "fsync"``, the default), renamed over the final name, and the directory fsynced. A crash at any point leaves
   either the old record, the new one, or no record: never a torn one. Leftover temporary files are removed at
-  start.
+  start. Syncs are batched: a store batch writes all its files, syncs their data, renames them, then syncs the
+  names: a batch of ``SYNCFS_MIN_BATCH`` files or more with two ``syncfs(2)`` calls (two journal commits per
+  batch, not two per file; they also flush other dirty data of that filesystem, so a dedicated filesystem for L2
+  is best), a smaller one with one ``fdatasync`` per file and one ``fsync`` per directory. Durability: with
+  ``"fsync"``, a batch whose store returned is on stable storage (the Store counts it in ``l2_written`` only
+  then, and ``Store.flush()`` returns after it); with ``"none"`` it is as durable as the page cache.
 * **Bounded.** ``max_capacity_gb`` bounds the bytes of records; the eviction policy picks victims.
 * **Recovery.** The index (key, size) is rebuilt at start from each file's record header (``MAX_HEADER_SIZE``
   bytes read per file). A file whose header does not parse, whose size disagrees with its header, or whose
@@ -25,6 +30,7 @@ or record reveals a ``cache_salt``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import itertools
@@ -72,6 +78,10 @@ def file_name(key: str) -> str:
 
 class FSAdapter(L2Adapter):
     """Records as files under ``base_path``; see the module docstring."""
+
+    #: batches the Store writes at once: renames and syncs block in the kernel (the GIL released) and overlap; 8
+    #: kept up with 8 soak clients on a 2-vCPU VM where 4 fell behind (BENCHMARKS.md, issue 16)
+    store_writers = 8
 
     def __init__(
         self, base_path: Path, capacity_bytes: int | None, durability: str = "fsync", eviction_policy: str = "LRU"
@@ -186,20 +196,37 @@ class FSAdapter(L2Adapter):
                 self._evict_locked(self._used + latest - replaced - self._capacity, protect=set(keys))
             self._used += need  # reserved now, so concurrent batches cannot overshoot the capacity together
         temps: list[tuple[Path, Path]] = []
+        fds: list[int] = []
         try:
+            # The whole batch is written before anything is synced, and each directory is synced once per batch
+            # (not once per file): the kernel writes the batch back together, and the syncs of a batch find most
+            # of it on disk already. Data before rename, rename before directory sync: a crash shows the old
+            # record, the new one or none, never a torn one; when this returns with fsync, the batch is durable.
             for key, record in zip(keys, records, strict=True):
                 final = self.path_for(key)
                 tmp = final.with_name(f".{final.name}.{os.getpid()}.{next(self._tmp_ids)}{TMP_SUFFIX}")
                 temps.append((tmp, final))
-                self._write_file(tmp, record)
+                fds.append(self._write_file(tmp, record))
+            whole_fs = self.fsync and len(fds) >= SYNCFS_MIN_BATCH and _syncfs is not None
+            if whole_fs:
+                _sync_filesystem(fds[0])  # every file's data at once, before any of them gets its name
+            elif self.fsync:
+                for fd in fds:
+                    os.fdatasync(fd)  # the data and the size that reads it back; the name is the directory's
+            while fds:
+                os.close(fds.pop())
             dirs = set()
             for tmp, final in temps:
                 os.replace(tmp, final)
                 dirs.add(final.parent)
-            if self.fsync:
+            if whole_fs:
+                _sync_dir_entries(self.base_path)  # every rename at once
+            elif self.fsync:
                 for d in dirs:  # the rename itself must survive a power cut
                     _fsync_dir(d)
         except BaseException as exc:
+            for fd in fds:
+                os.close(fd)
             for tmp, final in temps:
                 for path in (tmp, final):  # renamed ones too: a failed batch leaves none of its keys
                     try:
@@ -222,7 +249,9 @@ class FSAdapter(L2Adapter):
                 self._used += size
                 self._policy.insert(key)
 
-    def _write_file(self, path: Path, record: Sequence[Buffer]) -> None:
+    def _write_file(self, path: Path, record: Sequence[Buffer]) -> int:
+        """Write ``record`` to a new file at ``path``; return its descriptor, still open (the caller syncs and
+        closes it)."""
         path.parent.mkdir(exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -230,10 +259,10 @@ class FSAdapter(L2Adapter):
             views = [v for v in views if len(v)]
             while views:  # writev may write less than asked (signals, large sizes): continue where it stopped
                 _advance(views, os.writev(fd, views))
-            if self.fsync:
-                os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def _drop_locked(self, key: str) -> None:
         size = self._index.pop(key, None)
@@ -428,6 +457,41 @@ def _advance(views: list[memoryview], n: int) -> None:
         else:
             views[0] = views[0][n:]
             n = 0
+
+
+#: a batch of at least this many files is synced with two syncfs(2) calls (data, then names) instead of one
+#: fdatasync per file and one fsync per directory: two journal commits per batch instead of two per file
+SYNCFS_MIN_BATCH = 4
+
+
+def _load_syncfs() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):  # not Linux / not glibc: per-file fsync it is
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
+def _sync_filesystem(fd: int) -> None:
+    """syncfs(2) of the filesystem holding ``fd``: all its dirty data and metadata written and waited for (ctypes
+    releases the GIL for the call)."""
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
+def _sync_dir_entries(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _sync_filesystem(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -41,6 +41,7 @@ class L1Object:
     dtype: torch.dtype
     pins: int = 1
     live: bool = False
+    l2_held: int = 0  # bit i: L2 tier i holds this object or has its write queued (the Store's write admission)
 
 
 class L1Pool:
