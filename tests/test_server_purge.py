@@ -163,8 +163,8 @@ def test_purge_racing_queued_writes_and_loads_in_flight() -> None:
         a.clear_l1()
         assert a.lookup(first) == 0 and a.lookup(second) == 0, "no purged write reached L2"
         assert all(served(a, other).values()), "nothing else lost"
-        skipped = a.stats()["store"]["purge_skipped_writes"]
-        assert skipped >= 3
+        # The pending records were cancelled, or (when a writer had taken them in one batch with the first) written
+        # and then walked away: either way none is on L2, which is what the lookups above check.
 
         # A load in flight: the record is on L2 only and its load sleeps; the purge comes in meanwhile.
         fill(a, first)
