@@ -123,7 +123,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "server",
         help="run the kvtier server that several engine processes share",
         description="Serve one kvtier Store over ZeroMQ (same-host clients exchange KV through sealed shared "
-        "memory) with an admin HTTP endpoint: GET/HEAD /health, /stats, /metrics (Prometheus), POST /clear (token "
+        "memory) with an admin HTTP endpoint: GET/HEAD /health, /stats, /metrics (Prometheus), /describe, POST /clear, "
+        "/purge, /delete (token "
         "with --admin-token). SIGTERM / SIGINT drain pending L2 writes, then exit 0. Every flag can also be given "
         "in --config (YAML or JSON, keys with '_': l1_size_gb, eviction_policy, l2_adapters (a list), chunk_size, "
         "host, port, http_port, workers, max_message_mb, log_level, log_format, admin_token, l1_backing); flags "

@@ -164,7 +164,9 @@ def describe_text(doc: dict[str, Any], address: str) -> str:
 def _clear(args: argparse.Namespace) -> tuple[Any, str]:
     l1, l2 = (args.l1, args.l2) if (args.l1 or args.l2) else (True, False)
     with _connect(args) as client:
-        doc = _call(args, lambda: client.clear(l1=l1, l2=l2, progress=_progress_printer(args)))
+        line = _progress_printer(args)
+        doc = _call(args, lambda: client.clear(l1=l1, l2=l2, progress=line))
+        line.end()
     return doc, _invalidation_text("cleared", doc, l1=l1)
 
 
@@ -173,7 +175,9 @@ def _purge(args: argparse.Namespace) -> tuple[Any, str]:
     if args.model is None and salt is None:
         raise CommandError("give --model, --salt / --salt-file, or both", 2)
     with _connect(args) as client:
-        doc = _call(args, lambda: client.purge(args.model, salt, progress=_progress_printer(args)))
+        line = _progress_printer(args)
+        doc = _call(args, lambda: client.purge(args.model, salt, progress=line))
+        line.end()
     what = f"model {args.model}" if args.model else "every model"
     if salt is not None:
         what += f", salt digest {doc.get('salt_digest') or '(unsalted)'}"
@@ -236,11 +240,17 @@ def _call(args: argparse.Namespace, fn: Callable[[], Any]) -> Any:
         raise CommandError(f"server at {args.address}: {exc}", 2) from None
 
 
-def _progress_printer(args: argparse.Namespace) -> Callable[[dict[str, Any]], None] | None:
-    if args.json or not sys.stderr.isatty():
-        return None
+class _ProgressLine:
+    """Progress on one stderr line, rewritten in place, for a person at a terminal (never with --json)."""
 
-    def show(doc: dict[str, Any]) -> None:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, doc: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.shown = True
         print(
             f"\r  {doc.get('state', '?')}: L1 {doc.get('l1', 0)} removed, L2 {doc.get('l2_deleted', 0)} deleted "
             f"({_duration(doc.get('elapsed_s'))})   ",
@@ -249,7 +259,13 @@ def _progress_printer(args: argparse.Namespace) -> Callable[[dict[str, Any]], No
             flush=True,
         )
 
-    return show
+    def end(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
+
+
+def _progress_printer(args: argparse.Namespace) -> _ProgressLine:
+    return _ProgressLine(not args.json and sys.stderr.isatty())
 
 
 def _invalidation_text(title: str, doc: dict[str, Any], l1: bool = True) -> str:
