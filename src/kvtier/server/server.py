@@ -34,16 +34,19 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any, Protocol
 
 import torch
 import zmq
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kvtier import __version__
 from kvtier.config import scrub, scrub_tree
 from kvtier.errors import ConfigError
+from kvtier.events import EventPublisher
 from kvtier.server import protocol as p
 from kvtier.server.admin import AdminHooks, AdminServer
 from kvtier.server.config import ServerConfig
@@ -151,6 +154,7 @@ class RequestHandler:
         *,
         secrets: Sequence[str] = (),
     ) -> None:
+        self.events: EventPublisher | None = None  # set by the Server when it publishes KV events
         self.store = store
         self.secrets = tuple(secrets)
         self.config = config
@@ -498,6 +502,7 @@ class RequestHandler:
                 "workers": self.config.workers,
                 "invalidations": self.jobs.running(),
             },
+            **({"events": self.events.stats()} if self.events is not None else {}),
         }
 
     def clear(self) -> dict[str, Any]:
@@ -518,6 +523,42 @@ def _top(usage: Any, name: str, n: int = 10) -> list[dict[str, Any]]:
     rows = [{name: k, **v} for k, v in usage.items() if isinstance(v, dict)]
     rows.sort(key=lambda r: -int(r.get("bytes", 0) or 0))
     return rows[:n]
+
+
+def _start_events(store: StoreLike, config: ServerConfig, metrics: ServerMetrics) -> EventPublisher:
+    """Bind the KV events socket on ``host:events_port`` and make it a listener of the Store's event hub."""
+    event_hub = getattr(store, "event_hub", None)
+    if event_hub is None:
+        raise ConfigError(f"events_port: this server's store ({type(store).__name__}) does not emit KV events")
+    hub = event_hub()
+    publisher = EventPublisher(f"tcp://{config.host}:{config.events_port}", hub, hwm=config.events_hwm)
+    hub.add_listener(publisher)
+    metrics.registry.register(_EventsCollector(publisher))
+    return publisher
+
+
+class _EventsCollector(Collector):
+    """``kvtier_events_*``: what the KV events publisher sent, dropped and to how many subscribers."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        self.publisher = publisher
+
+    def collect(self) -> Iterator[Metric]:
+        pub = self.publisher.stats()
+        hub = self.publisher.hub.stats()
+        yield CounterMetricFamily(
+            "kvtier_events_published", "KV events sent to subscribers", value=pub["published_events"]
+        )
+        dropped = CounterMetricFamily(
+            "kvtier_events_dropped",
+            "KV events lost: queue (the Store's event queue was full) or subscriber (missed by a full subscriber)",
+            labels=["reason"],
+        )
+        dropped.add_metric(["queue"], hub["dropped"])
+        dropped.add_metric(["subscriber"], pub["dropped_events"])
+        yield dropped
+        yield GaugeMetricFamily("kvtier_events_subscribers", "KV events subscriptions", value=pub["subscribers"])
+        yield GaugeMetricFamily("kvtier_events_next_seq", "Sequence number of the next KV event", value=hub["next_seq"])
 
 
 class _Pinned:
@@ -613,10 +654,25 @@ class Server:
         except ConfigError:
             self._ctx.destroy(linger=0)
             raise
+        self.events: EventPublisher | None = None
+        if config.events_port is not None:
+            try:
+                self.events = self.handler.events = _start_events(store, config, self.metrics)
+            except BaseException:
+                self.admin.close()
+                self._ctx.destroy(linger=0)
+                raise
         self._workers = [
             threading.Thread(target=self._work, name=f"kvtier-worker-{i}", daemon=True) for i in range(config.workers)
         ]
         self._inflight = itertools.count()
+
+    def _stop_events(self) -> None:
+        """Close the events socket, after ``Store.close()`` delivered the last events (a store the server does not
+        own keeps running: its hub stops calling the publisher first)."""
+        if self.events is not None:
+            self.events.hub.remove_listener(self.events)
+            self.events.close()
 
     def _store_stats(self) -> dict[str, Any]:
         store_stats: dict[str, Any] = self.handler.stats()["store"]
@@ -706,6 +762,7 @@ class Server:
             extra=fields(
                 address=self.config.address,
                 http_port=self.config.http_port,
+                events=self.events.address if self.events is not None else None,
                 workers=self.config.workers,
                 pid=os.getpid(),
                 config=self.config.to_json(),
@@ -782,6 +839,7 @@ class Server:
                 log.info("store closed", extra=fields(seconds=round(time.perf_counter() - start, 3)))
             self._refuse_new_requests(0)
         finally:
+            self._stop_events()
             self.regions.close()
             self._front.close(linger=2000)
             self._replies.close(linger=0)

@@ -90,14 +90,15 @@ class _Lane:
 Count = Callable[[str, int], None]
 TierFailed = Callable[[L2Tier, BaseException, int], None]
 TierOk = Callable[[L2Tier], None]
+Written = Callable[[L2Tier, list[ObjectKey], list[int]], None]
 
 
 class WritePipeline:
     """Write-behind of L1 objects to ``tiers``; see the module docstring. Thread-safe.
 
     ``count(name, n)`` adds to the Store's counters (``l2_written``, ``l2_writes_superseded``,
-    ``l2_write_failures``); ``failed(tier, exc, n)`` / ``ok(tier)`` report a tier's batches. They are called
-    without this pipeline's lock held.
+    ``l2_write_failures``); ``failed(tier, exc, n)`` / ``ok(tier)`` report a tier's batches, ``written(tier, keys,
+    sizes)`` (optional) the records of a batch written. They are called without this pipeline's lock held.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class WritePipeline:
         count: Count,
         failed: TierFailed,
         ok: TierOk,
+        written: Written | None = None,
     ) -> None:
         self._pool = pool
         self._lanes = {id(t): _Lane(t) for t in tiers}
@@ -119,6 +121,7 @@ class WritePipeline:
         self._count = count
         self._failed = failed
         self._ok = ok
+        self._written = written
         self._cv = threading.Condition()
         self._writes = 0  # accepted writes not yet done with every object
         self._bytes = 0  # bytes of the L1 objects those writes pin
@@ -222,6 +225,8 @@ class WritePipeline:
         else:
             self._ok(tier)
             self._count("l2_written", n)
+            if self._written is not None:
+                self._written(tier, [e.key for e in batch], [e.obj.nbytes for e in batch])
 
     def _done(self, entries: Sequence[_Entry]) -> None:
         """Entries one lane is done with: an object every lane is done with loses its pin."""

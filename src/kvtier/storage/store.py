@@ -26,13 +26,16 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 import numpy as np
 import torch
 
 from kvtier.errors import CapacityError, ConfigError, L2Error
+from kvtier.events import L1_TIER, EventHub, Kind, Listener
 from kvtier.l2.adapters import PURGE_BATCH, KeyMatch, create_l2_adapter
 from kvtier.l2.tier import L2Tier
 from kvtier.storage.admission import TierAdmission, admission_of, without_admission
@@ -44,10 +47,13 @@ from kvtier.storage.l1 import BACKINGS, L1Object, L1Pool
 from kvtier.storage.pipeline import Write as _Write
 from kvtier.storage.pipeline import WritePipeline
 from kvtier.storage.policies import POLICIES
+from kvtier.tenants import TenantQuotas
 from kvtier.types import LayoutDesc, ObjectKey, salt_digest
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
+#: Chains of chunk keys ``keys_for_tokens`` computed that the Store remembers, for events' parent hashes.
+LINEAGE_KEYS = 65536
 
 
 P = ParamSpec("P")
@@ -155,6 +161,11 @@ class Store:
     touched lazily, and the pool grows only as far as the cgroup or host memory allows minus a headroom (its
     effective capacity, ``stats()["l1"]["effective_capacity_bytes"]``); past that it evicts or refuses a store.
 
+    Tenants (keyword-only; see :mod:`kvtier.tenants`): ``l1_quota_gb`` caps the L1 bytes of every tenant (each
+    ``cache_salt``, and the requests without one), ``l1_quotas_gb`` overrides it per tenant, keyed by salt digest
+    (``{digest: GiB or None}``). A tenant at its quota evicts its own objects. ``stats()["l1"]["tenants"]`` and
+    ``["models"]`` report the usage of each.
+
     Every public method may be called from several threads.
     """
 
@@ -167,6 +178,8 @@ class Store:
         max_pending_l2_writes: int = 64,
         *,
         l1_backing: str = "anonymous",
+        l1_quota_gb: float | None = None,
+        l1_quotas_gb: Mapping[str, float | None] | None = None,
     ) -> None:
         if isinstance(l1_size_gb, bool) or not isinstance(l1_size_gb, int | float) or not l1_size_gb > 0:
             raise ConfigError(f"l1_size_gb: expected a number > 0, got {l1_size_gb!r}")
@@ -180,6 +193,7 @@ class Store:
             raise ConfigError(f"max_pending_l2_writes: expected an integer >= 1, got {max_pending_l2_writes!r}")
         if max_pending_l2_writes < 1:
             raise ConfigError(f"max_pending_l2_writes: expected an integer >= 1, got {max_pending_l2_writes!r}")
+        quotas = TenantQuotas.parse(l1_quota_gb, l1_quotas_gb, "l1_quota_gb", "l1_quotas_gb")
         if l2_adapters is None:
             l2_adapters = []
         if not isinstance(l2_adapters, list | tuple):
@@ -187,10 +201,17 @@ class Store:
         self.chunk_size = chunk_size
         admission = [admission_of(config, f"l2_adapters[{i}]") for i, config in enumerate(l2_adapters)]
         self._tiers: list[L2Tier] = []
+        self._init_events()
         try:
             for i, config in enumerate(l2_adapters):
                 self._tiers.append(create_l2_adapter(without_admission(config), f"l2_adapters[{i}]"))
-            self._pool = L1Pool(max(1, int(l1_size_gb * GiB)), eviction_policy.upper(), l1_backing)
+            self._pool = L1Pool(
+                max(1, int(l1_size_gb * GiB)),
+                eviction_policy.upper(),
+                l1_backing,
+                on_evict=self._on_l1_evict,
+                quotas=quotas,
+            )
         except BaseException:
             for tier in self._tiers:
                 tier.close()
@@ -233,6 +254,7 @@ class Store:
             count=self._add_count,
             failed=lambda tier, exc, n: self._l2_failed(tier, exc, "l2_write_failures", n),
             ok=self._l2_ok,
+            written=self._on_l2_written,
         )
 
     # -- keys -------------------------------------------------------------------------------------------------
@@ -241,7 +263,10 @@ class Store:
     ) -> list[ObjectKey]:
         """Keys of the full ``chunk_size`` chunks of ``token_ids`` (rolling blake3 prefix hash; the partial
         tail gets none)."""
-        return keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt)
+        keys = keys_for_tokens(model_name, token_ids, self.chunk_size, cache_salt)
+        if self._events is not None:
+            self._remember_chain(keys)
+        return keys
 
     # -- store ------------------------------------------------------------------------------------------------
     @_call
@@ -286,6 +311,7 @@ class Store:
             self._pool.commit(obj, keep_pin=bool(self._write_tiers))
             stored_keys.append(key)
             objs.append(obj)
+        self._emit_stored(keys, stored_keys, [o.nbytes for o in objs], L1_TIER)
         with self._lock:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
@@ -552,6 +578,7 @@ class Store:
                 raise
             self._l2_ok(tier)
             hits = 0
+            landed: list[L1Object] = []  # loaded into L1: stored events
             for j, i in enumerate(batch):
                 obj = reserved.get(j)
                 dst = got[j]
@@ -565,7 +592,8 @@ class Store:
                             self._backfill.submit(keys[i], dst, header, pending.done, self._admit_held_bit(tier))
                     else:
                         self._admit_loaded_from(obj, tier)
-                        self._commit_loaded(obj)
+                        if self._commit_loaded(obj):
+                            landed.append(obj)
                         if into is not None:
                             copy_into(into[i], dst)
                             out[i] = into[i]
@@ -573,6 +601,7 @@ class Store:
                             out[i] = clone(dst)
                 if obj is not None:
                     self._pool.release([obj])
+            self._emit_stored(keys, [o.key for o in landed], [o.nbytes for o in landed], L1_TIER)
             with self._lock:
                 self.counts["l2_prefetched"] += hits
             indices = [i for i in indices if out[i] is None]
@@ -607,6 +636,8 @@ class Store:
         """Drop every object from L1 (L2 keeps its copies; objects in flight go when their pins do)."""
         self._backfill.stale(None)
         self._pool.clear()
+        if self._events is not None:
+            self._events.emit_cleared(L1_TIER)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the store, L1 and each L2 adapter (JSON-able)."""
@@ -621,6 +652,7 @@ class Store:
             "l1": self._pool.stats(),
             "l2": [{**tier.stats(), **self._admission_stats(i)} for i, tier in enumerate(self._tiers)],
             "invalidations_running": self._fence.running(),
+            **({"events": self._events.stats()} if self._events is not None else {}),
         }
 
     # -- invalidation (see kvtier.storage.fence) ------------------------------------------------------------------
@@ -801,25 +833,28 @@ class Store:
         }
 
     def _invalidated_l1(self, keys: list[ObjectKey]) -> None:
-        """Hook: ``keys`` were removed from L1 by an invalidation (an operator's delete / purge / clear)."""
+        """``keys`` were removed from L1 by an invalidation (an operator's delete / purge / clear)."""
+        self._emit("purged", keys, L1_TIER)
 
     def _invalidated_l2(self, tier: L2Tier, names: list[str]) -> None:
-        """Hook: records ``names`` (``ObjectKey.to_str()``) were removed from ``tier`` by an invalidation."""
+        """Records ``names`` (``ObjectKey.to_str()``) were removed from ``tier`` by an invalidation."""
+        self._emit_names("purged", self._tier_label(tier), names)
 
     def _clear_l1_counted(self) -> list[ObjectKey]:
         removed = self._pool.remove(lambda key: True)
         self._pool.clear()  # gives the pages back too
         return removed
 
-    def _commit_loaded(self, obj: L1Object) -> None:
-        """Hook where a load puts a record into L1: not when a purge began since the load did (the object stays
-        pinned for the caller, who releases it; the fenced read then reports a miss)."""
+    def _commit_loaded(self, obj: L1Object) -> bool:
+        """Hook where a load puts a record into L1 (True when it did): not when a purge began since the load did
+        (the object stays pinned for the caller, who releases it; the fenced read then reports a miss)."""
         blocked = self._fence.blocked([obj.key], stamp())
         if blocked:
             with self._lock:
                 self.counts["purge_skipped_loads"] += 1
-            return
+            return False
         self._pool.commit(obj, keep_pin=True)
+        return True
 
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
@@ -832,9 +867,119 @@ class Store:
             self._calls.wait_for(lambda: self._in_flight == 0)
         self._writes.close()  # every acknowledged write is written or counted as failed first
         self._backfill.close()  # it copies into L1: done before L1 is unmapped
+        if self._events is not None:
+            self._events.close()  # after the last L2 write: its stored events are delivered too
         for tier in self._tiers:
             tier.close()
         self._pool.close()
+
+    # -- events -----------------------------------------------------------------------------------------------
+    _events: EventHub | None  # created by the first add_listener
+    _lineage: OrderedDict[ObjectKey, str | None]  # key -> previous chunk's hash (None: a first chunk)
+
+    def event_hub(self) -> EventHub:
+        """The Store's :class:`~kvtier.events.EventHub` (created on first use): its publisher id, counters and
+        listeners. Events are built only while it has a listener."""
+        with self._lock:
+            if self._events is None:
+                self._events = EventHub()
+                for tier in self._tiers:  # adapters that evict on their own capacity index report it
+                    tier.adapter.on_evict = functools.partial(self._on_l2_evict, self._tier_label(tier))
+            return self._events
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(events)`` with batches of :class:`~kvtier.events.KVEvent` (stored / evicted / purged /
+        cleared, per chunk key and tier; see :mod:`kvtier.events`) from now on.
+
+        Listeners run on one thread of their own, never in the caller's: the Store queues events (bounded) and
+        never waits for a listener; a slow one makes events drop (counted in ``stats()["events"]["dropped"]``,
+        and visible to it as a gap in ``seq``), one that raises is logged and keeps receiving. No listener, no
+        cost: events are built only while one is registered.
+        """
+        self.event_hub().add_listener(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (events already handed to it may still arrive once)."""
+        if self._events is not None:
+            self._events.remove_listener(listener)
+
+    def _init_events(self) -> None:
+        self._events = None
+        self._lineage = OrderedDict()  # the chains keys_for_tokens computed, for the parents of stored events
+        self._lineage_lock = threading.Lock()
+
+    def _tier_label(self, tier: L2Tier) -> str:
+        """The L2 tier's name in events (``fs``, ``redis+fp8``); suffixed ``#index`` when two tiers share it."""
+        names = [t.name for t in self._tiers]
+        return tier.name if names.count(tier.name) == 1 else f"{tier.name}#{self._tiers.index(tier)}"
+
+    def _remember_chain(self, keys: Sequence[ObjectKey]) -> None:
+        with self._lineage_lock:
+            prev: str | None = None
+            for key in keys:
+                self._lineage[key] = prev
+                self._lineage.move_to_end(key)
+                prev = key.chunk_hash
+            while len(self._lineage) > LINEAGE_KEYS:
+                self._lineage.popitem(last=False)
+
+    def _parents(self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey]) -> list[str | None]:
+        """Parent hashes of ``keys`` (a subset of one call's ``call_keys``, in order): from the chains
+        keys_for_tokens computed, else the key before it in the call when of the same model, rank and salt (see
+        :mod:`kvtier.events`)."""
+        position = {key: i for i, key in enumerate(call_keys)}
+        out: list[str | None] = []
+        with self._lineage_lock:
+            for key in keys:
+                if key in self._lineage:
+                    out.append(self._lineage[key])
+                    continue
+                i = position.get(key, 0)
+                before = call_keys[i - 1] if i > 0 else None
+                same = before is not None and (before.model_name, before.kv_rank, before.cache_salt) == (
+                    key.model_name,
+                    key.kv_rank,
+                    key.cache_salt,
+                )
+                out.append(before.chunk_hash if same and before is not None else None)
+        return out
+
+    def _emit_stored(
+        self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey], sizes: Sequence[int], tier: str
+    ) -> None:
+        """``stored`` events for ``keys`` (those of one call's ``call_keys`` that landed in ``tier``)."""
+        events = self._events
+        if events is None or not keys or not events.has_listeners:
+            return
+        events.emit("stored", keys, tier, sizes, self._parents(call_keys, keys))
+
+    def _emit(self, kind: Kind, keys: Sequence[ObjectKey], tier: str) -> None:
+        events = self._events
+        if events is not None and keys and events.has_listeners:
+            events.emit(kind, keys, tier)
+
+    def _on_l1_evict(self, keys: Sequence[ObjectKey]) -> None:
+        self._emit("evicted", keys, L1_TIER)
+
+    def _on_l2_evict(self, tier: str, names: Sequence[str]) -> None:
+        """An adapter evicted records ``names`` (``ObjectKey.to_str()`` strings: model, rank, salt digest, hash)."""
+        self._emit_names("evicted", tier, names)
+
+    def _on_l2_written(self, tier: L2Tier, keys: Sequence[ObjectKey], sizes: Sequence[int]) -> None:
+        """The write pipeline wrote ``keys`` to ``tier``."""
+        self._emit_stored(keys, keys, sizes, self._tier_label(tier))
+
+    def _emit_names(self, kind: Kind, tier: str, names: Sequence[str]) -> None:
+        """``kind`` events for records named ``names`` (``ObjectKey.to_str()`` strings)."""
+        events = self._events
+        if events is None or not events.has_listeners:
+            return
+        fields = []
+        for name in names:
+            parts = name.split("@")
+            if len(parts) == 4 and parts[1].isdigit():  # anything else is not a record of ours
+                fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
+        events.emit(kind, fields, tier)
 
     def __enter__(self) -> Store:
         return self

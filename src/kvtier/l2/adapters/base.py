@@ -136,12 +136,21 @@ class L2Adapter(ABC):
 
     #: the ``type`` name the adapter is registered under (set by the registry)
     type_name: str = ""
+    #: Called with the keys of records the adapter evicted to make room on its own capacity index (not deleted,
+    #: purged or replaced ones); the Store sets it to report KV events. It may be called under the adapter's
+    #: lock and must neither block nor raise. Adapters that evict call :meth:`_evicted`.
+    on_evict: Callable[[Sequence[str]], None] | None = None
 
     def __init__(self) -> None:
         self.config: dict[str, Any] = {}
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
+
+    def _evicted(self, keys: Sequence[str]) -> None:
+        """Report evicted keys to :attr:`on_evict`."""
+        if keys and self.on_evict is not None:
+            self.on_evict(keys)
 
     # -- what a backend implements --------------------------------------------------------------------------
     def _start(self) -> None:  # noqa: B027 - optional hook, most backends need no resources

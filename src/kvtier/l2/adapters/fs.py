@@ -1,5 +1,6 @@
 """``{"type": "fs", "base_path": DIR, "max_capacity_gb": N, "durability": "fsync" | "none",
-"eviction_policy": "LRU"}``: one record file per key on a local filesystem.
+"eviction_policy": "LRU", "tenant_quota_gb": N, "tenant_quotas_gb": {DIGEST: N}}``: one record file per key on a
+local filesystem.
 
 * **Crash safety.** A record is written to a temporary name in its final directory, fsynced (``durability:
   "fsync"``, the default), renamed over the final name, and the directory fsynced. A crash at any point leaves
@@ -11,6 +12,8 @@
   ``"fsync"``, a batch whose store returned is on stable storage (the Store counts it in ``l2_written`` only
   then, and ``Store.flush()`` returns after it); with ``"none"`` it is as durable as the page cache.
 * **Bounded.** ``max_capacity_gb`` bounds the bytes of records; the eviction policy picks victims.
+  ``tenant_quota_gb`` bounds each tenant's (``cache_salt``'s) bytes, ``tenant_quotas_gb`` overrides it by salt
+  digest (:mod:`kvtier.tenants`): a tenant at its quota evicts its own records first, in policy order.
 * **Recovery.** The index (key, size) is rebuilt at start from each file's record header (``MAX_HEADER_SIZE``
   bytes read per file). A file whose header does not parse, whose size disagrees with its header, or whose
   name is not the one its key maps to, is removed. Payload checksums are checked by every load.
@@ -59,6 +62,7 @@ from kvtier.l2.adapters.base import (
 )
 from kvtier.l2.record import MAX_HEADER_SIZE, parse_header
 from kvtier.storage.policies import POLICIES, create_policy
+from kvtier.tenants import TenantQuotas, UsageLedger, read_adapter_quotas, tenant_of_key_str
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -84,7 +88,12 @@ class FSAdapter(L2Adapter):
     store_writers = 8
 
     def __init__(
-        self, base_path: Path, capacity_bytes: int | None, durability: str = "fsync", eviction_policy: str = "LRU"
+        self,
+        base_path: Path,
+        capacity_bytes: int | None,
+        durability: str = "fsync",
+        eviction_policy: str = "LRU",
+        quotas: TenantQuotas | None = None,
     ) -> None:
         super().__init__()
         self.base_path = base_path
@@ -92,11 +101,12 @@ class FSAdapter(L2Adapter):
         self.fsync = durability == "fsync"
         self._policy = create_policy(eviction_policy, "eviction_policy")
         self._index: dict[str, int] = {}  # key -> record bytes on disk
+        self._usage = UsageLedger(quotas, eviction_policy)  # per tenant and model: indexed records plus reservations
         self._used = 0  # bytes of indexed records plus room reserved by batches being written
         self._lock = threading.Lock()
         self._tmp_ids = itertools.count()
         self._lock_fd: int | None = None
-        self.counts = {"evictions": 0, "removed_at_start": 0, "disk_full": 0}
+        self.counts = {"evictions": 0, "removed_at_start": 0, "disk_full": 0, "quota_evictions": 0}
 
     @property
     def capacity_bytes(self) -> int | None:
@@ -130,12 +140,14 @@ class FSAdapter(L2Adapter):
                     found.append(entry)
         # Oldest first, so the policy's order after a restart follows the files' ages.
         for _, key, size in sorted(found):
-            self._index[key] = size
-            self._used += size
-            self._policy.insert(key)
+            self._add_locked(key, size)
         if self._capacity is not None and self._used > self._capacity:  # the capacity shrank since last run
             with self._lock:
                 self._evict_locked(self._used - self._capacity)
+        if self._usage.quotas.enabled:  # a tenant's quota shrank since last run: its oldest records go now
+            with self._lock:
+                for tenant in [t for t in self._usage.tenants() if self._usage.excess(t, 0) > 0]:
+                    self._make_quota_room_locked({(tenant, ""): (0, 0)}, set())
 
     def _take_lock(self) -> None:
         fd = os.open(self.base_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -188,13 +200,18 @@ class FSAdapter(L2Adapter):
         latest = sum(dict(zip(keys, sizes, strict=True)).values())  # a key twice in a batch: the last one stays
         if self._capacity is not None and latest > self._capacity:
             raise CapacityError(f"fs L2: batch of {latest} bytes exceeds max_capacity_gb ({self._capacity} bytes)")
+        by_tenant = self._tenant_needs(keys, sizes)
         with self._lock:
+            if self._usage.quotas.enabled:
+                self._make_quota_room_locked(by_tenant, set(keys))
             if self._capacity is not None:
                 # A record this batch replaces frees its bytes when the new one lands: credit them now, and never
                 # pick one of the batch's own keys as a victim, so a re-store at full capacity evicts nothing else.
                 replaced = sum(self._index.get(k, 0) for k in set(keys))
                 self._evict_locked(self._used + latest - replaced - self._capacity, protect=set(keys))
             self._used += need  # reserved now, so concurrent batches cannot overshoot the capacity together
+            for (tenant, model), (reserved, _) in by_tenant.items():
+                self._usage.change(tenant, model, reserved)
         temps: list[tuple[Path, Path]] = []
         fds: list[int] = []
         try:
@@ -235,6 +252,8 @@ class FSAdapter(L2Adapter):
                         log.warning("fs L2: cannot remove %s: %r", path, cleanup)
             with self._lock:
                 self._used -= need
+                for (tenant, model), (reserved, _) in by_tenant.items():
+                    self._usage.change(tenant, model, -reserved)
                 for key in keys:
                     self._drop_locked(key)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -243,11 +262,62 @@ class FSAdapter(L2Adapter):
             raise
         with self._lock:
             self._used -= need
+            for (tenant, model), (reserved, _) in by_tenant.items():
+                self._usage.change(tenant, model, -reserved)
             for key, size in zip(keys, sizes, strict=True):
                 self._drop_locked(key)  # an overwritten record frees its old size
-                self._index[key] = size
-                self._used += size
-                self._policy.insert(key)
+                self._add_locked(key, size)
+
+    @staticmethod
+    def _tenant_needs(keys: Sequence[str], sizes: Sequence[int]) -> dict[tuple[str, str], tuple[int, int]]:
+        """Per (tenant, model) of a batch: the bytes it reserves (every record) and the bytes it will hold (the
+        last record of each key)."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        latest = dict(zip(keys, sizes, strict=True))
+        for key, size in zip(keys, sizes, strict=True):
+            tm = tenant_of_key_str(key)
+            reserved, kept = out.get(tm, (0, 0))
+            out[tm] = (reserved + size, kept)
+        for key, size in latest.items():
+            tm = tenant_of_key_str(key)
+            reserved, kept = out[tm]
+            out[tm] = (reserved, kept + size)
+        return out
+
+    def _make_quota_room_locked(self, by_tenant: dict[tuple[str, str], tuple[int, int]], batch: set[str]) -> None:
+        """Evict each tenant's own records (policy order, never one of the batch) until what the batch keeps of it
+        fits its quota; a tenant whose batch alone exceeds its quota fails the whole batch (CapacityError)."""
+        needs: dict[str, int] = {}
+        for (tenant, _), (_, kept) in by_tenant.items():
+            needs[tenant] = needs.get(tenant, 0) + kept
+        for tenant, kept in needs.items():
+            quota = self._usage.quotas.quota(tenant)
+            if quota is None:
+                continue
+            if kept > quota:
+                raise CapacityError(
+                    f"fs L2: batch of {kept} bytes of tenant {tenant or '(no salt)'} exceeds its quota ({quota} bytes)"
+                )
+            replaced = sum(self._index.get(k, 0) for k in batch if tenant_of_key_str(k)[0] == tenant)
+            excess = self._usage.bytes_of(tenant) + kept - replaced - quota
+            evicted = []
+            for key in self._usage.victims(tenant):
+                if excess <= 0:
+                    break
+                if key in batch:
+                    continue
+                excess -= self._index.get(key, 0)
+                self.path_for(key).unlink(missing_ok=True)
+                self._drop_locked(key)
+                self.counts["evictions"] += 1
+                self.counts["quota_evictions"] += 1
+                evicted.append(key)
+            self._evicted(evicted)
+            if excess > 0:  # the rest is this tenant's batches being written right now
+                raise CapacityError(
+                    f"fs L2: tenant {tenant or '(no salt)'} has no room for {kept} more bytes in its quota ({quota} "
+                    "bytes): the rest is being written"
+                )
 
     def _write_file(self, path: Path, record: Sequence[Buffer]) -> int:
         """Write ``record`` to a new file at ``path``; return its descriptor, still open (the caller syncs and
@@ -269,12 +339,24 @@ class FSAdapter(L2Adapter):
         if size is not None:
             self._used -= size
             self._policy.remove(key)
+            tenant, model = tenant_of_key_str(key)
+            self._usage.remove(tenant, key)
+            self._usage.change(tenant, model, -size, -1)
+
+    def _add_locked(self, key: str, size: int) -> None:
+        self._index[key] = size
+        self._used += size
+        self._policy.insert(key)
+        tenant, model = tenant_of_key_str(key)
+        self._usage.insert(tenant, key)
+        self._usage.change(tenant, model, size, 1)
 
     def _evict_locked(self, need: int, protect: set[str] | None = None) -> None:
         """Remove records, policy order, until ``need`` bytes are free; never one of ``protect``."""
         if need <= 0:
             return
-        for key in list(self._policy.victims()):
+        evicted = []
+        for key in self._policy.victims():  # a walk that allows removals: no copy of the whole order
             if need <= 0:
                 break
             if protect and key in protect:
@@ -283,7 +365,9 @@ class FSAdapter(L2Adapter):
             self.path_for(key).unlink(missing_ok=True)
             self._drop_locked(key)
             self.counts["evictions"] += 1
+            evicted.append(key)
             need -= size
+        self._evicted(evicted)
 
     # -- load and the rest ------------------------------------------------------------------------------------
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
@@ -299,7 +383,7 @@ class FSAdapter(L2Adapter):
                 if size <= total_length(dst):
                     _read_exact(maybe_fd, dst, size)
                 with self._lock:
-                    self._policy.access(key)
+                    self._access_locked(key)
                 out.append(size)
             return out
 
@@ -327,9 +411,14 @@ class FSAdapter(L2Adapter):
                         reached = _read_exact(maybe_fd, bufs, end, start=len(head), eof_ok=True)
                         got = size if reached == end else reached
                 with self._lock:
-                    self._policy.access(key)
+                    self._access_locked(key)
                 out.append(got)
             return out
+
+    def _access_locked(self, key: str) -> None:
+        self._policy.access(key)
+        if key in self._index:
+            self._usage.access(tenant_of_key_str(key)[0], key)
 
     @contextlib.contextmanager
     def _opened(self, keys: Sequence[str]) -> Iterator[list[int | None]]:
@@ -415,7 +504,8 @@ class FSAdapter(L2Adapter):
         self._ensure_started()
         with self._lock:
             records = len(self._index)
-        return {**super().stats(), "records": records, **self.counts}
+            tenants, models = self._usage.tenants(), self._usage.models()
+        return {**super().stats(), "records": records, **self.counts, "tenants": tenants, "models": models}
 
 
 def _read_exact(fd: int, dst: Sequence[Buffer], size: int, start: int = 0, eof_ok: bool = False) -> int:
@@ -510,9 +600,10 @@ def fs_factory(config: dict[str, Any], where: str) -> FSAdapter:
     gb = reader.number("max_capacity_gb", None, min=0.0)
     durability = reader.string("durability", "fsync", choices=("fsync", "none"))
     policy = reader.string("eviction_policy", "LRU", choices=list(POLICIES))
+    quotas = read_adapter_quotas(reader, where)
     reader.finish()
     path = Path(base).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{where}.base_path: {str(path)!r} exists and is not a directory")
     capacity = None if gb is None else max(1, int(gb * GiB))
-    return FSAdapter(path, capacity, durability, policy)
+    return FSAdapter(path, capacity, durability, policy, quotas)
