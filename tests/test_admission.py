@@ -255,6 +255,31 @@ def test_an_enqueue_that_raises_leaks_no_pin_and_the_next_hit_admits(
         assert store.stats()["l1"]["used_bytes"] == 0, "the raising call released every pin it still held"
 
 
+def test_an_enqueue_that_raises_leaves_later_tier_groups_for_the_next_hit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hits going to different sets of tiers are queued as separate writes; when the first raises, the ones never
+    offered are not marked as held and the next hit writes them."""
+    tiers = [{"type": "memory", "admission": "second_hit"}, {"type": "memory", "admission": "second_hit"}]
+    with Store(l1_size_gb=MB, l2_adapters=tiers) as store:
+        a, b = keys(2)
+        store.store([a], [chunk(0)])
+        store.retrieve([a])  # admitted to both tiers
+        store.flush()
+        store._tiers[1].delete([a])
+        store.clear_l1()
+        store.retrieve([a])  # loaded from tier 0 into L1: held by tier 0 only
+        store.store([b], [chunk(1)])  # held by none
+        real = store._writes.submit
+        monkeypatch.setattr(store._writes, "submit", lambda write: (_ for _ in ()).throw(RuntimeError("no room")))
+        with pytest.raises(RuntimeError, match="no room"):
+            store.retrieve([a, b])  # two writes: a to tier 1, b to both; the first raises
+        monkeypatch.setattr(store._writes, "submit", real)
+        store.retrieve([a, b])
+        store.flush()
+        assert [store._tiers[i].contains([a, b]) for i in (0, 1)] == [[True, True], [True, True]]
+        store.clear_l1()
+        assert store.stats()["l1"]["used_bytes"] == 0
+
+
 @pytest.mark.parametrize("value", ["sometimes", "Second_Hit", 2, None, ["always"]])
 def test_config_errors_name_the_field(tmp_path: Path, value: Any) -> None:
     with pytest.raises(ConfigError, match=r"l2_adapters\[1\]\.admission: expected one of \['always', 'second_hit'\]"):
@@ -350,3 +375,25 @@ def test_second_hit_matches_a_model(ops: list[tuple[str, int]]) -> None:
         assert (stats["admission_skipped"], stats["admission_admitted"]) == (skipped, admitted)
         store.clear_l1()
         assert store.stats()["l1"]["used_bytes"] == 0
+
+
+def test_a_chunk_backfilled_into_l1_from_a_tier_is_not_written_there_again(tmp_path: Path) -> None:
+    """retrieve_into reads a raw fs record straight into the caller's tensor and copies it into L1 in the
+    background: that L1 copy is marked as held by fs, so its next hit writes nothing."""
+    with Store(l1_size_gb=MB, l2_adapters=[fs(tmp_path, admission="second_hit")]) as store:
+        ks = keys(2)
+        data = [chunk(0), chunk(1)]
+        store.store(ks, data)
+        store.retrieve(ks)  # admitted
+        store.flush()
+        assert tier_stats(store)["stored"] == 2
+        store.clear_l1()
+        outs = [torch.empty_like(d) for d in data]
+        assert store.retrieve_into(ks, outs) == 2  # from fs, in place; L1 backfilled later
+        assert all(torch.equal(o, d) for o, d in zip(outs, data, strict=True))
+        store.flush()  # the backfill has landed
+        assert store.stats()["l1"]["objects"] == 2
+        store.retrieve(ks)  # L1 hits of chunks fs holds
+        store.flush()
+        stats = tier_stats(store)
+        assert (stats["admission_admitted"], stats["stored"]) == (2, 2)

@@ -135,6 +135,8 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         "0.1,0.3",
         "--policies",
         "LRU,S3-FIFO",
+        "--quota-fraction",
+        "0.5",
         "--json",
         "--no-progress",
         "--plot",
@@ -144,8 +146,15 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     ]
     assert cli_main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
-    runs = doc["runs"]
+    quota_runs = [r for r in doc["runs"] if r["l1_quota_bytes"] is not None]
+    runs = [r for r in doc["runs"] if r["l1_quota_bytes"] is None]
     assert len(runs) == 2 * 2 * 2
+    # The quota runs: each policy pair again at the middle L1 size, every tenant capped at half of L1.
+    assert len(quota_runs) == 2 * 2
+    for r in quota_runs:
+        assert r["l1_fraction"] == doc["headline_l1_fraction"] == 0.3
+        assert r["l1_quota_bytes"] == r["l1_bytes"] // 2
+        assert r["mismatches"] == 0 and r["l1_hits"] + r["l2_hits"] + r["misses"] == r["chunks"]
     assert {(r["policy"], r["admission"]) for r in runs} == {
         (p, a) for p in ("LRU", "S3-FIFO") for a in ("always", "second_hit")
     }

@@ -215,6 +215,7 @@ class RunResult:
     l1_fraction: float
     l1_bytes: int
     l2_capacity_bytes: int | None
+    l1_quota_bytes: int | None
     total: Tally
     tenants: dict[str, Tally]
     l2_chunks_written: int
@@ -252,11 +253,13 @@ def replay(
     admission: str,
     base_path: Path,
     l2_bytes: int | None = None,
+    l1_quota_bytes: int | None = None,
     l1_fraction: float = 0.0,
     advance: Callable[[], None] = lambda: None,
 ) -> RunResult:
     """Replay ``trace`` through a fresh Store (L1 of ``l1_bytes`` under ``policy``) with one fs tier under
-    ``base_path`` admitting by ``admission`` (bounded to ``l2_bytes`` under the same policy, or unbounded)."""
+    ``base_path`` admitting by ``admission`` (bounded to ``l2_bytes`` under the same policy, or unbounded);
+    ``l1_quota_bytes``: every tenant's L1 quota (none by default)."""
     tier: dict[str, Any] = {"type": "fs", "base_path": str(base_path), "durability": "none", "admission": admission}
     if l2_bytes is not None:
         tier.update(max_capacity_gb=l2_bytes / GiB, eviction_policy=policy)
@@ -264,7 +267,8 @@ def replay(
     tenants: dict[str, Tally] = {}
     mismatches = 0
     start = time.perf_counter()
-    with Store(l1_bytes / GiB, policy, [tier], chunk_size=chunk_tokens) as store:
+    quota = l1_quota_bytes / GiB if l1_quota_bytes else None
+    with Store(l1_bytes / GiB, policy, [tier], chunk_size=chunk_tokens, l1_quota_gb=quota) as store:
         for r in trace:
             keys = store.keys_for_tokens(MODEL, r.tokens, r.salt)
             l1_before = store.stats()["l1"]["hits"]
@@ -296,6 +300,7 @@ def replay(
         l1_fraction=l1_fraction,
         l1_bytes=l1_bytes,
         l2_capacity_bytes=l2_bytes,
+        l1_quota_bytes=l1_quota_bytes,
         total=total,
         tenants=dict(sorted(tenants.items())),
         l2_chunks_written=tier_stats["stored"],
@@ -399,6 +404,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fs tier capacity as a fraction of the distinct chunk bytes, evicting under the run's policy; 0: "
         "unbounded (default: 0.5)",
     )
+    s.add_argument(
+        "--quota-fraction",
+        type=float,
+        default=0.25,
+        help="more runs at the middle L1 size with an L1 quota per tenant (l1_quota_gb) of this fraction of L1; "
+        "0: none (default: 0.25)",
+    )
     s.add_argument("--policies", default="LRU,LFU,S3-FIFO", help="L1 eviction policies (default: LRU,LFU,S3-FIFO)")
     s.add_argument(
         "--admissions",
@@ -461,6 +473,7 @@ class WorkloadReport:
             "L1 share",
             "eviction",
             "admission",
+            "L1 quota MiB",
             "L1 hit",
             "L2 hit",
             "hit",
@@ -478,6 +491,7 @@ class WorkloadReport:
                 f"{r.l1_fraction:g}",
                 r.policy,
                 r.admission,
+                "-" if r.l1_quota_bytes is None else f"{r.l1_quota_bytes / MiB:.1f}",
                 f"{rates['l1_hit_rate']:.1%}",
                 f"{rates['l2_hit_rate']:.1%}",
                 f"{rates['hit_rate']:.1%}",
@@ -493,6 +507,7 @@ class WorkloadReport:
         per = Table(title=f"hit rate per tenant (L1 / L2), L1 = {self.headline_fraction:g} of the distinct bytes")
         per.add_column("eviction")
         per.add_column("admission")
+        per.add_column("L1 quota MiB")
         for t in tenants:
             per.add_column(t, justify="right")
         for r in head:
@@ -500,7 +515,8 @@ class WorkloadReport:
             for t in tenants:
                 rates = r.tenants[t].rates() if t in r.tenants else {"l1_hit_rate": 0.0, "l2_hit_rate": 0.0}
                 cells.append(f"{rates['l1_hit_rate']:.0%} / {rates['l2_hit_rate']:.0%}")
-            per.add_row(r.policy, r.admission, *cells)
+            quota = "-" if r.l1_quota_bytes is None else f"{r.l1_quota_bytes / MiB:.1f}"
+            per.add_row(r.policy, r.admission, quota, *cells)
         console.print(per)
         if self.plot:
             console.print(f"plot: {self.plot}")
@@ -573,10 +589,17 @@ def run(args: argparse.Namespace) -> WorkloadReport:
     summary["chunk_bytes"] = chunk_bytes
     summary["distinct_bytes"] = summary["distinct_chunks"] * chunk_bytes
     l2_bytes = max(chunk_bytes, int(args.l2_fraction * summary["distinct_bytes"])) if args.l2_fraction else None
-    combos = [(f, p, a) for f in fractions for p in policies for a in admissions]
+    if not 0 <= args.quota_fraction <= 1:
+        raise SystemExit(f"--quota-fraction: expected a number in [0, 1], got {args.quota_fraction}")
+    headline = fractions[len(fractions) // 2]
+    combos: list[tuple[float, str, str, float]] = [
+        (f, p, a, 0.0) for f in fractions for p in policies for a in admissions
+    ]
+    if args.quota_fraction:
+        combos += [(headline, p, a, args.quota_fraction) for p in policies for a in admissions]
     runs: list[RunResult] = []
     with progress(len(combos) * len(trace), "replaying", enabled=not args.no_progress) as advance:
-        for fraction, policy, admission in combos:
+        for fraction, policy, admission, quota in combos:
             base = Path(tempfile.mkdtemp(prefix="kvtier-workload-", dir=args.dir))
             try:
                 l1_bytes = max(chunk_bytes, int(fraction * summary["distinct_bytes"]))
@@ -587,6 +610,7 @@ def run(args: argparse.Namespace) -> WorkloadReport:
                         contents=contents,
                         l1_bytes=l1_bytes,
                         l2_bytes=l2_bytes,
+                        l1_quota_bytes=max(chunk_bytes, int(quota * l1_bytes)) if quota else None,
                         policy=policy,
                         admission=admission,
                         base_path=base,
@@ -603,12 +627,13 @@ def run(args: argparse.Namespace) -> WorkloadReport:
             "dtype": args.dtype,
             "l1_fractions": fractions,
             "l2_fraction": args.l2_fraction,
+            "quota_fraction": args.quota_fraction,
             "policies": policies,
             "admissions": admissions,
         },
         trace=summary,
         runs=runs,
-        headline_fraction=fractions[len(fractions) // 2],
+        headline_fraction=headline,
     )
     if not args.no_plot:
         title = (
@@ -616,7 +641,7 @@ def run(args: argparse.Namespace) -> WorkloadReport:
             f"one-shot {params.one_shot_share:g}, seed {params.seed}; fs L2 "
             + (f"{args.l2_fraction:g} of the distinct bytes" if args.l2_fraction else "unbounded")
         )
-        plot(runs, args.plot, title)
+        plot([r for r in runs if r.l1_quota_bytes is None], args.plot, title)
         report.plot = args.plot
     return report
 

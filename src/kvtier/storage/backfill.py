@@ -46,6 +46,7 @@ class _Job:
     done: Callable[[], None] | None
     stale: bool = False
     nbytes: int = 0
+    l2_held: int = 0  # the L1 object's mark of the L2 tiers that hold it (the Store's write admission)
 
     def __post_init__(self) -> None:
         self.nbytes = self.src.numel() * self.src.element_size()
@@ -67,11 +68,14 @@ class Backfill:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, key: ObjectKey, src: torch.Tensor, header: bytes, done: Callable[[], None] | None) -> bool:
+    def submit(
+        self, key: ObjectKey, src: torch.Tensor, header: bytes, done: Callable[[], None] | None, l2_held: int = 0
+    ) -> bool:
         """Queue a backfill of ``src`` (the caller's tensor, holding the payload of the record whose header is
         ``header``) under ``key``. ``done`` is called once nothing reads ``src`` any more (after the job, or at
-        once when it is refused: the return value is then False)."""
-        job = _Job(key, src, header, done)
+        once when it is refused: the return value is then False). ``l2_held``: set on the L1 object it commits
+        (``L1Object.l2_held``: the tier it was read from holds it)."""
+        job = _Job(key, src, header, done, l2_held=l2_held)
         with self._cv:
             if self._closed or self._bytes + job.nbytes > self._max_bytes:
                 refused = True
@@ -162,6 +166,7 @@ class Backfill:
             with self._cv:  # checked and committed under the lock stale() takes: a newer store always wins
                 if job.stale or self._pool.contains([job.key])[0]:
                     return False
+                obj.l2_held = job.l2_held  # not visible yet: no other thread reads it
                 self._pool.commit(obj)
                 committed = True
             return True

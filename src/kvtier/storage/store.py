@@ -376,8 +376,11 @@ class Store:
     def _admit_loaded_from(self, obj: L1Object, tier: L2Tier) -> None:
         """``obj`` was loaded from ``tier`` and is about to become visible in L1: that tier holds it, so its next
         hit does not write it there again. Set before commit, while no other thread can see the object."""
-        if self._second_hit_mask:
-            obj.l2_held |= 1 << self._tiers.index(tier)
+        obj.l2_held |= self._admit_held_bit(tier)
+
+    def _admit_held_bit(self, tier: L2Tier) -> int:
+        """The ``L1Object.l2_held`` bit of ``tier`` (0 when no tier waits for a second hit: nothing reads it)."""
+        return 1 << self._tiers.index(tier) if self._second_hit_mask else 0
 
     def _admit_on_hit(self, pinned: list[L1Object | None], n: int) -> None:
         """The L1 hits ``pinned[:n]`` (pinned by the caller) were served: queue the write of each to the
@@ -402,21 +405,32 @@ class Store:
                 if todo:
                     obj.l2_held |= todo
                     groups.setdefault(todo, []).append(i)
-        for mask, indices in groups.items():
-            hits = [obj for i in indices if (obj := pinned[i]) is not None]
-            tiers = [t for b, t in enumerate(self._tiers) if mask >> b & 1]
-            for i in indices:
-                pinned[i] = None  # the pin goes with the write (see _enqueue_write)
-            queued = False
-            try:
-                queued = self._enqueue_write(_Write([o.key for o in hits], hits, sum(o.nbytes for o in hits), tiers))
-            finally:
-                with self._lock:
-                    if queued:
-                        for b, a in enumerate(self._admission):
-                            a.admitted += len(hits) if mask >> b & 1 else 0
-                    else:  # not written (no room, closing, or the enqueue raised): the next hit tries again
-                        for obj in hits:
+        offers = list(groups.items())
+        offered = 0
+        try:
+            for mask, indices in offers:
+                offered += 1
+                hits = [obj for i in indices if (obj := pinned[i]) is not None]
+                tiers = [t for b, t in enumerate(self._tiers) if mask >> b & 1]
+                for i in indices:
+                    pinned[i] = None  # the pin goes with the write (see _enqueue_write)
+                queued = False
+                try:
+                    write = _Write([o.key for o in hits], hits, sum(o.nbytes for o in hits), tiers)
+                    queued = self._enqueue_write(write)
+                finally:
+                    with self._lock:
+                        if queued:
+                            for b, a in enumerate(self._admission):
+                                a.admitted += len(hits) if mask >> b & 1 else 0
+                        else:  # not written (no room, closing, or the enqueue raised): the next hit tries again
+                            for obj in hits:
+                                obj.l2_held &= ~mask
+        finally:
+            with self._lock:  # the writes never offered (an earlier one raised): not written either
+                for mask, indices in offers[offered:]:
+                    for i in indices:
+                        if (obj := pinned[i]) is not None:
                             obj.l2_held &= ~mask
 
     def _admission_stats(self, index: int) -> dict[str, Any]:
@@ -590,7 +604,7 @@ class Store:
                         header = headers.get(j) if headers is not None else None
                         if header is not None and pending is not None and not self._fence.blocked([keys[i]], stamp()):
                             pending.add()
-                            self._backfill.submit(keys[i], dst, header, pending.done)
+                            self._backfill.submit(keys[i], dst, header, pending.done, self._admit_held_bit(tier))
                     else:
                         self._admit_loaded_from(obj, tier)
                         self._commit_loaded(obj, parent_of)
