@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier import ObjectKey, Store
+from kvtier import CapacityError, ObjectKey, Store
 from kvtier.events import (
     KINDS,
     L1_TIER,
@@ -165,6 +165,22 @@ def test_pool_on_evict_reports_policy_evictions_outside_the_lock() -> None:
         before = len(evicted)
         pool.clear()  # ... nor is a clear
         assert sum(len(b) for b in seen) == before
+    finally:
+        pool.close()
+
+
+def test_pool_on_evict_reports_evictions_of_a_reserve_that_then_fails() -> None:
+    seen: list[ObjectKey] = []
+    pool = L1Pool(1 << 20, "LRU", on_evict=seen.extend)
+    try:
+        keys = [ObjectKey("m", format(i + 1, "x")) for i in range(16)]
+        for key in keys:
+            pool.commit(pool.reserve(key, (1 << 16,), torch.uint8))
+        pinned = pool.acquire(keys[1::2])  # every other object pinned by a read in flight
+        with pytest.raises(CapacityError):
+            pool.reserve(ObjectKey("m", "b19"), (1 << 19,), torch.uint8)  # evicts the rest: 64 KiB holes, no room
+        assert seen == keys[0::2] and pool.contains(keys[0::2]) == [False] * 8
+        pool.release(pinned)
     finally:
         pool.close()
 
@@ -324,3 +340,38 @@ def test_l2_adapter_evictions_are_reported(kind: str, tmp_path: Path) -> None:
         assert [e.hash for e in evicted] == [k.chunk_hash for k in keys[: len(evicted)]]
         assert all(e.model == "org/m" and e.rank == 2 and e.salt == salt_digest("salt-x") for e in evicted)
         assert not got.of("evicted", L1_TIER)
+
+
+def test_concurrent_stores_events_replay_to_what_l1_holds() -> None:
+    """Four threads store (and retrieve) at once into a small L1: every seq number once, each key's stored before
+    its evicted, and replaying the events gives exactly what L1 holds."""
+    with Store(l1_size_gb=MB) as store:
+        got = Collector()
+        store.add_listener(got)
+        keys = [[ObjectKey("m", format((t << 12) + i + 1, "x")) for i in range(150)] for t in range(4)]
+
+        def work(mine: list[ObjectKey]) -> None:
+            for i in range(0, len(mine), 3):
+                store.store(mine[i : i + 3], [chunk(i) for _ in mine[i : i + 3]])
+                store.retrieve(mine[max(0, i - 30) : i])  # hits refresh the LRU order meanwhile
+
+        threads = [threading.Thread(target=work, args=(mine,)) for mine in keys]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        settle(store)
+        assert [e.seq for e in got.events] == list(range(len(got.events)))
+        held: dict[str, bool] = {}
+        for e in got.events:
+            if e.kind == "stored":
+                assert not held.get(e.hash), "stored twice without an eviction between"
+                held[e.hash] = True
+            elif e.kind == "evicted":
+                assert held.get(e.hash), "evicted before it was stored"
+                held[e.hash] = False
+        every = [k for mine in keys for k in mine]
+        assert {k.chunk_hash for k, hit in zip(every, store._pool.contains(every), strict=True) if hit} == {
+            h for h, present in held.items() if present
+        }
+        assert sum(not p for p in held.values()) > 300, "the test must evict"

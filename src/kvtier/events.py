@@ -32,6 +32,12 @@ Event kinds (``kind``):
 * ``cleared``: every chunk of ``tier`` is gone at once (``clear_l1`` or ``Store.clear``); the key fields are
   empty. vLLM's ``AllBlocksCleared``.
 
+Order. Events are numbered in the order they are emitted. A chunk's ``stored`` in L1 is emitted before the object
+becomes visible, so its eviction always comes after it; replaying a stream with no gap gives exactly what L1
+holds. One race is left: while a thread stores a new copy of a key, another may evict the old copy, and the
+two events may then come in either order (a router may forget a chunk L1 holds: a missed hit, never wrong KV).
+L2 ``stored`` events follow the completed write and are as exact as the backend (see ``evicted``).
+
 The parent chunk hash (``parent``) is the hash of the chunk before this one in the same prompt, ``None`` for
 the first chunk of a prompt and whenever the Store does not know it. The Store knows it (a) for keys it
 computed itself in ``Store.keys_for_tokens`` (a bounded memory of the recent chains), else (b) from the order of

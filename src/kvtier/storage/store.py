@@ -294,6 +294,7 @@ class Store:
         objs: list[L1Object] = []
         refused = 0
         self._backfill.stale(keys)  # before anything commits: an older L2 copy must not land over these
+        parent_of = self._parent_map(keys)
         for key, t in zip(keys, tensors, strict=True):
             try:
                 obj = self._pool.reserve(key, t.shape, t.dtype)
@@ -308,10 +309,10 @@ class Store:
                 if self._write_tiers:  # the objects already stored keep their pin for the L2 write: drop it
                     self._pool.release(objs)
                 raise
+            self._emit_l1_stored(obj, parent_of)
             self._pool.commit(obj, keep_pin=bool(self._write_tiers))
             stored_keys.append(key)
             objs.append(obj)
-        self._emit_stored(keys, stored_keys, [o.nbytes for o in objs], L1_TIER)
         with self._lock:
             self.counts["stored"] += len(objs)
             self.counts["l1_store_refused"] += refused
@@ -521,6 +522,7 @@ class Store:
         is sized from the record's header, checked against its length by the tier before it asks. A tier that
         loads in place reads straight into ``into[i]``; L1 gets its copy from the backfill (``pending`` counts
         the copies still reading ``into``)."""
+        parent_of = self._parent_map(keys)
         for tier in self._tiers:
             if not indices:
                 return
@@ -564,7 +566,6 @@ class Store:
                 raise
             self._l2_ok(tier)
             hits = 0
-            landed: list[L1Object] = []  # loaded into L1: stored events
             for j, i in enumerate(batch):
                 obj = reserved.get(j)
                 dst = got[j]
@@ -578,8 +579,7 @@ class Store:
                             self._backfill.submit(keys[i], dst, header, pending.done)
                     else:
                         self._admit_loaded_from(obj, tier)
-                        if self._commit_loaded(obj):
-                            landed.append(obj)
+                        self._commit_loaded(obj, parent_of)
                         if into is not None:
                             copy_into(into[i], dst)
                             out[i] = into[i]
@@ -587,7 +587,6 @@ class Store:
                             out[i] = clone(dst)
                 if obj is not None:
                     self._pool.release([obj])
-            self._emit_stored(keys, [o.key for o in landed], [o.nbytes for o in landed], L1_TIER)
             with self._lock:
                 self.counts["l2_prefetched"] += hits
             indices = [i for i in indices if out[i] is None]
@@ -831,16 +830,16 @@ class Store:
         self._pool.clear()  # gives the pages back too
         return removed
 
-    def _commit_loaded(self, obj: L1Object) -> bool:
-        """Hook where a load puts a record into L1 (True when it did): not when a purge began since the load did
-        (the object stays pinned for the caller, who releases it; the fenced read then reports a miss)."""
+    def _commit_loaded(self, obj: L1Object, parent_of: dict[ObjectKey, str | None] | None) -> None:
+        """Where a load puts a record into L1 (with its ``stored`` event): not when a purge began since the load
+        did (the object stays pinned for the caller, who releases it; the fenced read then reports a miss)."""
         blocked = self._fence.blocked([obj.key], stamp())
         if blocked:
             with self._lock:
                 self.counts["purge_skipped_loads"] += 1
-            return False
+            return
+        self._emit_l1_stored(obj, parent_of)
         self._pool.commit(obj, keep_pin=True)
-        return True
 
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
@@ -909,35 +908,44 @@ class Store:
             while len(self._lineage) > LINEAGE_KEYS:
                 self._lineage.popitem(last=False)
 
-    def _parents(self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey]) -> list[str | None]:
-        """Parent hashes of ``keys`` (a subset of one call's ``call_keys``, in order): from the chains
+    def _parent_map(self, call_keys: Sequence[ObjectKey]) -> dict[ObjectKey, str | None] | None:
+        """The parent hash of each key of one call (``None`` when nothing listens): from the chains
         keys_for_tokens computed, else the key before it in the call when of the same model, rank and salt (see
         :mod:`kvtier.events`)."""
-        position = {key: i for i, key in enumerate(call_keys)}
-        out: list[str | None] = []
+        events = self._events
+        if events is None or not events.has_listeners:
+            return None
+        out: dict[ObjectKey, str | None] = {}
+        before: ObjectKey | None = None
         with self._lineage_lock:
-            for key in keys:
+            for key in call_keys:
                 if key in self._lineage:
-                    out.append(self._lineage[key])
-                    continue
-                i = position.get(key, 0)
-                before = call_keys[i - 1] if i > 0 else None
-                same = before is not None and (before.model_name, before.kv_rank, before.cache_salt) == (
+                    out[key] = self._lineage[key]
+                elif before is not None and (before.model_name, before.kv_rank, before.cache_salt) == (
                     key.model_name,
                     key.kv_rank,
                     key.cache_salt,
-                )
-                out.append(before.chunk_hash if same and before is not None else None)
+                ):
+                    out[key] = before.chunk_hash
+                else:
+                    out[key] = None
+                before = key
         return out
+
+    def _emit_l1_stored(self, obj: L1Object, parent_of: dict[ObjectKey, str | None] | None) -> None:
+        """A ``stored`` event for an object about to be committed to L1. Emitted before the commit, so that an
+        eviction of this object (only possible once committed) always comes after it in ``seq``."""
+        events = self._events
+        if parent_of is not None and events is not None:
+            events.emit("stored", [obj.key], L1_TIER, [obj.nbytes], [parent_of.get(obj.key)])
 
     def _emit_stored(
         self, call_keys: Sequence[ObjectKey], keys: Sequence[ObjectKey], sizes: Sequence[int], tier: str
     ) -> None:
         """``stored`` events for ``keys`` (those of one call's ``call_keys`` that landed in ``tier``)."""
-        events = self._events
-        if events is None or not keys or not events.has_listeners:
-            return
-        events.emit("stored", keys, tier, sizes, self._parents(call_keys, keys))
+        parent_of = self._parent_map(call_keys)
+        if parent_of is not None and self._events is not None and keys:
+            self._events.emit("stored", keys, tier, sizes, [parent_of.get(k) for k in keys])
 
     def _emit(self, kind: Kind, keys: Sequence[ObjectKey], tier: str) -> None:
         events = self._events
@@ -958,14 +966,8 @@ class Store:
     def _emit_names(self, kind: Kind, tier: str, names: Sequence[str]) -> None:
         """``kind`` events for records named ``names`` (``ObjectKey.to_str()`` strings)."""
         events = self._events
-        if events is None or not events.has_listeners:
-            return
-        fields = []
-        for name in names:
-            parts = name.split("@")
-            if len(parts) == 4 and parts[1].isdigit():  # anything else is not a record of ours
-                fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
-        events.emit(kind, fields, tier)
+        if events is not None and events.has_listeners:
+            events.emit(kind, _key_fields(names), tier)
 
     def __enter__(self) -> Store:
         return self
@@ -977,3 +979,13 @@ class Store:
         # A Store dropped without close() gives its L1 mapping back at once, not at process exit.
         if not getattr(self, "_closed", True) and hasattr(self, "_pool"):
             self._pool.arena.close()
+
+
+def _key_fields(names: Sequence[str]) -> list[tuple[str, int, str, str]]:
+    """``(model, rank, salt digest, hash)`` of record names (``ObjectKey.to_str()``); others are skipped."""
+    fields = []
+    for name in names:
+        parts = name.split("@")
+        if len(parts) == 4 and parts[1].isdigit():
+            fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
+    return fields
