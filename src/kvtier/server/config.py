@@ -104,8 +104,9 @@ class ServerConfig:
             "l2_adapters": [dict(a) for a in self.l2_adapters],
             "chunk_size": self.chunk_size,
             "l1_backing": self.l1_backing,
-            "l1_quota_gb": self.l1_quota_gb,
-            "l1_quotas_gb": dict(self.l1_quotas_gb),
+            # Quotas only when set: a config without them builds the same Store as before they existed.
+            **({"l1_quota_gb": self.l1_quota_gb} if self.l1_quota_gb is not None else {}),
+            **({"l1_quotas_gb": dict(self.l1_quotas_gb)} if self.l1_quotas_gb else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
