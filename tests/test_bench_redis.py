@@ -22,11 +22,12 @@ def test_bench_l2_redis_json(capsys: pytest.CaptureFixture[str]) -> None:
         for size in ("1 MiB", "2 MiB"):
             for op, base in (("store", "raw SET"), ("load", "raw GET")):
                 fig = figures[f"kvtier {op} {size}"]
-                assert fig["value"] > 0 and fig["baseline"] == f"{base} {size}" and fig["target"] == 0.7
+                assert fig["value"] > 0 and fig["baseline"] == f"{base} {size}" and "target" not in fig
+                assert fig["rounds"] == 1 and len(fig["spread"]) == 2
             assert "bit-exact: True" in figures[f"kvtier load {size}"]["note"]
             if "fp8" in registered_serdes():
                 fp8 = figures[f"kvtier+fp8 load {size}"]
-                assert fp8["baseline"] == f"kvtier load {size}" and fp8["target"] == 1.0
+                assert fp8["baseline"] == f"kvtier load {size}"
         client = redis.Redis.from_url(srv.url)
         assert client.dbsize() == 0, "the benchmark removes its records and their accounting"
         client.close()
@@ -37,9 +38,8 @@ def test_bench_l2_redis_starts_its_own_server(capsys: pytest.CaptureFixture[str]
     assert main([*argv, "--rounds", "1", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["params"]["url"] == "private redis-server" and doc["params"]["serdes"] == []
-    assert {f["name"] for f in doc["figures"]} == {
-        "raw SET 1 MiB",
-        "raw GET 1 MiB",
-        "kvtier store 1 MiB",
-        "kvtier load 1 MiB",
+    assert {f["name"]: f["baseline"] for f in doc["figures"]} == {
+        "kvtier store 1 MiB": "raw SET 1 MiB",
+        "kvtier load 1 MiB": "raw GET 1 MiB",
     }
+    assert doc["load"]["cpus"] >= 1

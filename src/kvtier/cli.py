@@ -24,20 +24,24 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "serde": (
         "kvtier.bench.serde",
         "serialize / deserialize throughput of a serde vs memcpy",
-        "Serialize / deserialize a KV chunk through a serde, beside a memcpy into a reused buffer measured in the "
-        "same run.",
+        "Serialize / deserialize a KV chunk through a serde, each sampled in alternation with a memcpy into a "
+        "reused buffer (and torch's casts for fp8); ratios of the per-round medians with their spread.",
     ),
     "l2": (
         "kvtier.bench.l2",
-        "store / hot load / cold load through the fs adapter vs plain files",
-        "Store, hot load and cold load KV chunks through the fs L2 adapter, beside a plain-file write+fsync / cold "
-        "read of the same bytes and a memcpy, measured in the same run.",
+        "the serde alone, the L2 tier alone and the whole Store, each vs an interleaved baseline",
+        "Modes encode (the serde alone at max_workers), tier (the fs L2 tier alone) and store (the whole Store), "
+        "for store and load, raw and fp8, with the durability stated (--durability none|fsync). Each figure is "
+        "sampled in alternation with its baseline (memcpy, a plain write / read of the same bytes, the encode "
+        "alone, the tier alone) and reported as the ratio of per-round medians with its spread and the "
+        "machine's load. --adapter redis / object_store measure those adapters against their client library.",
     ),
     "server": (
         "kvtier.bench.server",
         "kvtier server: shared-memory retrieve vs memcpy, lookup latency, ops/s with 1/4/8 clients",
         "Start a kvtier server in a subprocess and measure: retrieve of an L1-resident chunk through shared memory "
-        "beside a memcpy in the same run, lookup round-trip p50/p99, ops/s with 1, 4 and 8 clients.",
+        "and one-key lookups, each sampled in alternation with its baseline (a memcpy, a bare ZeroMQ echo), lookup "
+        "round-trip p50/p99, ops/s with 1, 4 and 8 clients.",
     ),
     "kv-quality": (
         "kvtier.bench.kv_quality",
@@ -102,7 +106,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="measure throughput against an in-run baseline",
-        description="Benchmarks; each prints GB/s beside a baseline measured in the same run.",
+        description="Benchmarks; each prints figures beside a baseline sampled in alternation with them, their "
+        "ratio and its spread, and the machine's load (targets and verdicts live in BENCHMARKS.md).",
     )
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, (module_name, help_text, description) in BENCHES.items():

@@ -8,10 +8,11 @@ round runs, interleaved so that noise hits all alike:
   client would hold it), then a pipeline of ``GET`` (the client's ``bytes`` are the result, no further copy);
 * kvtier raw path (no serde): ``L2Tier.store`` (record header + the tensor's own memory, one transaction per
   batch) and ``L2Tier.load_into`` a reused destination tensor (record checked, payload copied in);
-* kvtier with fp8 (when the fp8 serde is registered): the same, serialized to half the bytes.
+* kvtier with fp8 (when the fp8 serde is registered): the same, serialized to half the bytes, beside the raw path.
 
-GB/s are bytes of KV (the uncompressed tensor) per second; targets: the raw path >= 0.7x the raw client, and fp8
-above the raw path. Without ``--url`` a private ``redis-server`` is started on a free loopback port.
+Each kvtier operation and its baseline are sampled in alternation, the same number of rounds
+(:class:`kvtier.bench.common.Harness`). GB/s are bytes of KV (the uncompressed tensor) per second. Without
+``--url`` a private ``redis-server`` is started on a free loopback port.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import uuid
 
 import torch
 
-from kvtier.bench.common import Figure, Report, median_rate, progress, timed
+from kvtier.bench.common import Harness, Op, Report, recording_load
 from kvtier.bench.data import DEFAULT_CHUNK_SHAPE, load_kv_file, synthetic_kv
 from kvtier.bench.redis_server import LocalRedis
 from kvtier.l2.adapters import RedisAdapter, create_l2_adapter
@@ -31,8 +32,6 @@ from kvtier.serde import registered_serdes
 from kvtier.types import ObjectKey
 
 MiB = 1 << 20
-RAW_TARGET = 0.7  # the issue: the adapter's raw path >= 0.7x the raw client, for 32 MiB and 4 MiB values
-FP8_TARGET = 1.0  # fp8: GB/s of KV above the raw-bytes path
 
 
 def add_redis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,13 +89,15 @@ def run(args: argparse.Namespace) -> Report:
             "batch": args.batch,
             "mib_per_round": args.mib_per_round,
             "rounds": args.rounds,
+            "order": args.order,
             "serdes": serdes,
             "serde_workers": getattr(args, "workers", 1),
         },
     )
     try:
-        for label, src in chunks:
-            _bench_size(report, url, label, src, serdes=serdes, args=args)
+        with recording_load(report):
+            for label, src in chunks:
+                _bench_size(report, url, label, src, serdes=serdes, args=args)
     finally:
         if server is not None:
             server.close()
@@ -155,25 +156,18 @@ def _bench_size(
             if not all(tier.load_into(ks, outs[: len(ks)])):
                 raise SystemExit(f"bench redis: {tier.name} load missed")
 
-    samples: dict[str, list[float]] = {"raw SET": [], "raw GET": []}
-    for name in tiers:
-        samples[f"{name} store"] = []
-        samples[f"{name} load"] = []
+    h = Harness(args.rounds, order=args.order)
+    raw_set_op = Op(f"raw SET {label}", raw_set, n * nbytes)
+    raw_get_op = Op(f"raw GET {label}", raw_get, n * nbytes)
+    stores = {name: Op(f"{name} store {label}", functools.partial(store, t), n * nbytes) for name, t in tiers.items()}
+    loads = {name: Op(f"{name} load {label}", functools.partial(load, t), n * nbytes) for name, t in tiers.items()}
+    h.compare(f"kvtier store {label}", stores["kvtier"], raw_set_op)
+    h.compare(f"kvtier load {label}", loads["kvtier"], raw_get_op)
+    for name in serdes:
+        h.compare(f"kvtier+{name} store {label}", stores[f"kvtier+{name}"], stores["kvtier"])
+        h.compare(f"kvtier+{name} load {label}", loads[f"kvtier+{name}"], loads["kvtier"])
     try:
-        raw_set()  # warm-up, untimed: connections, server allocations, destination pages, serde scratch
-        raw_get()
-        for tier in tiers.values():
-            store(tier)
-            load(tier)
-        with progress(args.rounds, f"bench redis {label}", enabled=not args.json) as advance:
-            for _ in range(args.rounds):
-                samples["raw SET"].append(timed(raw_set))
-                for name, tier in tiers.items():
-                    samples[f"{name} store"].append(timed(functools.partial(store, tier)))
-                samples["raw GET"].append(timed(raw_get))
-                for name, tier in tiers.items():
-                    samples[f"{name} load"].append(timed(functools.partial(load, tier)))
-                advance()
+        results = h.run(f"bench redis {label}", show_progress=not args.json)
         load(tiers["kvtier"])  # the raw path must give the chunk back bit for bit
         exact = all(torch.equal(o.view(torch.uint8), src.view(torch.uint8)) for o in outs)
         stored = {name: tier.adapter.used_bytes / n for name, tier in tiers.items()}
@@ -187,33 +181,9 @@ def _bench_size(
         client.delete(*raw_keys)
         client.close()
 
-    total = n * nbytes
-    rate: dict[str, float] = {k: median_rate(v, total) for k, v in samples.items()}
-    note = f"{n} chunks of {label} in batches of {batch}"
-    report.add(Figure(f"raw SET {label}", rate["raw SET"], note=note))
-    report.add(Figure(f"raw GET {label}", rate["raw GET"], note=note))
-    for op, base in (("store", "raw SET"), ("load", "raw GET")):
-        extra = "" if op == "store" else f"; bit-exact: {exact}"
-        report.add(
-            Figure(
-                f"kvtier {op} {label}",
-                rate[f"kvtier {op}"],
-                baseline=f"{base} {label}",
-                baseline_value=rate[base],
-                target=RAW_TARGET,
-                note=f"record {stored['kvtier'] / MiB:.2f} MiB{extra}",
-            )
-        )
-    for name in serdes:
-        for op in ("store", "load"):
-            key = f"kvtier+{name}"
-            report.add(
-                Figure(
-                    f"{key} {op} {label}",
-                    rate[f"{key} {op}"],
-                    baseline=f"kvtier {op} {label}",
-                    baseline_value=rate[f"kvtier {op}"],
-                    target=FP8_TARGET if name == "fp8" else None,
-                    note=f"GB/s of KV; record {stored[key] / MiB:.2f} MiB",
-                )
-            )
+    for r in results:
+        name = r.label.split(" ")[0]
+        r.note = f"{n} chunks of {label} in batches of {batch}; record {stored[name] / MiB:.2f} MiB"
+        if r.label == f"kvtier load {label}":
+            r.note += f"; bit-exact: {exact}"
+    report.add_results(results)

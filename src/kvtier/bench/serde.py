@@ -1,4 +1,5 @@
-"""``kvtier bench serde``: serialize / deserialize throughput of a serde beside a memcpy in the same run."""
+"""``kvtier bench serde``: serialize / deserialize throughput of a serde, each sampled in alternation with a memcpy
+of the same bytes (and, for fp8, with torch's plain casts) on the harness of :mod:`kvtier.bench.common`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kvtier.bench.common import Figure, Report, median_rate, parse_shape, progress, timed
+from kvtier.bench.common import Figure, Harness, Op, Report, add_harness_arguments, parse_shape, recording_load
 from kvtier.bench.data import DEFAULT_CHUNK_SHAPE, load_kv_file, synthetic_kv
 from kvtier.serde import LayoutDesc, create_serde_processor
 from kvtier.types import KVFormat, parse_dtype
@@ -18,10 +19,6 @@ from kvtier.types import KVFormat, parse_dtype
 #: which serde op it is the baseline for). Codec modules add theirs (e.g. fp8: torch's plain casts).
 ExtraBaseline = tuple[str, Callable[[], object], int, str]
 EXTRA_BASELINES: dict[str, Callable[[torch.Tensor], list[ExtraBaseline]]] = {}
-#: Targets set by the issues, as the minimum ratio of a serde op to memcpy, per single-stage serde type.
-MEMCPY_TARGETS: dict[str, dict[str, float]] = {"raw": {"serialize": 0.8, "deserialize": 0.8}}
-#: Targets set by the issues as the minimum ratio of a serde op to an extra baseline, by the baseline's name.
-EXTRA_TARGETS: dict[str, float] = {}
 
 
 def _fp8_baselines(src: torch.Tensor) -> list[ExtraBaseline]:
@@ -38,9 +35,6 @@ def _fp8_baselines(src: torch.Tensor) -> list[ExtraBaseline]:
 
 
 EXTRA_BASELINES["fp8"] = _fp8_baselines
-EXTRA_TARGETS.update({"torch .to(float8_e4m3fn)": 1.0, "torch fp8 .to(torch.bfloat16)": 8.0})
-MEMCPY_TARGETS["fp8"] = {"deserialize": 0.5}
-MEMCPY_TARGETS["aesgcm"] = {"serialize": 0.6, "deserialize": 0.6}
 
 
 def outlier_channel_error(src: torch.Tensor, out: torch.Tensor) -> float | None:
@@ -74,8 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--outliers", type=int, default=0, help="scale this many channels of the synthetic chunk by 1000"
     )
     parser.add_argument("--workers", type=int, default=1, help="serde threads; the batch has this many chunks")
-    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (default: 10)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    add_harness_arguments(parser, rounds=10)
 
 
 def _serde_config(text: str) -> Any:
@@ -112,28 +105,10 @@ def run(args: argparse.Namespace) -> Report:
     stage_types = [c["type"] for c in (config if isinstance(config, list) else [config])]
     extras = [b for t in stage_types if t in EXTRA_BASELINES for b in EXTRA_BASELINES[t](src)]
 
-    # Warm up: compiles kernels, grows scratch buffers, starts the pool.
+    # One call before the harness's warm-up: the payloads the deserialize reads.
     sizes = processor.serialize_batch(srcs, dsts)
     payloads = [d[:n] for d, n in zip(dsts, sizes, strict=True)]
-    processor.deserialize_batch(payloads, outs)
-    for _, fn, _, _ in extras:
-        fn()
-
-    samples: dict[str, list[float]] = {"memcpy": [], "serialize": [], "deserialize": []}
-    for name, *_ in extras:
-        samples[name] = []
-    with progress(args.rounds, f"bench serde {processor.identity.name}", enabled=not args.json) as advance:
-        for _ in range(args.rounds):
-            samples["memcpy"].append(timed(lambda: copy_dst.copy_(src)))
-            samples["serialize"].append(timed(lambda: processor.serialize_batch(srcs, dsts)))
-            samples["deserialize"].append(timed(lambda: processor.deserialize_batch(payloads, outs)))
-            for name, fn, _, _ in extras:
-                samples[name].append(timed(fn))
-            advance()
-    processor.close()
-
     nbytes = layout.nbytes
-    memcpy = median_rate(samples["memcpy"], nbytes)
     report = Report(
         "serde",
         {
@@ -142,31 +117,31 @@ def run(args: argparse.Namespace) -> Report:
             "dtype": str(src.dtype).removeprefix("torch."),
             "workers": args.workers,
             "rounds": args.rounds,
+            "order": args.order,
             "data": args.data or "synthetic",
             "outlier_channels": args.outliers,
             "torch_threads": torch.get_num_threads(),
         },
     )
+    h = Harness(args.rounds, order=args.order)
+    memcpy = Op("memcpy", lambda: copy_dst.copy_(src), nbytes)
+    ops = {
+        "serialize": Op("serialize", lambda: processor.serialize_batch(srcs, dsts), nbytes * batch),
+        "deserialize": Op("deserialize", lambda: processor.deserialize_batch(payloads, outs), nbytes * batch),
+    }
+    for op_name, op in ops.items():
+        h.compare(f"{op_name} (GB/s of KV)", op, memcpy, f"{batch} chunk(s) per call on {batch} worker(s)")
+        for name, fn, extra_bytes, for_op in extras:
+            if for_op == op_name:
+                h.compare(f"{op_name} vs {name}", op, Op(name, fn, extra_bytes))
+    try:
+        with recording_load(report):
+            results = h.run(f"bench serde {processor.identity.name}", show_progress=not args.json)
+    finally:
+        processor.close()
+    report.add_results(results)
     ratio = nbytes / sizes[0] if sizes[0] else float("inf")
-    report.add(Figure("memcpy (reused buffer)", memcpy))
-    for op in ("serialize", "deserialize"):
-        rate = median_rate(samples[op], nbytes * batch)
-        target = MEMCPY_TARGETS.get(stage_types[0], {}).get(op) if len(stage_types) == 1 else None
-        report.add(
-            Figure(
-                f"{op} (GB/s of KV)",
-                rate,
-                baseline="memcpy",
-                baseline_value=memcpy,
-                target=target,
-                note=f"size ratio {ratio:.3f}" if op == "serialize" else "",
-            )
-        )
-        for name, _, extra_bytes, for_op in extras:
-            if for_op == op:
-                base = median_rate(samples[name], extra_bytes)
-                target = EXTRA_TARGETS.get(name)
-                report.add(Figure(f"{op} vs {name}", rate, baseline=name, baseline_value=base, target=target))
+    report.add(Figure("size ratio (KV bytes per serialized byte)", ratio, unit="x"))
     lossless = torch.equal(outs[0].view(torch.uint8), src.view(torch.uint8))
     err = (outs[0].float() - src.float()).abs()
     rel = err / src.float().abs().clamp_min(1e-6)

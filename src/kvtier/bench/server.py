@@ -2,9 +2,10 @@
 
 * **retrieve through shared memory**: a client ``retrieve_into`` a tensor from ``Client.empty`` of an L1-resident
   chunk (default ``[2, 32, 256, 1024]`` bf16 = 32 MiB), in GB/s, beside a memcpy of the same bytes into a reused
-  buffer in this process, interleaved round by round. Target: >= 0.6x memcpy.
-* **lookup round trip**: p50 / p99 in microseconds of ``Client.lookup`` of one key, beside a bare ZeroMQ
-  DEALER/ROUTER echo round trip in this process (the floor any request pays).
+  buffer in this process, the two sampled in alternation round by round (:class:`kvtier.bench.common.Harness`).
+* **lookup round trips**: ``--lookups`` one-key ``Client.lookup`` calls per round (thousands per second) beside
+  as many round trips of a bare ZeroMQ DEALER/ROUTER echo in this process (the floor any request pays), sampled
+  in alternation; then p50 / p99 in microseconds over all of them.
 * **ops/s with 1, 4 and 8 clients**: each client is a process running store / lookup / retrieve_into of small
   chunks for a fixed time.
 
@@ -17,12 +18,22 @@ import argparse
 import multiprocessing as mp
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import zmq
 
-from kvtier.bench.common import Figure, Report, median_rate, parse_shape, progress, timed
+from kvtier.bench.common import (
+    Figure,
+    Harness,
+    Op,
+    Report,
+    add_harness_arguments,
+    parse_shape,
+    progress,
+    recording_load,
+)
 from kvtier.bench.data import DEFAULT_CHUNK_SHAPE, synthetic_kv
 from kvtier.types import ObjectKey
 
@@ -35,42 +46,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(map(str, DEFAULT_CHUNK_SHAPE)),
         help="retrieved chunk shape (default: 2,32,256,1024 = 32 MiB bf16)",
     )
-    parser.add_argument("--rounds", type=int, default=10, help="timed retrieve rounds (default: 10)")
-    parser.add_argument("--lookups", type=int, default=2000, help="lookup round trips timed (default: 2000)")
+    parser.add_argument("--lookups", type=int, default=200, help="lookup round trips per round (default: 200)")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each ops/s run (default: 3)")
     parser.add_argument("--clients", default="1,4,8", help="client counts for ops/s (default: 1,4,8)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    add_harness_arguments(parser, rounds=10)
 
 
-def _zmq_echo_rtts(n: int) -> list[float]:
-    """Round trips of a bare DEALER -> ROUTER echo over loopback TCP, in seconds."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
+class _Echo:
+    """A bare DEALER -> ROUTER echo over loopback TCP in this process: the floor any request pays."""
 
-    def echo() -> None:
-        while not stop.is_set():
-            if router.poll(50):
-                router.send_multipart(router.recv_multipart())
+    def __init__(self) -> None:
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        port = self._router.bind_to_random_port("tcp://127.0.0.1")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.connect(f"tcp://127.0.0.1:{port}")
 
-    thread = threading.Thread(target=echo, daemon=True)
-    thread.start()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    payload = b"x" * 64
-    out = []
-    for _ in range(n + 50):
-        start = time.perf_counter()
-        dealer.send(payload)
-        dealer.recv()
-        out.append(time.perf_counter() - start)
-    stop.set()
-    thread.join()
-    dealer.close(0)
-    router.close(0)
-    ctx.term()
-    return out[50:]
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if self._router.poll(50):
+                self._router.send_multipart(self._router.recv_multipart())
+
+    def round_trip(self) -> None:
+        self._dealer.send(b"x" * 64)
+        self._dealer.recv()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._dealer.close(0)
+        self._router.close(0)
+        self._ctx.term()
+
+
+def _round_trips(fn: Callable[[], object], n: int, rtts: list[float]) -> Callable[[], None]:
+    """``n`` calls of ``fn``, each one's duration appended to ``rtts`` (for the percentiles)."""
+
+    def go() -> None:
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            rtts.append(time.perf_counter() - start)
+
+    return go
 
 
 def _ops_worker(address: str, index: int, queues: tuple[Any, Any], start_at: Any, seconds: float) -> None:
@@ -134,13 +155,15 @@ def run(args: argparse.Namespace) -> Report:
             "shape": list(shape),
             "dtype": "bfloat16",
             "rounds": args.rounds,
-            "lookups": args.lookups,
+            "order": args.order,
+            "lookups_per_round": args.lookups,
             "seconds": args.seconds,
             "clients": counts,
             "ops_chunk_shape": list(SMALL_SHAPE),
         },
     )
-    with ServerProcess(["--l1-size-gb", str(l1_gb), "--log-level", "warning"]) as server, Client(server.address) as c:
+    server_flags = ["--l1-size-gb", str(l1_gb), "--log-level", "warning"]
+    with recording_load(report), ServerProcess(server_flags) as server, Client(server.address) as c:
         if not c.shm_enabled:
             raise SystemExit(f"shared memory is not available to this client: {c.shm_reason}")
         key = ObjectKey("bench/server", "c0ffee")
@@ -149,38 +172,50 @@ def run(args: argparse.Namespace) -> Report:
         copy_dst = torch.empty_like(chunk)
         if c.retrieve_into([key], [out]) != 1 or not torch.equal(out.view(torch.uint8), chunk.view(torch.uint8)):
             raise SystemExit("retrieve through shared memory returned wrong data")
-        copy_dst.copy_(chunk)
-        samples: dict[str, list[float]] = {"memcpy": [], "retrieve": []}
-        with progress(args.rounds, "bench server: retrieve", enabled=not args.json) as advance:
-            for _ in range(args.rounds):
-                samples["memcpy"].append(timed(lambda: copy_dst.copy_(chunk)))
-                samples["retrieve"].append(timed(lambda: c.retrieve_into([key], [out])))
-                advance()
-        memcpy = median_rate(samples["memcpy"], nbytes)
-        report.add(Figure("memcpy (reused buffer)", memcpy))
-        report.add(
-            Figure(
-                "retrieve_into via shared memory (L1 hit)",
-                median_rate(samples["retrieve"], nbytes),
-                baseline="memcpy",
-                baseline_value=memcpy,
-                target=0.6,
-                note=f"{nbytes / 2**20:.0f} MiB chunk, client buffer from Client.empty",
-            )
-        )
 
-        for _ in range(100):
-            c.lookup([key])
-        rtts = []
-        for _ in range(args.lookups):
-            start = time.perf_counter()
-            c.lookup([key])
-            rtts.append(time.perf_counter() - start)
-        echo = _zmq_echo_rtts(args.lookups)
+        def retrieve() -> None:
+            if c.retrieve_into([key], [out]) != 1:
+                raise SystemExit("bench server: the L1-resident chunk missed")
+
+        echo = _Echo()
+        try:
+            lookup_rtts: list[float] = []
+            echo_rtts: list[float] = []
+            h = Harness(args.rounds, order=args.order)
+            h.compare(
+                "retrieve_into via shared memory (L1 hit)",
+                Op("retrieve_into", retrieve, nbytes),
+                Op("memcpy", lambda: copy_dst.copy_(chunk), nbytes),
+                f"{nbytes / 2**20:.0f} MiB chunk, client buffer from Client.empty",
+            )
+            per_round = args.lookups
+            h.compare(
+                "lookup round trips",
+                Op("lookup", _round_trips(lambda: c.lookup([key]), per_round, lookup_rtts), per_round, unit="k/s",
+                   scale=1e3),
+                Op("zmq echo", _round_trips(echo.round_trip, per_round, echo_rtts), per_round, unit="k/s",
+                   scale=1e3),
+                f"{per_round} one-key lookups per round, beside a bare DEALER/ROUTER echo",
+            )  # fmt: skip
+            report.add_results(h.run("bench server: retrieve, lookup", show_progress=not args.json))
+        finally:
+            echo.close()
+        # the round trips of the warm-up (and of the baseline's reference samples) are left out of the percentiles
+        lookup_rtts = lookup_rtts[per_round:]
+        echo_rtts = echo_rtts[(1 + h.reference_samples) * per_round :]
         for q, name in ((50, "p50"), (99, "p99")):
-            value = _percentile(rtts, q) * 1e6
-            base = _percentile(echo, q) * 1e6
-            report.add(Figure(f"lookup round trip {name}", value, unit="us", baseline="zmq echo", baseline_value=base))
+            value = _percentile(lookup_rtts, q) * 1e6
+            base = _percentile(echo_rtts, q) * 1e6
+            report.add(
+                Figure(
+                    f"lookup round trip {name}",
+                    value,
+                    unit="us",
+                    baseline=f"zmq echo {name}",
+                    baseline_value=base,
+                    note=f"over {len(lookup_rtts)} interleaved lookups; lower is better",
+                )
+            )
 
         with progress(len(counts), "bench server: ops/s", enabled=not args.json) as advance:
             for n in counts:

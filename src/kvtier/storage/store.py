@@ -298,8 +298,8 @@ class Store:
         stored_keys: list[ObjectKey] = []
         objs: list[L1Object] = []
         refused = 0
-        parent_of = self._parent_map(keys)
         self._backfill.stale(keys)  # before anything commits: an older L2 copy must not land over these
+        parent_of = self._parent_map(keys)
         for key, t in zip(keys, tensors, strict=True):
             try:
                 obj = self._pool.reserve(key, t.shape, t.dtype)
@@ -835,17 +835,16 @@ class Store:
         self._pool.clear()  # gives the pages back too
         return removed
 
-    def _commit_loaded(self, obj: L1Object, parent_of: dict[ObjectKey, str | None] | None = None) -> bool:
-        """Hook where a load puts a record into L1 (True when it did): not when a purge began since the load did
-        (the object stays pinned for the caller, who releases it; the fenced read then reports a miss)."""
+    def _commit_loaded(self, obj: L1Object, parent_of: dict[ObjectKey, str | None] | None) -> None:
+        """Where a load puts a record into L1 (with its ``stored`` event): not when a purge began since the load
+        did (the object stays pinned for the caller, who releases it; the fenced read then reports a miss)."""
         blocked = self._fence.blocked([obj.key], stamp())
         if blocked:
             with self._lock:
                 self.counts["purge_skipped_loads"] += 1
-            return False
+            return
         self._emit_l1_stored(obj, parent_of)
         self._pool.commit(obj, keep_pin=True)
-        return True
 
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
