@@ -375,3 +375,42 @@ def test_concurrent_stores_events_replay_to_what_l1_holds() -> None:
             h for h, present in held.items() if present
         }
         assert sum(not p for p in held.values()) > 300, "the test must evict"
+
+
+def test_delete_purge_and_clear_emit_purged_per_tier() -> None:
+    with Store(l1_size_gb=MB, l2_adapters=[{"type": "memory"}]) as store:
+        got = Collector()
+        store.add_listener(got)
+        a = [ObjectKey("org/a", format(0x30 + i, "x"), 0, "s1") for i in range(3)]
+        b = [ObjectKey("org/b", format(0x40 + i, "x")) for i in range(3)]
+        store.store(a + b, [chunk(i) for i in range(6)])
+        settle(store)
+        assert store.delete(b[:1]) == 1
+        store.purge(cache_salt="s1")
+        settle(store)
+        purged = [(e.tier, e.hash) for e in got.of("purged")]
+        assert sorted(purged) == sorted((t, k.chunk_hash) for t in ("l1", "memory") for k in [b[0], *a])
+        store.clear(l1=True, l2=True)
+        settle(store)
+        rest = [(e.tier, e.hash) for e in got.of("purged")][len(purged) :]
+        assert sorted(rest) == sorted((t, k.chunk_hash) for t in ("l1", "memory") for k in b[1:])
+        assert [e.seq for e in got.events] == list(range(len(got.events)))
+
+
+def test_an_l2_hit_backfilled_into_l1_is_reported(tmp_path: Path) -> None:
+    fs = {"type": "fs", "base_path": str(tmp_path), "durability": "none"}
+    with Store(l1_size_gb=MB, l2_adapters=[fs]) as store:
+        got = Collector()
+        store.add_listener(got)
+        keys = [ObjectKey("m", format(0x70 + i, "x")) for i in range(3)]
+        store.store(keys, [chunk(i) for i in range(3)])
+        store.flush()
+        store.clear_l1()
+        outs = [torch.empty_like(chunk(0)) for _ in keys]
+        assert store.retrieve_into(keys, outs) == 3  # read in place from fs, copied into L1 in the background
+        settle(store)
+        after = got.events[[e.kind for e in got.events].index("cleared") + 1 :]
+        assert sorted(e.hash for e in after if e.kind == "stored" and e.tier == L1_TIER) == sorted(
+            k.chunk_hash for k in keys
+        )
+        assert store._pool.contains(keys) == [True] * 3

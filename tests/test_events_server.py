@@ -151,7 +151,7 @@ def test_events_in_order_nothing_lost_hashes_from_tokens_and_restart(
 
 
 def test_a_stopped_subscriber_loses_events_counted_others_lose_nothing(ports: dict[str, int], sub: Subscriber) -> None:
-    server = start(ports, "--l1-size-gb", "0.01", "--events-hwm", "64")
+    server = start(ports, "--l1-size-gb", "0.01", "--events-hwm", "256")
     stuck = Subscriber(ports["events_port"], rcvhwm=1, rcvbuf=4096)  # joins, then never reads
     received: list[list[bytes]] = []
     done = threading.Event()
@@ -171,7 +171,7 @@ def test_a_stopped_subscriber_loses_events_counted_others_lose_nothing(ports: di
                 client.store([ObjectKey("probe", "f00d")], [chunk_tensor(1)])
             t0 = time.perf_counter()
             n = 0
-            while server.get("/stats")["events"]["dropped_events"] == 0 and n < 40_000:
+            while server.get("/stats")["events"]["dropped_events"] == 0 and n < 100_000:
                 keys = [ObjectKey("flood", format(n + i + 1, "x")) for i in range(100)]
                 client.store(keys, [chunk_tensor(i) for i in range(100)])  # stores never wait on a subscriber
                 n += 100
@@ -243,3 +243,31 @@ def test_readme_examples_run(index: int, tmp_path: Path) -> None:
     if index == 1:  # the subscriber prints stored events of the prompt's four chunks, parents chained
         lines = [line.split() for line in out.stdout.splitlines() if " stored l1 my-org/my-model " in line]
         assert len(lines) >= 4 and lines[1][5] == lines[0][4] and lines[0][5] == "None"
+
+
+def test_purge_and_delete_events_through_the_server(ports: dict[str, int], sub: Subscriber, tmp_path: Path) -> None:
+    fs = f'{{"type": "fs", "base_path": "{tmp_path / "l2"}", "durability": "none"}}'
+    server = start(ports, "--l1-size-gb", "0.01", "--l2-adapter", fs)
+    try:
+        with Client(server.address, timeout_s=20) as client:
+            batches = join(sub, client, "probe")
+            a = client.keys_for_tokens("org/a", list(range(4 * CHUNK)), cache_salt="t1")
+            b = client.keys_for_tokens("org/b", list(range(4 * CHUNK)), cache_salt="t1")
+            client.store(a, [chunk_tensor(i) for i in range(4)])
+            client.store(b, [chunk_tensor(i) for i in range(4)])
+            wait_for_l2_writes(server)
+            client.purge(model_name="org/a")
+            assert client.delete(b[:1]) == 1
+            events = until_quiet(sub, batches)
+        gaps = GapDetector()
+        assert sum(gaps.feed(x) for x in batches) == 0
+        purged = [e for e in events if e.kind == "purged"]
+        a_hashes = sorted(k.chunk_hash for k in a)
+        for tier in ("l1", "fs"):
+            assert sorted(e.hash for e in purged if e.model == "org/a" and e.tier == tier) == a_hashes
+            assert [e.hash for e in purged if e.model == "org/b" and e.tier == tier] == [b[0].chunk_hash]
+        assert all(e.salt == salt_digest("t1") for e in purged)
+        last_stored = max(e.seq for e in events if e.kind == "stored" and e.model in ("org/a", "org/b"))
+        assert min(e.seq for e in purged) > last_stored
+    finally:
+        server.close()

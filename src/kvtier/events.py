@@ -342,6 +342,8 @@ class EventHub:
 
 #: Messages a subscriber may have queued on the server (ZeroMQ SNDHWM) before batches are dropped for it.
 DEFAULT_SNDHWM: Final = 1024
+#: The kernel's send buffer per subscriber connection (SO_SNDBUF): ample for a subscriber that keeps up.
+SNDBUF_BYTES: Final = 256 << 10
 
 
 class EventPublisher:
@@ -365,6 +367,9 @@ class EventPublisher:
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
+        # The kernel's buffers per connection, bounded (not autotuned up to several MB), so that --events-hwm is
+        # what a stopped subscriber costs and when its batches start to be dropped and counted.
+        self._sock.setsockopt(zmq.SNDBUF, SNDBUF_BYTES)
         self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscribe reaches us: subscribers are counted
         self._sock.setsockopt(zmq.XPUB_NODROP, 1)  # a full subscriber makes send raise Again (so we can count)
         try:

@@ -29,7 +29,7 @@ from kvtier.errors import CapacityError, IntegrityError
 from kvtier.l2.record import read_record_parts
 from kvtier.l2.tier import byte_view
 from kvtier.storage.copy import copy_into
-from kvtier.storage.l1 import L1Pool
+from kvtier.storage.l1 import L1Object, L1Pool
 from kvtier.types import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,14 @@ class Backfill:
     """One thread copying L2 hits from callers' tensors into L1; see the module docstring. ``count(name, n)``
     adds to the Store's counters (``l1_backfilled``, ``l1_backfill_skipped``)."""
 
-    def __init__(self, pool: L1Pool, max_bytes: int, count: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        pool: L1Pool,
+        max_bytes: int,
+        count: Callable[[str, int], None],
+        landing: Callable[[L1Object], None] | None = None,
+    ) -> None:
+        self._landing = landing  # called with an object just before it commits (the Store's KV event)
         self._pool = pool
         self._max_bytes = max_bytes
         self._count = count
@@ -167,6 +174,8 @@ class Backfill:
                 if job.stale or self._pool.contains([job.key])[0]:
                     return False
                 obj.l2_held = job.l2_held  # not visible yet: no other thread reads it
+                if self._landing is not None:
+                    self._landing(obj)
                 self._pool.commit(obj)
                 committed = True
             return True

@@ -246,7 +246,12 @@ class Store:
             "invalidations": 0,
         }
         # L2 hits read straight into a caller's tensors are copied into L1 later, off the caller's path.
-        self._backfill = Backfill(self._pool, min(self._pool.capacity // 4, GiB), self._add_count)
+        self._backfill = Backfill(
+            self._pool,
+            min(self._pool.capacity // 4, GiB),
+            self._add_count,
+            lambda obj: self._emit_l1_stored(obj, self._parent_map([obj.key])),
+        )
         # Write-behind to L2: pending writes pin their L1 objects, at most half of L1 (so L1 always has unpinned
         # room to evict and stores are not refused) and at most max_pending_l2_writes store batches.
         self._writes = WritePipeline(

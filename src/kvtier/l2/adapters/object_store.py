@@ -618,6 +618,7 @@ class ObjectStoreAdapter(L2Adapter):
             if victims:
                 self._backend_call(lambda: self._delete_names(victims))
                 self._health.count("evictions", len(victims))
+                self._evicted([k for k in map(key_of_name, victims) if k is not None])  # the Store's KV events
                 if by_quota:
                     self._health.count("quota_evictions", by_quota)
 
