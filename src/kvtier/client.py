@@ -2,7 +2,9 @@
 
 ``Client("tcp://HOST:PORT")`` has the methods of :class:`kvtier.Store` (``keys_for_tokens``, ``store``, ``lookup``,
 ``retrieve``, ``retrieve_into``, ``clear_l1``, ``stats``, ``close``), so an engine integration works with either.
-It adds ``lookup_tokens`` (leading tokens held, by token ids), ``health`` and ``empty``.
+It adds ``lookup_tokens`` (leading tokens held, by token ids), ``health``, ``describe`` and ``empty``; ``delete``,
+``purge`` and ``clear`` run on the server as jobs off its request loop, and the client polls each until it is done
+(``timeout_s`` bounds each poll, not the whole invalidation: a purge of millions of records takes what it takes).
 
 Data path. On the same host the client registers shared memory with the server (see :mod:`kvtier.server.shm`):
 
@@ -466,6 +468,49 @@ class Client:
     def clear_l1(self) -> None:
         """Drop every object of the server's L1 pool."""
         self._call(p.ClearL1())
+
+    # -- invalidation ---------------------------------------------------------------------------------------
+    def delete(self, keys: Sequence[ObjectKey]) -> int:
+        """Remove ``keys`` from every tier of the server; returns how many some tier held."""
+        wire = [p.WireKey.of(_key(k)) for k in keys]
+        if not wire:
+            return 0
+        return int(self._invalidate(p.Invalidate("delete", keys=wire), None).get("deleted", 0))
+
+    def purge(
+        self,
+        model_name: str | None = None,
+        cache_salt: str | None = None,
+        *,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Remove every object of a model, of a tenant (``cache_salt``; ``""``: the unsalted one) or both from every
+        tier of the server (see :meth:`kvtier.Store.purge`); returns its counts. ``progress(doc)`` is called
+        with the server's progress while it runs. Nothing purged is served once this returns."""
+        if model_name is None and cache_salt is None:
+            raise ValueError("purge: give model_name, cache_salt or both (clear() drops everything)")
+        return self._invalidate(p.Invalidate("purge", model_name=model_name, cache_salt=cache_salt), progress)
+
+    def clear(
+        self, *, l1: bool = True, l2: bool = False, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Drop every object of the server's L1 (``l1``) and / or of its L2 tiers (``l2``); returns counts."""
+        if not l1 and not l2:
+            raise ValueError("clear: nothing to clear (l1=False and l2=False)")
+        return self._invalidate(p.Invalidate("clear", l1=l1, l2=l2), progress)
+
+    def _invalidate(self, request: p.Invalidate, progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        request.wait_s = min(1.0, self.timeout_s / 4)
+        reply = _expect(self._call(request), p.JobReply)
+        while not reply.done:
+            if progress is not None:
+                progress(dict(reply.progress))
+            reply = _expect(self._call(p.JobStatus(reply.job, request.wait_s)), p.JobReply)
+        return dict(reply.result or {})
+
+    def describe(self) -> dict[str, Any]:
+        """The server's summary: tiers (capacity, usage, hit rate), top models and salt digests by bytes."""
+        return dict(self._call(p.Describe()).data)
 
     def stats(self) -> dict[str, Any]:
         """The server's Store statistics and its own (``{"store": ..., "server": ...}``)."""

@@ -47,6 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--l1-size-mb", type=float, default=8.0, help="server L1 size in MiB (default: 8, half the working set)"
     )
     parser.add_argument("--no-redis", action="store_true", help="fs L2 only, even when redis-server is installed")
+    parser.add_argument(
+        "--fs-durability",
+        choices=("fsync", "none"),
+        default="fsync",
+        help="the fs L2 adapter's durability (default: fsync, as a server is run in production)",
+    )
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=None,
+        metavar="CHUNKS_PER_S",
+        help="pace the clients' stores at this total rate (chunks/s), doubling it every --ramp-step seconds, and "
+        "report the store throughput at which the server begins to drop L2 writes (default: no pacing)",
+    )
+    parser.add_argument("--ramp-step", type=float, default=15.0, help="seconds per ramp step (default: 15)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
@@ -60,8 +75,22 @@ def chunk_key(prefix: int, index: int) -> ObjectKey:
     return ObjectKey("soak", f"{prefix:04x}{index:04x}")
 
 
-def _client(address: str, index: int, seconds: float, queues: tuple[Any, Any], start_at: Any) -> None:
-    """One engine process: store / retrieve of popular prefixes until the time is up; every hit is checked."""
+def ramp_rate(start: float, step_s: float, t: float) -> float:
+    """The ramp's total store rate (chunks/s) ``t`` seconds into the run: ``start``, doubled every ``step_s``."""
+    return start * 2.0 ** int(t / step_s)
+
+
+def _client(
+    address: str,
+    index: int,
+    seconds: float,
+    queues: tuple[Any, Any],
+    start_at: Any,
+    *,
+    pace: tuple[float, float, int] | None = None,
+) -> None:
+    """One engine process: store / retrieve of popular prefixes until the time is up; every hit is checked.
+    ``pace`` ``(start, step_s, clients)``: stores paced to this client's share of the ramp's rate."""
     from kvtier.client import Client
 
     ready, results = queues
@@ -74,7 +103,9 @@ def _client(address: str, index: int, seconds: float, queues: tuple[Any, Any], s
         bufs = [client.empty(CHUNK_SHAPE, torch.bfloat16) for _ in range(CHUNKS_PER_PREFIX)]
         ready.put(index)
         start_at.wait()
-        deadline = time.monotonic() + seconds
+        began = time.monotonic()
+        deadline = began + seconds
+        next_store = began
         n = 0
         while time.monotonic() < deadline:
             p = rng.choices(range(PREFIXES), weights)[0]
@@ -84,6 +115,13 @@ def _client(address: str, index: int, seconds: float, queues: tuple[Any, Any], s
             t0 = time.perf_counter()
             try:
                 if n % 2:
+                    if pace is not None:  # this client's share of the ramp's rate, in chunks
+                        now = time.monotonic()
+                        if next_store > now:
+                            time.sleep(next_store - now)
+                        rate = ramp_rate(pace[0], pace[1], time.monotonic() - began) / pace[2]
+                        next_store = max(next_store, time.monotonic() - 1.0) + length / rate
+                        t0 = time.perf_counter()
                     client.store(keys, [expected[p, i] for i in range(length)])
                     lat["store"].append(time.perf_counter() - t0)
                     out["stores"] += 1
@@ -217,11 +255,14 @@ def run(args: argparse.Namespace) -> SoakResult:
             "chunk_shape": list(CHUNK_SHAPE),
             "working_set_mib": PREFIXES * CHUNKS_PER_PREFIX * math.prod(CHUNK_SHAPE) * 2 / 2**20,
             "l2": ["fs", "redis"] if use_redis else ["fs"],
+            "fs_durability": args.fs_durability,
         }
     )
     redis = LocalRedis().start() if use_redis else None
     with tempfile.TemporaryDirectory(prefix="kvtier-soak-") as tmp:
-        adapters: list[dict[str, Any]] = [{"type": "fs", "base_path": str(Path(tmp) / "l2"), "durability": "none"}]
+        adapters: list[dict[str, Any]] = [
+            {"type": "fs", "base_path": str(Path(tmp) / "l2"), "durability": args.fs_durability}
+        ]
         if redis is not None:
             adapters.append({"type": "redis", "url": redis.url, "timeout_s": 2.0, "connect_timeout_s": 1.0})
         flags = ["--l1-size-gb", repr(args.l1_size_mb / 1024), "--log-level", "error"]
@@ -247,12 +288,18 @@ def _drive(
     redis: Any,
     result: SoakResult,
 ) -> None:
+    pace = None if args.ramp is None else (args.ramp, args.ramp_step, args.clients)
     ctx = mp.get_context("spawn")
     start_at = ctx.Event()
     ready = ctx.Queue()
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_client, args=(address, i, seconds, (ready, results), start_at), daemon=True)
+        ctx.Process(
+            target=_client,
+            args=(address, i, seconds, (ready, results), start_at),
+            kwargs={"pace": pace},
+            daemon=True,
+        )
         for i in range(args.clients)
     ]
     for proc in procs:
@@ -264,6 +311,7 @@ def _drive(
     sample_every = 1.0 if seconds <= 120 else 5.0
     kill_at, restart_at = seconds / 3, seconds / 2
     redis_events: list[str] = []
+    samples: list[tuple[float, int, int]] = []  # (s, chunks stored, L2 writes dropped) as the server counts them
     with progress(int(seconds), "bench soak", enabled=not args.json) as advance:
         done = 0
         while True:
@@ -274,8 +322,10 @@ def _drive(
             if redis is not None and now >= restart_at and len(redis_events) == 1:
                 redis.start()
                 redis_events.append(f"redis restarted (empty) at {now:.0f} s")
-            l1 = admin.stats()["store"]["l1"]
+            store_stats = admin.stats()["store"]
+            l1 = store_stats["l1"]
             result.rss_over_time.append((round(now, 1), _rss(pid), l1["used_bytes"] / MB))
+            samples.append((now, store_stats["stored"], store_stats["l2_writes_dropped"]))
             while done < min(int(now), int(seconds)):
                 advance()
                 done += 1
@@ -315,7 +365,11 @@ def _drive(
         "l1_evictions": int(after["l1"]["evictions"]),
         "l2_prefetched": int(after["l2_prefetched"]),
         "l2_errors": int(after["l2_errors"]),
+        "chunks_stored": int(after["stored"]),
+        "l2_written": int(after["l2_written"]),
+        "l2_writes_superseded": int(after.get("l2_writes_superseded", 0)),
         "l2_writes_dropped": int(after["l2_writes_dropped"]),
+        "l2_writes_refused_by": after.get("l2_writes_refused_by", {}),
         "l2_write_failures": int(after["l2_write_failures"]),
         "l1_used_bytes_before_clear": int(stats["l1"]["used_bytes"]),
         "l1_used_bytes_after_clear": int(after["l1"]["used_bytes"]),
@@ -330,7 +384,41 @@ def _drive(
         "retrieve_p50_ms": _percentile_ms(lat_retrieve, 50),
         "retrieve_p99_ms": _percentile_ms(lat_retrieve, 99),
     }
+    if args.ramp is not None:
+        result.figures.update(_ramp_figures(samples, args.ramp, args.ramp_step))
     result.messages = redis_events + [m for o in outs for m in o["messages"]]
+
+
+def _ramp_figures(samples: list[tuple[float, int, int]], start: float, step_s: float) -> dict[str, Any]:
+    """Per ramp step: the store rate the server saw (chunks/s, MB/s) and the L2 writes it dropped; the first
+    rate with drops, and the highest without."""
+    chunk_mb = math.prod(CHUNK_SHAPE) * 2 / MB
+    steps: list[dict[str, Any]] = []
+    k = 0
+    while True:
+        lo, hi = k * step_s, (k + 1) * step_s
+        inside = [s for s in samples if lo <= s[0] <= hi]
+        if len(inside) < 2:
+            break
+        (t0, stored0, dropped0), (t1, stored1, dropped1) = inside[0], inside[-1]
+        rate = (stored1 - stored0) / max(t1 - t0, 1e-9)
+        steps.append(
+            {
+                "target_chunks_per_s": ramp_rate(start, step_s, lo),
+                "chunks_per_s": round(rate, 1),
+                "mb_per_s": round(rate * chunk_mb, 2),
+                "dropped": dropped1 - dropped0,
+            }
+        )
+        k += 1
+    first_drop = next((s for s in steps if s["dropped"]), None)
+    clean = [s["chunks_per_s"] for s in steps if not s["dropped"]]
+    return {
+        "ramp_steps": steps,
+        "drops_begin_chunks_per_s": None if first_drop is None else first_drop["chunks_per_s"],
+        "max_clean_chunks_per_s": max(clean) if clean else None,
+        "max_clean_mb_per_s": round(max(clean) * chunk_mb, 2) if clean else None,
+    }
 
 
 def run_with_verdict(args: argparse.Namespace) -> None:

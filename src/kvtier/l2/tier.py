@@ -29,6 +29,7 @@ reach the caller (the Store turns them into misses); nothing else is swallowed h
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
@@ -39,7 +40,7 @@ from typing import Any
 
 import torch
 
-from kvtier.errors import ForeignRecordError, IntegrityError, L2Error, SerdeError
+from kvtier.errors import BatchError, ForeignRecordError, IntegrityError, L2Error, SerdeError
 from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter
 from kvtier.l2.record import (
     MAX_HEADER_SIZE,
@@ -137,6 +138,7 @@ class _LoadCall:
     strs: list[str]
     alloc: Alloc
     out: list[torch.Tensor | None]
+    headers: dict[int, bytes] | None = None  # hits read in place: their headers (see L2Tier.load)
     bad: list[str] = field(default_factory=list)  # damaged: removed at the end of the call
     tally: dict[str, int] = field(
         default_factory=lambda: {"integrity_misses": 0, "foreign_misses": 0, "decode_errors": 0}
@@ -153,6 +155,51 @@ class _Round:
     dsts: list[torch.Tensor] = field(default_factory=list)
 
 
+class _Encoding:
+    """One store round between its submit to the serde's threads and its write: the scratch it owns (given back
+    only after the write), and per record the framed ``[header, payload]`` or the error."""
+
+    def __init__(self, metas: list[RecordMeta], n: int) -> None:
+        self.metas = metas
+        self.scratch: list[torch.Tensor] = []
+        self.records: list[list[Buffer]] = [[] for _ in range(n)]
+        self.errors: dict[int, BaseException] = {}
+        self.submitted = 0
+        self._left = n
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+        if n == 0:
+            self.done.set()
+
+    def frame(self, j: int, buf: torch.Tensor, fut: Future[BatchResult]) -> None:
+        """Runs on the serde thread that encoded record ``j``, right after: header and checksum while the
+        payload's bytes are hot."""
+        try:
+            result = fut.result()
+            if result.errors:
+                self.errors[j] = result.errors[0]
+            else:
+                payload = byte_view(buf[: result.sizes[0]])
+                header = bytearray(header_size(self.metas[j]))
+                write_header_parts(header, self.metas[j], payload)
+                self.records[j] = [header, payload]
+        except BaseException as exc:  # reported by the write of this round, never lost in a callback
+            self.errors[j] = exc
+        finally:
+            self._finish(1)
+
+    def abandon(self, n: int) -> None:
+        """``n`` records that were never submitted (the submit itself failed): nothing to wait for."""
+        self._finish(n)
+
+    def _finish(self, n: int) -> None:
+        with self._lock:
+            self._left -= n
+            last = self._left <= 0
+        if last:
+            self.done.set()
+
+
 class L2Tier:
     """An :class:`L2Adapter` with its serde (``None``: none) and record framing; see the module docstring.
 
@@ -167,6 +214,9 @@ class L2Tier:
         self.identity = record_identity(serde)  # refuses, at construction, a serde that cannot name itself
         # raw's payload is exactly the tensor's bytes: the identity stage of the same path, with no copy at all.
         self._identity_stage = serde is None or type(serde.serializer) is RawStage
+        # Concurrent store batches the Store's write pipeline runs on this tier: an adapter that gains from
+        # overlapping writes (local disk: several batches' fsyncs in flight at once) says so with store_writers.
+        self.writers = max(1, int(getattr(adapter, "store_writers", 1)))
         # Records per round: enough to keep every serde worker busy, few enough to bound the scratch memory.
         self._round = 1 << 30 if self._identity_stage else 2 * (serde.max_workers if serde else 1)
         # Two rounds of scratch in flight per load (one decoding, one reading), more with concurrent callers.
@@ -181,6 +231,12 @@ class L2Tier:
             "foreign_misses": 0,
             "decode_errors": 0,
         }
+
+    @property
+    def loads_in_place(self) -> bool:
+        """Whether a load reads the payload straight into its destination (no serde, or ``raw``): the record's
+        checksum then covers the destination's bytes exactly (see ``load(headers=...)``)."""
+        return self._identity_stage
 
     @property
     def name(self) -> str:
@@ -201,14 +257,21 @@ class L2Tier:
 
     # -- store: one path ----------------------------------------------------------------------------------------
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None:
-        """Store a batch, all or nothing: on any failure the batch's keys are deleted and the error raised."""
+        """Store a batch, all or nothing: on any failure the batch's keys are deleted and the error raised.
+
+        Rounds overlap: round k+1 is encoded on the serde's threads while round k is written, and each record's
+        header and checksum are made by the serde thread that encoded it, right after, while its bytes are still
+        in cache (no second pass over them on this thread). Without serde (or with ``raw``) there is nothing to
+        encode: the checksum is the only pass over the tensor's bytes, and the payload is written from them.
+        """
         if len(keys) != len(tensors):
             raise ValueError(f"batch has {len(keys)} keys but {len(tensors)} tensors")
         srcs = [t if t.is_contiguous() and t.device.type == "cpu" else t.detach().cpu().contiguous() for t in tensors]
         try:
-            for start in range(0, len(keys), self._round):
-                end = start + self._round
-                self._store_round(keys[start:end], srcs[start:end])
+            if self._identity_stage:
+                self._store_identity(keys, srcs)
+            else:
+                self._store_encoded(keys, srcs)
         except BaseException:
             self._count("store_failures", len(keys))
             # Earlier rounds of this batch may have landed; a failed batch must leave none of its keys behind.
@@ -216,37 +279,77 @@ class L2Tier:
             raise
         self._count("stored", len(keys))
 
-    def _store_round(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> None:
-        metas = [self._meta(k, layout_of(s)) for k, s in zip(keys, srcs, strict=True)]
-        scratch: list[torch.Tensor] = []
+    def _store_identity(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> None:
+        records = []
+        for key, src in zip(keys, srcs, strict=True):
+            meta = self._meta(key, layout_of(src))
+            payload = byte_view(src)
+            header = bytearray(header_size(meta))  # at most MAX_HEADER_SIZE: not the per-chunk copy to avoid
+            write_header_parts(header, meta, payload)
+            records.append([header, payload])
+        self.adapter.store_records([k.to_str() for k in keys], records)
+
+    def _store_encoded(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> None:
+        """Encode round k+1 while round k is written; at most two rounds' scratch in flight per call."""
+        encoding: _Encoding | None = None
         try:
-            if self._identity_stage:
-                payloads = [byte_view(s) for s in srcs]
-            else:
-                assert self.serde is not None  # the identity stage is the only path without one
-                scratch = [self._scratch.take(self.serde.estimate_serialized_size(m.layout)) for m in metas]
-                contexts = [self._context(k, m) for k, m in zip(keys, metas, strict=True)]
-                sizes = self.serde.serialize_batch(srcs, scratch, contexts=contexts)
-                payloads = [byte_view(b[:n]) for b, n in zip(scratch, sizes, strict=True)]
-            records = []
-            for meta, payload in zip(metas, payloads, strict=True):
-                header = bytearray(header_size(meta))  # at most MAX_HEADER_SIZE: not the per-chunk copy to avoid
-                write_header_parts(header, meta, payload)
-                records.append([header, payload])
-            self.adapter.store_records([m.key for m in metas], records)
+            for start in range(0, len(keys), self._round):
+                end = start + self._round
+                previous, encoding = encoding, self._encode(keys[start:end], srcs[start:end])
+                if previous is not None:
+                    self._write_encoded(previous)
+            if encoding is not None:
+                previous, encoding = encoding, None
+                self._write_encoded(previous)
         finally:
-            self._scratch.give(scratch)  # the adapter keeps no reference past store_records
+            if encoding is not None:  # a write failed: the next round's encode must finish with its scratch first
+                encoding.done.wait()
+                self._scratch.give(encoding.scratch)
+
+    def _encode(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> _Encoding:
+        """Submit one round's encode; each record is framed (header, checksum) by the thread that encoded it."""
+        assert self.serde is not None  # the identity stage is the only path without one
+        metas = [self._meta(k, layout_of(s)) for k, s in zip(keys, srcs, strict=True)]
+        enc = _Encoding(metas, len(metas))
+        try:
+            for j, (key, meta, src) in enumerate(zip(keys, metas, srcs, strict=True)):
+                buf = self._scratch.take(self.serde.estimate_serialized_size(meta.layout))
+                enc.scratch.append(buf)
+                fut = self.serde.submit_serialize([src], [buf], contexts=[self._context(key, meta)])
+                enc.submitted += 1
+                fut.add_done_callback(functools.partial(enc.frame, j, buf))
+        except BaseException:
+            enc.abandon(len(metas) - enc.submitted)
+            enc.done.wait()
+            self._scratch.give(enc.scratch)
+            raise
+        return enc
+
+    def _write_encoded(self, enc: _Encoding) -> None:
+        try:
+            enc.done.wait()
+            if enc.errors:
+                raise BatchError("serialize batch failed", enc.errors)
+            self.adapter.store_records([m.key for m in enc.metas], enc.records)
+        finally:
+            self._scratch.give(enc.scratch)  # the adapter keeps no reference past store_records
 
     # -- load: one path -----------------------------------------------------------------------------------------
-    def load(self, keys: Sequence[ObjectKey], alloc: Alloc) -> list[torch.Tensor | None]:
+    def load(
+        self, keys: Sequence[ObjectKey], alloc: Alloc, headers: dict[int, bytes] | None = None
+    ) -> list[torch.Tensor | None]:
         """Load each key's record into the destination ``alloc`` gives for its layout; return that tensor for a
         hit, ``None`` for a miss (absent, damaged: removed, foreign: kept, skipped by ``alloc``).
+
+        ``headers`` (optional, only with :attr:`loads_in_place`): filled with each hit's record header, by index,
+        so that a copy of the destination can be checked later against the record's checksum
+        (:func:`~kvtier.l2.record.read_record_parts` of the header and the copy).
 
         Raises :class:`~kvtier.errors.L2Error` when the backend fails, and whatever ``alloc`` raises; in every
         case no decode is still writing into a destination when this returns or raises.
         """
         n = len(keys)
-        call = _LoadCall(keys, [k.to_str() for k in keys], alloc, [None] * n)
+        call = _LoadCall(keys, [k.to_str() for k in keys], alloc, [None] * n, headers=headers)
         in_flight: deque[_Round] = deque()
         try:
             if n > 1:
@@ -327,6 +430,8 @@ class L2Tier:
                 continue
             if slot.dst is not None:
                 out[i] = slot.dst  # the identity stage: the payload was read straight into it
+                if call.headers is not None:
+                    call.headers[i] = bytes(slot.header)
                 continue
             dst = self._alloc(alloc, i, slot.meta.layout)  # asked for only now: the header is known intact
             if dst is None:

@@ -1,4 +1,14 @@
-"""The admin HTTP endpoint: ``GET|HEAD /health``, ``/stats``, ``/metrics``; ``POST /clear``.
+"""The admin HTTP endpoint: ``GET|HEAD /health``, ``/stats``, ``/metrics``, ``/describe``, ``/jobs/ID``;
+``POST /clear``, ``/purge``, ``/delete``.
+
+Invalidation (each a job on its own server thread; the answer is ``200`` with the result when it finished within a
+few seconds, else ``202`` with its progress and ``GET /jobs/ID`` tells the rest):
+
+* ``POST /clear``: drop L1 (no body, as before), or a JSON body ``{"l1": true, "l2": true}`` to clear L2 too;
+* ``POST /purge`` with a JSON body ``{"model_name": M, "cache_salt": S}`` (either or both);
+* ``POST /delete`` with ``{"keys": [{"model_name", "chunk_hash", "kv_rank", "cache_salt"}, ...]}``.
+
+A salt goes in the body, never in the URL (URLs end up in proxies' and shells' logs); answers carry its digest.
 
 Bound at start-up (a port in use is a ConfigError before the server serves anything). It only reads the Store's
 stats and calls ``clear_l1``; it never touches tensor data. What keeps it safe on a port others can reach:
@@ -45,7 +55,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvtier.errors import ConfigError
+from kvtier.errors import CapacityError, ConfigError, NotFoundError
 from kvtier.server.logs import RateLimitedLog
 
 log = logging.getLogger("kvtier.server.admin")
@@ -73,11 +83,21 @@ class AdminHooks:
         stats: Callable[[], dict[str, Any]],
         metrics: Callable[[], bytes],
         clear: Callable[[], dict[str, Any]],
+        *,
+        describe: Callable[[], dict[str, Any]] | None = None,
+        invalidate: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+        job: Callable[[int], dict[str, Any]] | None = None,
     ) -> None:
         self.health = health
         self.stats = stats
         self.metrics = metrics
         self.clear = clear
+        #: the summary of ``kvtier describe``
+        self.describe = describe
+        #: start an invalidation (``op``: purge, delete, clear; ``params`` from the JSON body), return its job doc
+        self.invalidate = invalidate
+        #: a job's doc by id
+        self.job = job
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -116,12 +136,25 @@ class _Handler(BaseHTTPRequestHandler):
             "/health": ("GET", lambda: self._json(200, hooks.health())),
             "/stats": ("GET", lambda: self._json(200, hooks.stats())),
             "/metrics": ("GET", lambda: self._send(200, hooks.metrics(), CONTENT_TYPE_LATEST)),
-            "/clear": ("POST", lambda: self._json(200, hooks.clear())),
+            "/clear": ("POST", self._clear),
         }
+        if hooks.describe is not None:
+            describe = hooks.describe
+            routes["/describe"] = ("GET", lambda: self._json(200, describe()))
+        if hooks.invalidate is not None:
+            routes["/purge"] = ("POST", lambda: self._invalidate("purge"))
+            routes["/delete"] = ("POST", lambda: self._invalidate("delete"))
+        if hooks.job is not None and path.startswith("/jobs/"):
+            routes[path] = ("GET", lambda: self._job(path.removeprefix("/jobs/")))
+        self.body = b""
         if not self._read_body():
             return
         if path not in routes:
-            self._refuse(404, f"no endpoint {path[:100]}; try /health, /stats, /metrics, POST /clear")
+            self._refuse(
+                404,
+                f"no endpoint {path[:100]}; try /health, /stats, /metrics, /describe, /jobs/ID, POST /clear, "
+                "/purge, /delete",
+            )
             return
         allowed, action = routes[path]
         if method != allowed and not (method == "HEAD" and allowed == "GET"):
@@ -153,8 +186,60 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(413, f"request body over {MAX_BODY_BYTES} bytes")
             return False
         if length:
-            self.rfile.read(length)  # the endpoints take no body; bounded by the deadline and the io timeout
+            self.body = self.rfile.read(length)  # bounded by the deadline and the io timeout
         return True
+
+    def _params(self) -> dict[str, Any] | None:
+        """The JSON object of the body (``{}`` when empty); None when refused (400 sent)."""
+        if not self.body.strip():
+            return {}
+        try:
+            doc = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            self._refuse(400, "the body must be a JSON object")
+            return None
+        if not isinstance(doc, dict):
+            self._refuse(400, "the body must be a JSON object")
+            return None
+        return doc
+
+    def _clear(self) -> None:
+        hooks = self.server.hooks
+        params = self._params()
+        if params is None:
+            return
+        if not params or hooks.invalidate is None:  # the original POST /clear: L1 only, at once
+            self._json(200, hooks.clear())
+            return
+        self._invalidate("clear", params)
+
+    def _invalidate(self, op: str, params: dict[str, Any] | None = None) -> None:
+        hooks = self.server.hooks
+        assert hooks.invalidate is not None
+        if params is None:
+            params = self._params()
+            if params is None:
+                return
+        try:
+            doc = hooks.invalidate(op, params)
+        except (ConfigError, ValueError, TypeError, KeyError) as exc:
+            self._refuse(400, f"{type(exc).__name__}: {exc}")  # the hook's messages never quote a salt
+            return
+        except CapacityError as exc:
+            self._refuse(503, str(exc), {"Retry-After": "5"})
+            return
+        self._json(200 if doc.get("done") else 202, doc)
+
+    def _job(self, text: str) -> None:
+        hooks = self.server.hooks
+        assert hooks.job is not None
+        if not text.isdigit() or not text.isascii():
+            self._refuse(404, "job ids are numbers")
+            return
+        try:
+            self._json(200, hooks.job(int(text)))
+        except NotFoundError as exc:
+            self._refuse(404, str(exc))
 
     def _may_change_state(self) -> bool:
         """The checks of a state-changing call: same origin, and the token when one is configured."""

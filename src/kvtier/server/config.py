@@ -8,6 +8,9 @@ key                    flag                         meaning
 ``l1_size_gb``         ``--l1-size-gb``             L1 pool size in GiB (required, > 0)
 ``l1_backing``         ``--l1-backing``             ``anonymous`` (default) | ``memfd`` | ``hugepages``
 ``eviction_policy``    ``--eviction-policy``        L1 eviction policy name (default ``LRU``)
+``l1_quota_gb``        ``--l1-quota-gb``            L1 GiB each tenant (``cache_salt``) may hold (default: none)
+``l1_quotas_gb``       ``--l1-quota DIGEST=GB``     per-tenant overrides by salt digest (GiB, or ``none`` for
+                                                    no quota); the flag repeats and replaces the file's mapping
 ``l2_adapters``        ``--l2-adapter JSON``        list of L2 adapter configs, in order; the flag repeats
 ``chunk_size``         ``--chunk-size``             tokens per chunk (default 256)
 ``host``               ``--host``                   address to listen on (default ``127.0.0.1``)
@@ -19,6 +22,10 @@ key                    flag                         meaning
 ``log_format``         ``--log-format``             ``json`` (one object per line) | ``text``
 ``admin_token``        ``--admin-token``            token required by state-changing admin calls (POST
                                                     /clear); also ``KVTIER_ADMIN_TOKEN``; default: none
+``events_port``        ``--events-port``            publish KV events on a ZeroMQ PUB socket at ``host``:this
+                                                    port (default: none, off); see :mod:`kvtier.events`
+``events_hwm``         ``--events-hwm``             messages queued per events subscriber before batches
+                                                    are dropped for it (default 1024)
 =====================  ===========================  ========================================================
 
 A flag given on the command line replaces the file's value; ``--l2-adapter`` given at least once replaces the
@@ -49,6 +56,8 @@ import yaml
 
 from kvtier.config import ConfigReader, redact_config, redact_url, secret_values
 from kvtier.errors import ConfigError
+from kvtier.storage.admission import admission_of
+from kvtier.tenants import TenantQuotas, parse_quota_flag
 
 #: The environment variable that gives the admin token when neither the flag nor the file does.
 ADMIN_TOKEN_ENV = "KVTIER_ADMIN_TOKEN"
@@ -74,6 +83,10 @@ class ServerConfig:
     log_format: str = "json"
     l1_backing: str = "anonymous"
     admin_token: str | None = field(default=None, repr=False)
+    l1_quota_gb: float | None = None
+    l1_quotas_gb: dict[str, float | None] = field(default_factory=dict)
+    events_port: int | None = None
+    events_hwm: int = 1024
 
     @property
     def max_message_bytes(self) -> int:
@@ -91,6 +104,8 @@ class ServerConfig:
             "l2_adapters": [dict(a) for a in self.l2_adapters],
             "chunk_size": self.chunk_size,
             "l1_backing": self.l1_backing,
+            "l1_quota_gb": self.l1_quota_gb,
+            "l1_quotas_gb": dict(self.l1_quotas_gb),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -122,6 +137,10 @@ class ServerConfig:
                     f"l2_adapters[{i}].type: expected an adapter type name (a string), "
                     f"got {redact_config(adapter.get('type'))!r}"
                 )
+            admission_of(adapter, f"l2_adapters[{i}]")  # before torch loads: a wrong policy fails at once
+        quota_gb = r.raw("l1_quota_gb", None)
+        quotas_gb = r.raw("l1_quotas_gb", None)
+        TenantQuotas.parse(quota_gb, quotas_gb, "l1_quota_gb", "l1_quotas_gb")  # checked here, before torch loads
         config = cls(
             l1_size_gb=r.number("l1_size_gb", min=1e-6),
             eviction_policy=r.string("eviction_policy", "LRU"),
@@ -136,10 +155,16 @@ class ServerConfig:
             log_format=r.string("log_format", "json", choices=LOG_FORMATS),
             l1_backing=r.string("l1_backing", "anonymous", choices=L1_BACKINGS),
             admin_token=_admin_token(r),
+            l1_quota_gb=None if quota_gb is None else float(quota_gb),
+            l1_quotas_gb={k: None if v is None else float(v) for k, v in (quotas_gb or {}).items()},
+            events_port=r.integer("events_port", None, min=1, max=65535),
+            events_hwm=r.integer("events_hwm", 1024, min=1, max=1 << 20),
         )
         r.finish()
         if config.port == config.http_port:
             raise ConfigError(f"http_port: expected a port other than port ({config.port})")
+        if config.events_port in (config.port, config.http_port):
+            raise ConfigError(f"events_port: expected a port other than port and http_port ({config.events_port})")
         return config
 
 
@@ -170,6 +195,9 @@ _FLAG_KEYS = (
     "log_format",
     "l1_backing",
     "admin_token",
+    "l1_quota_gb",
+    "events_port",
+    "events_hwm",
 )
 
 
@@ -180,6 +208,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--l1-size-gb", type=float, metavar="GB", help="L1 memory pool size in GiB (2**30 bytes; required)"
     )
     parser.add_argument("--eviction-policy", metavar="NAME", help="L1 eviction policy (default: LRU)")
+    parser.add_argument(
+        "--l1-quota-gb",
+        type=float,
+        metavar="GB",
+        help="L1 GiB each tenant (cache_salt; requests without one are one tenant) may hold; a tenant at its quota "
+        "evicts its own chunks first (default: no quota)",
+    )
+    parser.add_argument(
+        "--l1-quota",
+        action="append",
+        metavar="DIGEST=GB",
+        help='a tenant\'s own L1 quota, by salt digest (printf %%s "$SALT" | python -m kvtier.tenants digest); '
+        "GB 'none' exempts it from --l1-quota-gb; repeat for more tenants (replaces the file's l1_quotas_gb)",
+    )
     parser.add_argument(
         "--l1-backing",
         choices=L1_BACKINGS,
@@ -201,6 +243,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=float, metavar="MB", help="largest accepted request (default: 2048)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default: info)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, help="json lines or plain text (default: json)")
+    parser.add_argument(
+        "--events-port",
+        type=int,
+        help="publish KV events (stored / evicted / purged per chunk) on a ZeroMQ PUB socket at --host:PORT, for "
+        "KV-aware routers (default: off)",
+    )
+    parser.add_argument(
+        "--events-hwm",
+        type=int,
+        metavar="MESSAGES",
+        help="event messages queued per subscriber before batches are dropped for it (default: 1024)",
+    )
     parser.add_argument(
         "--admin-token",
         metavar="TOKEN",
@@ -250,6 +304,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             data[key] = value
     if args.l2_adapter:
         data["l2_adapters"] = [parse_adapter_flag(text, i) for i, text in enumerate(args.l2_adapter)]
+    if getattr(args, "l1_quota", None):
+        data["l1_quotas_gb"] = dict(parse_quota_flag(text, "--l1-quota") for text in args.l1_quota)
     if "admin_token" not in data and os.environ.get(ADMIN_TOKEN_ENV):
         data["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
     config = ServerConfig.from_dict(data)

@@ -4,6 +4,12 @@ Two sources: counters and histograms the request loop updates (requests by op an
 in and out by path), and a collector that reads ``Store.stats()`` at scrape time and exposes every numeric leaf
 as ``kvtier_store_<path>`` (a list, such as the L2 tiers, becomes ``index`` and ``type`` labels). Reading at
 scrape time keeps the hot path free of metric bookkeeping for the Store's own counters.
+
+Usage per tenant and per model (``tenants`` and ``models`` mappings in the stats) becomes a ``tenant`` label (the
+salt digest, never the salt; ``""`` for requests without one) or a ``model`` label:
+``kvtier_store_l1_tenant_bytes{tenant="..."}``, ``kvtier_store_l1_model_objects{model="..."}``. To bound the
+number of series a scrape returns, only the :data:`MAX_LABELLED` largest by bytes get their own label; the rest
+are summed under ``tenant="_other"`` (``model="_other"``).
 """
 
 from __future__ import annotations
@@ -33,12 +39,38 @@ _COUNTER_SUFFIXES = (
     "refused",
     "written",
     "prefetched",
+    "skipped",
+    "admitted",
     "total",
 )
 
 
 def _metric_name(path: list[str]) -> str:
     return "kvtier_store_" + "_".join(_NAME_RE.sub("_", p).strip("_").lower() for p in path if p)
+
+
+#: Mappings of the stats whose keys become a label (key -> (label name, metric path segment)).
+_LABELLED = {"tenants": ("tenant", "tenant"), "models": ("model", "model")}
+#: The most entries of such a mapping exposed with their own label; the rest are summed under ``_other``.
+MAX_LABELLED = 100
+OTHER = "_other"
+
+
+def _top_entries(entries: dict[str, Any]) -> dict[str, Any]:
+    """At most :data:`MAX_LABELLED` entries, the largest by bytes, and the sum of the rest's numbers as ``_other``
+    (quotas are not summed: a sum of quotas means nothing)."""
+    if len(entries) <= MAX_LABELLED:
+        return entries
+    ranked = sorted(entries.items(), key=lambda kv: -(kv[1].get("bytes") or 0) if isinstance(kv[1], dict) else 0)
+    top = dict(ranked[:MAX_LABELLED])
+    rest: dict[str, float] = {}
+    for _, value in ranked[MAX_LABELLED:]:
+        if isinstance(value, dict):
+            for field, number in value.items():
+                if field != "quota_bytes" and isinstance(number, int | float) and not isinstance(number, bool):
+                    rest[field] = rest.get(field, 0) + number
+    top[OTHER] = rest
+    return top
 
 
 def flatten_stats(stats: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -50,6 +82,11 @@ def flatten_stats(stats: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
             out.setdefault(_metric_name(path), []).append((labels, float(node)))
         elif isinstance(node, dict):
             for key, value in node.items():
+                if key in _LABELLED and isinstance(value, dict):
+                    label, segment = _LABELLED[key]
+                    for name, entry in _top_entries(value).items():
+                        walk(entry, [*path, segment], {**labels, label: str(name)})
+                    continue
                 walk(value, [*path, str(key)], labels)
         elif isinstance(node, list | tuple):
             # A list of tiers: each becomes a label set (its position, and its type when it names one).

@@ -165,6 +165,33 @@ class ClearL1(msgspec.Struct, tag="clear_l1", array_like=True):
     """Drop every object of the L1 pool (L2 tiers keep theirs)."""
 
 
+class Invalidate(msgspec.Struct, tag="invalidate", array_like=True):
+    """Start an invalidation (:class:`JobReply`): ``op`` ``purge`` (by ``model_name`` and/or ``cache_salt``;
+    ``None``: any), ``delete`` (``keys``) or ``clear`` (``l1`` / ``l2``). It runs on its own server thread, off the
+    request loop; the reply comes when it is done or after ``wait_s``, whichever is first, and the client polls
+    :class:`JobStatus` until done. ``cache_salt`` is a secret: the server logs and reports only its digest."""
+
+    op: str
+    model_name: str | None = None
+    cache_salt: str | None = None
+    keys: list[WireKey] = msgspec.field(default_factory=list)
+    l1: bool = True
+    l2: bool = False
+    wait_s: float = 1.0
+
+
+class JobStatus(msgspec.Struct, tag="job_status", array_like=True):
+    """The state of invalidation ``job`` (:class:`JobReply`), answered when it is done or after ``wait_s``."""
+
+    job: int
+    wait_s: float = 1.0
+
+
+class Describe(msgspec.Struct, tag="describe", array_like=True):
+    """The operator's summary (:class:`StatsReply`): tiers, capacity, usage, hit rates, top models and salt
+    digests by bytes, invalidations running."""
+
+
 class Stats(msgspec.Struct, tag="stats", array_like=True):
     """The Store's and the server's statistics as JSON (:class:`StatsReply`)."""
 
@@ -174,7 +201,20 @@ class Health(msgspec.Struct, tag="health", array_like=True):
 
 
 Request = (
-    Hello | Register | Unregister | Store | Lookup | LookupTokens | KeysForTokens | Retrieve | ClearL1 | Stats | Health
+    Hello
+    | Register
+    | Unregister
+    | Store
+    | Lookup
+    | LookupTokens
+    | KeysForTokens
+    | Retrieve
+    | ClearL1
+    | Stats
+    | Health
+    | Invalidate
+    | JobStatus
+    | Describe
 )
 
 
@@ -216,6 +256,15 @@ class StatsReply(msgspec.Struct, tag="stats", array_like=True):
     data: dict[str, Any]
 
 
+class JobReply(msgspec.Struct, tag="job", array_like=True):
+    """An invalidation job: ``done`` with its ``result`` (counts per tier, ``errors``), or its ``progress`` so far."""
+
+    job: int
+    done: bool
+    progress: dict[str, Any]
+    result: dict[str, Any] | None = None
+
+
 class ErrorReply(msgspec.Struct, tag="error", array_like=True):
     """A failed request. ``kind`` picks the client-side exception (see :data:`ERROR_KINDS`)."""
 
@@ -223,7 +272,9 @@ class ErrorReply(msgspec.Struct, tag="error", array_like=True):
     message: str
 
 
-Reply = HelloReply | RegisterReply | OkReply | CountReply | KeysReply | TensorsReply | StatsReply | ErrorReply
+Reply = (
+    HelloReply | RegisterReply | OkReply | CountReply | KeysReply | TensorsReply | StatsReply | JobReply | ErrorReply
+)
 
 
 class Envelope(msgspec.Struct, array_like=True):

@@ -34,22 +34,27 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any, Protocol
 
 import torch
 import zmq
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kvtier import __version__
 from kvtier.config import scrub, scrub_tree
 from kvtier.errors import ConfigError
+from kvtier.events import EventPublisher
 from kvtier.server import protocol as p
 from kvtier.server.admin import AdminHooks, AdminServer
 from kvtier.server.config import ServerConfig
+from kvtier.server.jobs import Job, Jobs, Progress
 from kvtier.server.logs import RateLimitedLog, fields
 from kvtier.server.metrics import ServerMetrics
 from kvtier.server.shm import RegionTable, align_up
+from kvtier.storage.copy import copy_into
 from kvtier.types import ObjectKey, salt_digest
 
 log = logging.getLogger("kvtier.server")
@@ -101,8 +106,15 @@ class StoreLike(Protocol):
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None: ...
     def lookup(self, keys: Sequence[ObjectKey]) -> int: ...
     def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]: ...
-    def retrieve_into(self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor]) -> int: ...
+    def retrieve_into(
+        self, keys: Sequence[ObjectKey], outs: Sequence[torch.Tensor], *, after: Callable[[], None] | None = None
+    ) -> int: ...
     def clear_l1(self) -> None: ...
+    def delete(self, keys: Sequence[ObjectKey]) -> int: ...
+    def purge(
+        self, model_name: str | None = None, cache_salt: str | None = None, *, progress: Progress | None = None
+    ) -> dict[str, Any]: ...
+    def clear(self, *, l1: bool = True, l2: bool = False, progress: Progress | None = None) -> dict[str, Any]: ...
     def stats(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -142,6 +154,7 @@ class RequestHandler:
         *,
         secrets: Sequence[str] = (),
     ) -> None:
+        self.events: EventPublisher | None = None  # set by the Server when it publishes KV events
         self.store = store
         self.secrets = tuple(secrets)
         self.config = config
@@ -150,6 +163,7 @@ class RequestHandler:
         self._store_lock: AbstractContextManager[Any] = threading.Lock() if serialize_store else nullcontext()
         self.started = time.time()
         self.log_error = RateLimitedLog(log)
+        self.jobs = Jobs()
 
     # -- entry point --------------------------------------------------------------------------------------------
     def handle(self, frames: Sequence[zmq.Frame], owner: bytes = b"") -> list[Any]:
@@ -221,6 +235,20 @@ class RequestHandler:
                     self.store.clear_l1()
                 log.info("L1 cleared", extra=fields(via="protocol"))
                 return p.OkReply(), []
+            case p.Invalidate():
+                job = self.invalidate(
+                    request.op,
+                    model_name=request.model_name,
+                    cache_salt=request.cache_salt,
+                    keys=request.keys,
+                    l1=request.l1,
+                    l2=request.l2,
+                )
+                return self.job_reply(job, request.wait_s), []
+            case p.JobStatus(job=job_id, wait_s=wait_s):
+                return self.job_reply(self.jobs.get(job_id), wait_s), []
+            case p.Describe():
+                return p.StatsReply(self.describe()), []
             case p.Stats():
                 return p.StatsReply(self.stats()), []
             case p.Health():
@@ -265,10 +293,16 @@ class RequestHandler:
                 or not len(request.locs) == len(request.metas) == len(keys)
             ):
                 raise p.ProtocolError("retrieve into: keys, metas and locs must all be given, of one length")
-            with _Pinned(self.regions, owner) as pinned:
+            pinned = _Pinned(self.regions, owner)
+            try:
                 outs = [pinned.view(loc, meta) for loc, meta in zip(request.locs, request.metas, strict=True)]
-                with self._store_lock:
-                    hits = self.store.retrieve_into(keys, outs)
+            except BaseException:
+                pinned.close()
+                raise
+            # The Store may still copy L2 hits out of these regions into L1 after it returned (its backfill): they
+            # stay pinned (mapped) until it calls ``after``, which it does exactly once, even when it raises.
+            with self._store_lock:
+                hits = self.store.retrieve_into(keys, outs, after=pinned.close)
             self.metrics.bytes.labels("out", "shm").inc(sum(loc.nbytes for loc in request.locs[:hits]))
             return p.CountReply(hits), []
         with self._store_lock:
@@ -287,13 +321,156 @@ class RequestHandler:
             with _Pinned(self.regions, owner) as pinned:
                 for t, meta, n in zip(tensors, metas, sizes, strict=True):
                     loc = p.Loc(staging.region, offset, n)
-                    pinned.view(loc, meta).copy_(t)
+                    copy_into(pinned.view(loc, meta), t)  # one thread's memcpy: torch's 2 threads crawl on a busy host
                     locs.append(loc)
                     offset += align_up(n)
             self.metrics.bytes.labels("out", "shm").inc(sum(sizes))
             return p.TensorsReply(metas, locs), []
         self.metrics.bytes.labels("out", "frames").inc(sum(sizes))
         return p.TensorsReply(metas, None), [_tensor_frame(t) for t in tensors]
+
+    # -- invalidation (runs as jobs, off the request loop) ---------------------------------------------------------
+    def invalidate(
+        self,
+        op: str,
+        *,
+        model_name: str | None = None,
+        cache_salt: str | None = None,
+        keys: Sequence[p.WireKey] = (),
+        l1: bool = True,
+        l2: bool = False,
+    ) -> Job:
+        """Check an invalidation request and start it as a job (see :mod:`kvtier.server.jobs`)."""
+        store = self.store
+        if op == "purge":
+            if model_name is None and cache_salt is None:
+                raise ConfigError("purge: give model_name, cache_salt or both")
+            if model_name is not None:
+                ObjectKey(model_name, "0")  # checks the name (ConfigError names the field)
+            if cache_salt is not None and not isinstance(cache_salt, str):
+                raise ConfigError("cache_salt: expected a string")
+            what: dict[str, Any] = {"op": op, "model_name": model_name}
+            if cache_salt is not None:
+                what["salt_digest"] = salt_digest(cache_salt)  # never the salt itself
+
+            def run(progress: Progress) -> dict[str, Any]:
+                with self._store_lock:
+                    return store.purge(model_name=model_name, cache_salt=cache_salt, progress=progress)
+
+        elif op == "delete":
+            object_keys = [k.to_key() for k in keys]
+            what = {"op": op, "keys": len(object_keys)}
+
+            def run(progress: Progress) -> dict[str, Any]:
+                with self._store_lock:
+                    return {"deleted": store.delete(object_keys)}
+
+        elif op == "clear":
+            if not l1 and not l2:
+                raise ConfigError("clear: nothing to clear (l1 and l2 both false)")
+            what = {"op": op, "clear_l1": l1, "clear_l2": l2}
+
+            def run(progress: Progress) -> dict[str, Any]:
+                with self._store_lock:
+                    return store.clear(l1=l1, l2=l2, progress=progress)
+
+        else:
+            raise ConfigError(f"invalidate: op must be purge, delete or clear, got {op[:40]!r}")
+        log.info("invalidation started", extra=fields(**what))
+        return self.jobs.start(what, run)
+
+    def job_reply(self, job: Job, wait_s: float) -> p.JobReply:
+        done = self.jobs.wait(job, wait_s)
+        return p.JobReply(
+            job.id, done, self.scrub_doc(dict(job.progress)), self.scrub_doc(job.result or {}) if done else None
+        )
+
+    def job_doc(self, job: Job, wait_s: float) -> dict[str, Any]:
+        reply = self.job_reply(job, wait_s)
+        return {"job": reply.job, "done": reply.done, "progress": reply.progress, "result": reply.result}
+
+    def http_invalidate(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        """``POST /purge``, ``/delete``, ``/clear`` with a JSON body: check its fields (naming a wrong one), start
+        the job and wait a few seconds for it."""
+        allowed = {"purge": {"model_name", "cache_salt"}, "delete": {"keys"}, "clear": {"l1", "l2"}}[op]
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ConfigError(f"{op}: unknown field(s) {unknown}; expected {sorted(allowed)}")
+        for name in ("model_name", "cache_salt"):
+            if params.get(name) is not None and not isinstance(params[name], str):
+                raise ConfigError(f"{name}: expected a string")  # never echo the value: it may be a salt
+        for name in ("l1", "l2"):
+            if name in params and not isinstance(params[name], bool):
+                raise ConfigError(f"{name}: expected true or false")
+        keys: list[p.WireKey] = []
+        if op == "delete":
+            raw = params.get("keys")
+            if not isinstance(raw, list):
+                raise ConfigError("keys: expected a list of {model_name, chunk_hash, kv_rank, cache_salt}")
+            for i, k in enumerate(raw):
+                if not isinstance(k, dict) or not isinstance(k.get("model_name"), str):
+                    raise ConfigError(f"keys[{i}]: expected an object with model_name and chunk_hash")
+                salt = k.get("cache_salt", "")
+                if not isinstance(salt, str):
+                    raise ConfigError(f"keys[{i}].cache_salt: expected a string")
+                keys.append(p.WireKey(k["model_name"], str(k.get("chunk_hash", "")), int(k.get("kv_rank", 0)), salt))
+        job = self.invalidate(
+            op,
+            model_name=params.get("model_name"),
+            cache_salt=params.get("cache_salt"),
+            keys=keys,
+            l1=params.get("l1", True),
+            l2=params.get("l2", False),
+        )
+        return self.job_doc(job, 5.0)
+
+    def describe(self) -> dict[str, Any]:
+        """The operator's summary: tiers with capacity, usage and hit rate, top models and salt digests by bytes."""
+        stats = self._stats()
+        st = stats["store"]
+        l1 = st.get("l1", {})
+        lookups = l1.get("hits", 0) + l1.get("misses", 0)
+        tiers = [
+            {
+                "tier": "L1",
+                "kind": f"memory ({l1.get('backing', '?')})",
+                "capacity_bytes": l1.get("capacity_bytes"),
+                "used_bytes": l1.get("used_bytes"),
+                "objects": l1.get("objects"),
+                "hits": l1.get("hits", 0),
+                "hit_rate": _rate(l1.get("hits", 0), lookups),
+            }
+        ]
+        l2_hits = 0
+        for i, t in enumerate(st.get("l2", [])):
+            tried = t.get("hits", 0) + t.get("misses", 0)
+            l2_hits += t.get("hits", 0)
+            tiers.append(
+                {
+                    "tier": f"L2[{i}]",
+                    "kind": t.get("type", "?") + (f"+{t['serde']}" if t.get("serde") not in (None, "none") else ""),
+                    "capacity_bytes": t.get("capacity_bytes"),
+                    "used_bytes": t.get("used_bytes"),
+                    "objects": t.get("records"),
+                    "hits": t.get("hits", 0),
+                    "hit_rate": _rate(t.get("hits", 0), tried),
+                }
+            )
+        return self.scrub_doc(
+            {
+                "server": {
+                    "version": __version__,
+                    "pid": os.getpid(),
+                    "uptime_s": stats["server"]["uptime_s"],
+                    "chunk_size": self.config.chunk_size,
+                },
+                "tiers": tiers,
+                "hit_rate": _rate(l1.get("hits", 0) + l2_hits, lookups),
+                "top_models": _top(l1.get("models"), "model_name"),
+                "top_salts": _top(l1.get("tenants"), "salt_digest"),
+                "invalidations_running": self.jobs.running(),
+            }
+        )
 
     # -- documents ------------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -323,7 +500,9 @@ class RequestHandler:
                 "uptime_s": round(time.time() - self.started, 3),
                 "shm_regions": len(self.regions),
                 "workers": self.config.workers,
+                "invalidations": self.jobs.running(),
             },
+            **({"events": self.events.stats()} if self.events is not None else {}),
         }
 
     def clear(self) -> dict[str, Any]:
@@ -331,6 +510,55 @@ class RequestHandler:
             self.store.clear_l1()
         log.info("L1 cleared", extra=fields(via="http"))
         return {"cleared": "l1"}
+
+
+def _rate(hits: int, total: int) -> float | None:
+    return round(hits / total, 4) if total else None
+
+
+def _top(usage: Any, name: str, n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` largest entries of a usage map ``{name: {"bytes", "objects", ...}}`` (absent: none)."""
+    if not isinstance(usage, dict):
+        return []
+    rows = [{name: k, **v} for k, v in usage.items() if isinstance(v, dict)]
+    rows.sort(key=lambda r: -int(r.get("bytes", 0) or 0))
+    return rows[:n]
+
+
+def _start_events(store: StoreLike, config: ServerConfig, metrics: ServerMetrics) -> EventPublisher:
+    """Bind the KV events socket on ``host:events_port`` and make it a listener of the Store's event hub."""
+    event_hub = getattr(store, "event_hub", None)
+    if event_hub is None:
+        raise ConfigError(f"events_port: this server's store ({type(store).__name__}) does not emit KV events")
+    hub = event_hub()
+    publisher = EventPublisher(f"tcp://{config.host}:{config.events_port}", hub, hwm=config.events_hwm)
+    hub.add_listener(publisher)
+    metrics.registry.register(_EventsCollector(publisher))
+    return publisher
+
+
+class _EventsCollector(Collector):
+    """``kvtier_events_*``: what the KV events publisher sent, dropped and to how many subscribers."""
+
+    def __init__(self, publisher: EventPublisher) -> None:
+        self.publisher = publisher
+
+    def collect(self) -> Iterator[Metric]:
+        pub = self.publisher.stats()
+        hub = self.publisher.hub.stats()
+        yield CounterMetricFamily(
+            "kvtier_events_published", "KV events sent to subscribers", value=pub["published_events"]
+        )
+        dropped = CounterMetricFamily(
+            "kvtier_events_dropped",
+            "KV events lost: queue (the Store's event queue was full) or subscriber (missed by a full subscriber)",
+            labels=["reason"],
+        )
+        dropped.add_metric(["queue"], hub["dropped"])
+        dropped.add_metric(["subscriber"], pub["dropped_events"])
+        yield dropped
+        yield GaugeMetricFamily("kvtier_events_subscribers", "KV events subscriptions", value=pub["subscribers"])
+        yield GaugeMetricFamily("kvtier_events_next_seq", "Sequence number of the next KV event", value=hub["next_seq"])
 
 
 class _Pinned:
@@ -351,9 +579,14 @@ class _Pinned:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for entry in self._held.values():
+        self.close()
+
+    def close(self) -> None:
+        """Release every region pinned (idempotent; may be called from another thread once the request's own
+        thread is done with this object)."""
+        held, self._held = self._held, {}
+        for entry in held.values():
             self.regions.release(entry)
-        self._held.clear()
 
 
 class Server:
@@ -407,16 +640,39 @@ class Server:
             self.admin = AdminServer(
                 config.host,
                 config.http_port,
-                AdminHooks(self.handler.health, self.handler.stats, self.metrics.render, self.handler.clear),
+                AdminHooks(
+                    self.handler.health,
+                    self.handler.stats,
+                    self.metrics.render,
+                    self.handler.clear,
+                    describe=self.handler.describe,
+                    invalidate=self.handler.http_invalidate,
+                    job=lambda job_id: self.handler.job_doc(self.handler.jobs.get(job_id), 0.0),
+                ),
                 token=config.admin_token,
             )
         except ConfigError:
             self._ctx.destroy(linger=0)
             raise
+        self.events: EventPublisher | None = None
+        if config.events_port is not None:
+            try:
+                self.events = self.handler.events = _start_events(store, config, self.metrics)
+            except BaseException:
+                self.admin.close()
+                self._ctx.destroy(linger=0)
+                raise
         self._workers = [
             threading.Thread(target=self._work, name=f"kvtier-worker-{i}", daemon=True) for i in range(config.workers)
         ]
         self._inflight = itertools.count()
+
+    def _stop_events(self) -> None:
+        """Close the events socket, after ``Store.close()`` delivered the last events (a store the server does not
+        own keeps running: its hub stops calling the publisher first)."""
+        if self.events is not None:
+            self.events.hub.remove_listener(self.events)
+            self.events.close()
 
     def _store_stats(self) -> dict[str, Any]:
         store_stats: dict[str, Any] = self.handler.stats()["store"]
@@ -506,6 +762,7 @@ class Server:
             extra=fields(
                 address=self.config.address,
                 http_port=self.config.http_port,
+                events=self.events.address if self.events is not None else None,
                 workers=self.config.workers,
                 pid=os.getpid(),
                 config=self.config.to_json(),
@@ -582,6 +839,7 @@ class Server:
                 log.info("store closed", extra=fields(seconds=round(time.perf_counter() - start, 3)))
             self._refuse_new_requests(0)
         finally:
+            self._stop_events()
             self.regions.close()
             self._front.close(linger=2000)
             self._replies.close(linger=0)

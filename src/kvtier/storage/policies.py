@@ -11,6 +11,7 @@ main one, and a ghost list of recently evicted keys, after Yang et al., SOSP 202
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -65,7 +66,7 @@ class LRUPolicy(EvictionPolicy[K]):
         self._order.pop(key, None)
 
     def victims(self) -> Iterator[K]:
-        yield from list(self._order)  # a copy: the owner removes keys while walking
+        return _windowed(lambda: iter(self._order), self.__contains__)
 
     def __len__(self) -> int:
         return len(self._order)
@@ -121,8 +122,7 @@ class LFUPolicy(EvictionPolicy[K]):
                 del self._buckets[old]
 
     def victims(self) -> Iterator[K]:
-        order = [k for c in sorted(self._buckets) for k in self._buckets[c]]
-        yield from order
+        return _windowed(lambda: (k for c in sorted(self._buckets) for k in self._buckets[c]), self.__contains__)
 
     def __len__(self) -> int:
         return len(self._count)
@@ -214,6 +214,31 @@ class S3FIFOPolicy(EvictionPolicy[K]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._freq
+
+
+def _windowed(front: Callable[[], Iterator[K]], present: Callable[[K], bool]) -> Iterator[K]:
+    """The keys of an order (``front()`` iterates it from the best victim), each offered once, read in windows.
+
+    The owner removes keys while walking, so the order cannot be iterated across a ``yield``; copying all of it per
+    eviction costs O(keys) (milliseconds for 100,000s of keys). The keys offered and skipped (pinned) stay at the
+    front, so each window spans them plus a few new ones, doubling while the owner keeps skipping: an eviction that
+    takes the first unpinned key copies a handful of keys."""
+    seen: set[K] = set()
+    kept = 0  # keys offered and still present: the part of the front the next window must reach past
+    want = 8
+    while True:
+        size = kept + want
+        window = list(itertools.islice(front(), size))
+        fresh = [k for k in window if k not in seen]
+        for key in fresh:
+            seen.add(key)
+            yield key
+        if len(window) < size and not fresh:
+            return  # the window held the whole order and nothing new
+        # What the owner left of this window stays at the front (keys it read moved back: the window then reaches a
+        # little further than it needs). O(window), so a whole walk copies O(keys) in all.
+        kept = len(window) - len(fresh) + sum(1 for k in fresh if present(k))
+        want = min(want * 2, 1 << 16)
 
 
 POLICIES: dict[str, Callable[[], EvictionPolicy[Any]]] = {

@@ -14,7 +14,8 @@ capacity, re-store at full capacity, close, lazy start) and the shared tier on t
 with no serde, raw and a bytes-stage chain; damaged records are misses and are removed, foreign ones are misses
 left in place; a batch over several pipelined rounds mixing hits, misses, damaged and foreign records, with records
 removed or damaged between the lookup and the load through the fault-injecting adapter: every hit exact, nothing
-raised; a failed batch leaves nothing visible).
+raised; a failed batch leaves nothing visible) and enumeration / purge by model, by tenant and both, in bounded
+batches with progress, over model names that stress every key mapping.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ import pytest
 import torch
 
 from kvtier.errors import BatchError, CapacityError, SerdeError
-from kvtier.l2.adapters import MISS, FaultyAdapter, L2Adapter, create_backend, create_l2_adapter
+from kvtier.l2.adapters import MISS, FaultyAdapter, KeyMatch, L2Adapter, create_backend, create_l2_adapter
 from kvtier.l2.record import RecordMeta, pack_record
 from kvtier.l2.tier import L2Tier, byte_view, layout_of
 from kvtier.serde import AsyncSerdeProcessor, BytesDeserializer, BytesSerializer, LayoutDesc, register_serde_factory
 from kvtier.serde.processor import SerdeIdentity
 from kvtier.serde.registry import registered_serdes
 from kvtier.testing.serde import kv_like
-from kvtier.types import ObjectKey
+from kvtier.types import ObjectKey, salt_digest
 
 TEST_SERDE = "kvtier-test-xor"
 
@@ -376,3 +377,78 @@ class L2AdapterTests:
             with pytest.raises(CapacityError):
                 tier.store(ks, [chunk(0, tokens=2), torch.zeros(100_000, dtype=torch.uint8)])
             assert tier.contains(ks) == [False, False]
+
+    # -- enumeration and purge ----------------------------------------------------------------------------------
+    #: models whose names stress every mapping (path separators, characters quoted in key strings, a leading dot
+    #: that an object name cannot start a segment with, a model named like another's prefix)
+    PURGE_MODELS: ClassVar[tuple[str, ...]] = ("org/model", "org", "m+1:x.y_z-w", ".hidden", "_")
+    PURGE_SALTS: ClassVar[tuple[str, ...]] = ("", "tenant-a", "tenant-b")
+
+    def _fill_for_purge(self, adapter: L2Adapter) -> dict[str, ObjectKey]:
+        held: dict[str, ObjectKey] = {}
+        for m, model in enumerate(self.PURGE_MODELS):
+            for s, salt in enumerate(self.PURGE_SALTS):
+                for rank in (0, 1):
+                    key = ObjectKey(model, format(0xA000 + 16 * m + 4 * s + rank, "x"), rank, salt)
+                    held[key.to_str()] = key
+        names = list(held)
+        adapter.store_records(names, [[f"record {n}".encode()] for n in names])
+        adapter.store_records(["not-a-kvtier-key"], [[b"foreign"]])  # never selected by a purge
+        return held
+
+    def _listed(self, adapter: L2Adapter, match: KeyMatch) -> set[str]:
+        return {k for batch in adapter.list_keys(match, batch_size=3) for k in batch}
+
+    def test_list_keys_selects_by_model_and_salt(self, tmp_path: Path) -> None:
+        with self.make_adapter(tmp_path) as adapter:
+            held = self._fill_for_purge(adapter)
+            for model in (*self.PURGE_MODELS, None):
+                for salt in (*self.PURGE_SALTS, None):
+                    match = KeyMatch(model, None if salt is None else salt_digest(salt))
+                    want = {
+                        name
+                        for name, key in held.items()
+                        if (model is None or key.model_name == model) and (salt is None or key.cache_salt == salt)
+                    }
+                    assert self._listed(adapter, match) == want, match
+            assert all(len(b) <= 3 for b in adapter.list_keys(KeyMatch(), batch_size=3)), "batches are bounded"
+
+    def test_purge_by_model_by_salt_and_both(self, tmp_path: Path) -> None:
+        with self.make_adapter(tmp_path) as adapter:
+            held = self._fill_for_purge(adapter)
+            progress: list[int] = []
+            reported: set[str] = set()
+
+            def report(n: int, batch: list[str]) -> None:
+                progress.append(n)
+                reported.update(batch)
+
+            n = adapter.purge(KeyMatch("org", None), batch_size=2, progress=report)
+            gone = {name for name, key in held.items() if key.model_name == "org"}
+            assert n >= len(gone) and progress and progress[-1] == n and progress == sorted(progress)
+            assert reported == gone, "each batch's keys are reported"
+            n = adapter.purge(KeyMatch(None, salt_digest("tenant-a")), batch_size=2)
+            gone |= {name for name, key in held.items() if key.cache_salt == "tenant-a"}
+            adapter.purge(KeyMatch(".hidden", ""))
+            gone |= {name for name, key in held.items() if key.model_name == ".hidden" and not key.cache_salt}
+            names = list(held)
+            assert dict(zip(names, adapter.contains(names), strict=True)) == {k: k not in gone for k in names}
+            assert adapter.contains(["not-a-kvtier-key"]) == [True], "a purge removes only kvtier's records"
+            assert self._listed(adapter, KeyMatch()) == set(held) - gone
+            adapter.purge(KeyMatch())
+            assert adapter.contains(names) == [False] * len(names)
+            assert self._listed(adapter, KeyMatch()) == set()
+            assert adapter.contains(["not-a-kvtier-key"]) == [True]
+            assert adapter.purge(KeyMatch("org/model")) == 0, "purging nothing is no error"
+
+    def test_purge_then_store_again(self, tmp_path: Path) -> None:
+        with self.make_tier(tmp_path) as tier:
+            ks = keys(3, salt="s")
+            tier.store(ks, [chunk(i) for i in range(3)])
+            tier.adapter.purge(KeyMatch("org/model", salt_digest("s")))
+            assert tier.lookup(ks) == [False] * 3
+            tier.store(ks[:1], [chunk(7)])
+            got = tier.load(ks[:1], lambda i, layout: torch.empty(layout.shape, dtype=layout.dtype))
+            assert got[0] is not None and torch.equal(got[0], chunk(7))
+            if self.bounded or tier.adapter.used_bytes:
+                assert tier.adapter.used_bytes > 0

@@ -1,6 +1,6 @@
 """L2 adapters: the contract (:mod:`.base`), the registry and the built-in backends."""
 
-from kvtier.l2.adapters.base import MISS, L2Adapter
+from kvtier.l2.adapters.base import MISS, PURGE_BATCH, KeyMatch, L2Adapter
 from kvtier.l2.adapters.faulty import FaultyAdapter, faulty_factory
 from kvtier.l2.adapters.fs import FSAdapter, fs_factory
 from kvtier.l2.adapters.memory import MemoryAdapter, memory_factory
@@ -33,6 +33,8 @@ register_builtin_adapters()
 
 __all__ = [
     "MISS",
+    "PURGE_BATCH",
+    "KeyMatch",
     "FSAdapter",
     "FaultyAdapter",
     "L2Adapter",

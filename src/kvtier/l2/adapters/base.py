@@ -31,14 +31,23 @@ Contract for every implementation (the conformance suite :class:`kvtier.testing.
   threads are created by the first operation (:meth:`_start`), so a configured but unused adapter costs nothing.
 * **Threads.** Every method may be called from several threads at once.
 * ``close()`` releases resources and is idempotent; any later operation raises ``RuntimeError``.
+* **Enumeration and purge.** :meth:`L2Adapter.list_keys` walks the keys held that match a :class:`KeyMatch` (a
+  model, a tenant's salt digest, both, or everything) in bounded batches; :meth:`L2Adapter.purge` deletes them
+  batch by batch, reporting progress. A backend implements ``_list_keys`` (required for purge; the conformance
+  suite checks it) and may override ``_purge`` with a cheaper path (Redis: ``SCAN`` + ``UNLINK``). A walk sees
+  every record that existed when it began and was not removed meanwhile; records stored during the walk may or
+  may not be seen (the Store's purge fence keeps its own writes out). Each batch is its own backend call, so
+  other operations keep running between batches.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from kvtier.config import canonical_json
 from kvtier.errors import L2Error
@@ -56,6 +65,66 @@ Prepare = Callable[[int, memoryview, int], Sequence[Buffer] | None]
 
 T = TypeVar("T")
 
+#: Keys per batch of a purge walk unless the caller says otherwise: each batch is one backend call, short enough
+#: that the operations of the serving path interleave with a purge of millions of records.
+PURGE_BATCH = 500
+
+#: ``progress(deleted_so_far, batch)``: called after each batch a purge deleted, with the total so far and the
+#: batch's keys (for events and logs), in the purging thread.
+Progress = Callable[[int, list[str]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMatch:
+    """Which records an enumeration or a purge selects, by the fields of their key string
+    (``ObjectKey.to_str()``: ``model@rank@saltdigest@hash``).
+
+    ``model_name``: only this model's records (``None``: any model). ``salt_digest``: only this tenant's
+    (``ObjectKey.salt_digest``: 32 hex digits; ``""`` the unsalted tenant; ``None``: any tenant). Both ``None``
+    selects every record that has the shape of an object key. A key string of any other shape is never selected:
+    a purge removes only what kvtier named.
+    """
+
+    model_name: str | None = None
+    salt_digest: str | None = None
+
+    def matches(self, key: str) -> bool:
+        """Whether the key string ``key`` is selected."""
+        parts = key.split("@")
+        if len(parts) != 4 or not parts[1].isdigit():
+            return False
+        if self.model_name is not None and parts[0] != self.quoted_model:
+            return False
+        return self.salt_digest is None or parts[2] == self.salt_digest
+
+    @property
+    def quoted_model(self) -> str:
+        """The model name as it stands in a key string (percent-quoted, as ``ObjectKey.to_str()`` writes it)."""
+        return "" if self.model_name is None else quote(self.model_name, safe="")
+
+    @property
+    def everything(self) -> bool:
+        return self.model_name is None and self.salt_digest is None
+
+    def describe(self) -> str:
+        """For logs: the model and the salt *digest* (never a salt)."""
+        parts = [f"model={self.model_name}" if self.model_name is not None else "all models"]
+        if self.salt_digest is not None:
+            parts.append(f"salt_digest={self.salt_digest or '(unsalted)'}")
+        return ", ".join(parts)
+
+
+def batched(keys: Iterator[str] | Sequence[str], size: int) -> Iterator[list[str]]:
+    """``keys`` in lists of at most ``size`` (a helper for ``_list_keys``)."""
+    batch: list[str] = []
+    for key in keys:
+        batch.append(key)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
 
 class L2Adapter(ABC):
     """Base of every L2 backend. Subclasses implement the ``_``-prefixed methods; the public ones add the
@@ -67,12 +136,21 @@ class L2Adapter(ABC):
 
     #: the ``type`` name the adapter is registered under (set by the registry)
     type_name: str = ""
+    #: Called with the keys of records the adapter evicted to make room on its own capacity index (not deleted,
+    #: purged or replaced ones); the Store sets it to report KV events. It may be called under the adapter's
+    #: lock and must neither block nor raise. Adapters that evict call :meth:`_evicted`.
+    on_evict: Callable[[Sequence[str]], None] | None = None
 
     def __init__(self) -> None:
         self.config: dict[str, Any] = {}
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
+
+    def _evicted(self, keys: Sequence[str]) -> None:
+        """Report evicted keys to :attr:`on_evict`."""
+        if keys and self.on_evict is not None:
+            self.on_evict(keys)
 
     # -- what a backend implements --------------------------------------------------------------------------
     def _start(self) -> None:  # noqa: B027 - optional hook, most backends need no resources
@@ -136,6 +214,23 @@ class L2Adapter(ABC):
             for (i, _), n in zip(later, again, strict=True):
                 out[i] = n
         return out
+
+    def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
+        """The keys held that ``match`` selects, in lists of at most ``batch_size``. Required for purge (a backend
+        without it cannot be purged: :meth:`purge` raises ``NotImplementedError``). Keep the work per batch
+        bounded: the generator is resumed once per batch, other operations run in between."""
+        raise NotImplementedError(f"L2 adapter {self.type_name or type(self).__name__!r} cannot list its keys")
+
+    def _purge(self, match: KeyMatch, batch_size: int, progress: Progress | None) -> int:
+        """Delete every record ``match`` selects; return how many were deleted. This default lists a batch and
+        deletes it, batch by batch; override it where the backend deletes by pattern more cheaply."""
+        deleted = 0
+        for batch in self._list_keys(match, batch_size):
+            self._delete(batch)
+            deleted += len(batch)
+            if progress is not None:
+                progress(deleted, batch)
+        return deleted
 
     def _will_load(self, keys: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """Optional: start fetching these records (read-ahead); the default does nothing."""
@@ -203,6 +298,28 @@ class L2Adapter(ABC):
         if keys:
             self._call("delete", self._delete, keys)
 
+    def list_keys(self, match: KeyMatch | None = None, batch_size: int = PURGE_BATCH) -> Iterator[list[str]]:
+        """The keys held that ``match`` selects (``None``: every record), in lists of at most ``batch_size``.
+        Backend failures raise :class:`~kvtier.errors.L2Error` from the iteration."""
+        _check_batch_size(batch_size)
+        it = self._call("list", self._list_keys, match or KeyMatch(), batch_size)
+        while True:
+            batch = self._call("list", next, it, None)
+            if batch is None:
+                return
+            if batch:
+                yield batch
+
+    def purge(
+        self, match: KeyMatch | None = None, batch_size: int = PURGE_BATCH, progress: Progress | None = None
+    ) -> int:
+        """Delete every record ``match`` selects (``None``: every record kvtier stored), in batches of at most
+        ``batch_size``, calling ``progress(deleted so far, the batch's keys)`` after each; return how many were
+        deleted (a backend that cannot count exactly reports the keys it asked to delete). Backend failures raise
+        :class:`~kvtier.errors.L2Error`; the records deleted before stay deleted."""
+        _check_batch_size(batch_size)
+        return self._call("purge", self._purge, match or KeyMatch(), batch_size, progress)
+
     def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """Start the adapter if needed and run one backend operation, translating a backend failure (any
         ``OSError``) into :class:`~kvtier.errors.L2Error` at this boundary."""
@@ -255,6 +372,11 @@ class L2Adapter(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({canonical_json(self.config)})"
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
 
 
 def _same_length(keys: Sequence[str], other: Sequence[Any], what: str) -> None:

@@ -10,30 +10,44 @@ what a real backend reports, so the layers above can be tested on failure paths 
 * ``corrupt_loads``: flip one bit in the middle of every record a load returns (damage on the way back);
 * ``before_load``: called with the inner adapter and the batch's keys when a load starts, after the caller's
   lookup: it may remove, damage or replace records there (a concurrent eviction, a writer sharing the store);
+* ``before_store``: called with the inner adapter and the batch's keys when a store starts, before anything is
+  written: it may block (hold a write mid-way while a test purges) or change the inner adapter;
+* ``purge_error``: every list / purge raises it (a backend that fails mid-walk);
+* ``store_delay_s`` / ``load_delay_s`` / ``delete_delay_s`` (also config fields, so a server subprocess can be given
+  them): every store / load / delete batch sleeps that long first (a slow backend: writes, loads and a purge's
+  batches stay in flight long enough to race them or watch their progress);
 * counters ``stores``, ``loads`` of batches seen.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kvtier.config import ConfigReader
-from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare
+from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, Progress
 
 
 class FaultyAdapter(L2Adapter):
     """Delegates to ``inner``, raising or damaging data as its fault attributes say."""
 
-    def __init__(self, inner: L2Adapter) -> None:
+    def __init__(
+        self, inner: L2Adapter, store_delay_s: float = 0.0, load_delay_s: float = 0.0, delete_delay_s: float = 0.0
+    ) -> None:
         super().__init__()
         self.inner = inner
+        self.store_delay_s = store_delay_s
+        self.load_delay_s = load_delay_s
+        self.delete_delay_s = delete_delay_s
         self.store_error: BaseException | None = None
         self.fail_store_after: int | None = None
         self.load_error: BaseException | None = None
         self.corrupt_loads = False
         self.before_load: Callable[[L2Adapter, Sequence[str]], None] | None = None
+        self.before_store: Callable[[L2Adapter, Sequence[str]], None] | None = None
+        self.purge_error: BaseException | None = None
         self.stores = 0
         self.loads = 0
 
@@ -47,6 +61,10 @@ class FaultyAdapter(L2Adapter):
 
     def _store(self, keys: Sequence[str], records: Sequence[Sequence[Buffer]]) -> None:
         self.stores += 1
+        if self.store_delay_s:
+            time.sleep(self.store_delay_s)
+        if self.before_store is not None:
+            self.before_store(self.inner, keys)
         if self.fail_store_after is not None:
             n = min(self.fail_store_after, len(keys))
             self.inner.store_records(keys[:n], records[:n])
@@ -58,6 +76,8 @@ class FaultyAdapter(L2Adapter):
 
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
         self.loads += 1
+        if self.load_delay_s:
+            time.sleep(self.load_delay_s)
         if self.load_error is not None:
             raise self.load_error
         if self.before_load is not None:
@@ -71,6 +91,8 @@ class FaultyAdapter(L2Adapter):
 
     def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
         self.loads += 1
+        if self.load_delay_s:
+            time.sleep(self.load_delay_s)
         if self.load_error is not None:
             raise self.load_error
         if self.before_load is not None:
@@ -104,7 +126,21 @@ class FaultyAdapter(L2Adapter):
         return self.inner.contains(keys)
 
     def _delete(self, keys: Sequence[str]) -> None:
+        if self.delete_delay_s:
+            time.sleep(self.delete_delay_s)
         self.inner.delete(keys)
+
+    def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
+        if self.purge_error is not None:
+            raise self.purge_error
+        return self.inner.list_keys(match, batch_size)
+
+    def _purge(self, match: KeyMatch, batch_size: int, progress: Progress | None) -> int:
+        if self.purge_error is not None:
+            raise self.purge_error
+        if self.delete_delay_s:  # batch by batch through this adapter's slow deletes
+            return super()._purge(match, batch_size, progress)
+        return self.inner.purge(match, batch_size, progress)  # the inner backend's own (efficient) path
 
     def _close(self) -> None:
         self.inner.close()
@@ -128,5 +164,13 @@ def faulty_factory(config: dict[str, Any], where: str) -> FaultyAdapter:
 
     reader = ConfigReader(config, where)
     inner = reader.raw("inner")
+    store_delay = reader.number("store_delay_s", 0.0, min=0.0)
+    load_delay = reader.number("load_delay_s", 0.0, min=0.0)
+    delete_delay = reader.number("delete_delay_s", 0.0, min=0.0)
     reader.finish()
-    return FaultyAdapter(create_backend(inner, f"{where}.inner"))
+    return FaultyAdapter(
+        create_backend(inner, f"{where}.inner"),
+        float(store_delay or 0.0),
+        float(load_delay or 0.0),
+        float(delete_delay or 0.0),
+    )

@@ -15,6 +15,9 @@ Config (read with a :class:`~kvtier.config.ConfigReader`; a bad value fails at s
   ``max_capacity_gb`` with ``shared`` is refused at start.
 * ``max_capacity_gb`` (none): for a prefix that this server owns: a bound on the bytes of records, kept by the
   adapter's own index (rebuilt from a listing of the prefix on start), least recently used records evicted.
+* ``tenant_quota_gb`` / ``tenant_quotas_gb`` (none): with an owned prefix, a bound on each tenant's
+  (``cache_salt``'s) bytes and overrides by salt digest (:mod:`kvtier.tenants`); a tenant at its quota evicts its
+  own least recently used records first. Refused with ``shared`` (this server sees only part of the prefix).
 * ``max_concurrency`` (16): requests in flight per adapter (a batch's records go concurrently, bounded).
 * ``multipart_threshold_mb`` (64), ``multipart_part_mb`` (16): records above the threshold are uploaded in
   parts of that size, several at once.
@@ -52,11 +55,12 @@ refused, a missing bucket, which kvtier never creates) raise :class:`~kvtier.err
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -64,8 +68,9 @@ from urllib.parse import quote, unquote
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError, ConfigError, L2Error, MissingDependencyError
-from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, batched, scatter, total_length
 from kvtier.l2.adapters.health import BackendHealth
+from kvtier.tenants import TenantQuotas, UsageLedger, read_adapter_quotas
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +147,17 @@ def _head_of(views: Sequence[memoryview]) -> bytes:
     return bytes(out)
 
 
+def _tenant_of_name(name: str) -> tuple[str, str]:
+    """``(salt digest, model)`` of an object name made by :func:`object_name` (``("", "")`` for a name that is
+    not a key's)."""
+    parts = name.split("/")
+    if len(parts) >= 3 and not (parts[0] == "_" and len(parts) == 3 and parts[1] in ("k", "x")):
+        digest = parts[-2]
+        if digest == "_" or _SALT_DIGEST.fullmatch(digest):
+            return ("" if digest == "_" else digest), "/".join(parts[:-2])
+    return "", ""
+
+
 def object_name(key: str) -> str:
     """The object name (below the prefix) of the record of ``key``, an ``ObjectKey.to_str()`` string
     (``model@rank@saltdigest@hash``, the salt only as its keyed digest).
@@ -169,6 +185,38 @@ def object_name(key: str) -> str:
     return f"_/x/{key.encode().hex()}{SUFFIX}"
 
 
+def key_of_name(name: str) -> str | None:
+    """The key string whose record :func:`object_name` names ``name`` (its inverse), or ``None`` for an object
+    that is not a record name."""
+    if not name.endswith(SUFFIX):
+        return None
+    segs = name[: -len(SUFFIX)].split("/")
+    if len(segs) == 3 and segs[0] == "_" and segs[1] in ("k", "x"):
+        if segs[1] == "k":
+            return segs[2]
+        try:
+            return bytes.fromhex(segs[2]).decode()
+        except ValueError:
+            return None
+    if len(segs) < 3:
+        return None
+    model, digest, leaf = "/".join(segs[:-2]), segs[-2], segs[-1]
+    chunk_hash, _, rank = leaf.partition(".r")
+    if rank and not rank.isdigit():
+        return None
+    return f"{quote(model, safe='')}@{rank or '0'}@{'' if digest == '_' else digest}@{chunk_hash}"
+
+
+def list_prefixes(match: KeyMatch) -> list[str]:
+    """The listing prefixes that together cover every record ``match`` selects: by model (and tenant) where the
+    names allow it, plus the fallback names under ``_/`` (keys whose model makes no clean path segments)."""
+    if match.model_name is None or not all(_SAFE_SEGMENT.fullmatch(s) for s in match.model_name.split("/")):
+        return [""]
+    if match.salt_digest is None:
+        return [f"{match.model_name}/", "_/k/", "_/x/"]
+    return [f"{match.model_name}/{match.salt_digest or '_'}/", "_/k/", "_/x/"]
+
+
 def parse_url(url: str, where: str) -> tuple[str, str, str]:
     """``(scheme, bucket, prefix)`` of an ``s3://``, ``gs://`` or ``az://`` URL; errors name ``where.url``."""
     scheme, sep, rest = url.partition("://")
@@ -186,7 +234,15 @@ def parse_url(url: str, where: str) -> tuple[str, str, str]:
 
 
 _OUTAGE_KINDS = ("connection_errors", "timeouts", "throttled", "credential_errors", "missing_bucket")
-_COUNTERS = ("capacity_errors", "evictions", "uploads", "uploads_skipped", "multipart_uploads", "head_cache_hits")
+_COUNTERS = (
+    "capacity_errors",
+    "evictions",
+    "quota_evictions",
+    "uploads",
+    "uploads_skipped",
+    "multipart_uploads",
+    "head_cache_hits",
+)
 
 
 class ObjectStoreAdapter(L2Adapter):
@@ -207,10 +263,13 @@ class ObjectStoreAdapter(L2Adapter):
         max_retries: int = 3,
         retry_timeout_s: float = 10.0,
         where: str = "l2_adapter",
+        quotas: TenantQuotas | None = None,
     ) -> None:
         super().__init__()
         if shared and capacity_bytes is not None:
             raise ConfigError(f"{where}.max_capacity_gb: not allowed with shared: true (use lifecycle rules)")
+        if shared and quotas is not None and quotas.enabled:
+            raise ConfigError(f"{where}.tenant_quota_gb: not allowed with shared: true (use lifecycle rules)")
         self.scheme, self.bucket, self.prefix = parse_url(url, where)
         self.url = url
         self.shared = shared
@@ -231,6 +290,8 @@ class ObjectStoreAdapter(L2Adapter):
         self._index: OrderedDict[str, int] = OrderedDict()
         self._used = 0
         self._reserved = 0  # bytes of uploads in flight, counted against the capacity
+        self._quotas = quotas or TenantQuotas()
+        self._usage = UsageLedger(self._quotas, "LRU")  # per tenant and model: the index plus uploads in flight
         self._pins: dict[str, int] = {}  # names being read or written: never evicted
         self._lock = threading.Lock()
         self._heads: OrderedDict[str, bytes] = OrderedDict()  # record heads from contains() probes and stores
@@ -326,8 +387,21 @@ class ObjectStoreAdapter(L2Adapter):
                     found.append((meta["last_modified"], path, int(meta["size"])))
         found.sort(key=lambda t: (t[0], t[1]))
         with self._lock:
-            self._index = OrderedDict((path, size) for _, path, size in found)
-            self._used = sum(size for _, _, size in found)
+            self._index = OrderedDict()
+            self._used = 0
+            self._usage = UsageLedger(self._quotas, "LRU")
+            for _, path, size in found:
+                self._index_put(path, size)
+            over: list[str] = []
+            if self._quotas.enabled:  # a tenant's quota shrank since last run: its oldest records go now
+                needs = {(t, ""): 0 for t in self._usage.tenants() if self._usage.excess(t, 0) > 0}
+                over = self._make_tenant_room(needs, set())
+                for name in over:
+                    self._index_drop(name)
+        if over:
+            self._delete_names(over)
+            self._health.count("evictions", len(over))
+            self._health.count("quota_evictions", len(over))
         if found:
             log.info("L2 object store %s: %d record(s), %d bytes found", self.url, len(found), self._used)
 
@@ -405,32 +479,72 @@ class ObjectStoreAdapter(L2Adapter):
 
     def _index_put(self, name: str, size: int) -> None:
         """Record ``name`` as held (most recently used); caller holds ``_lock``."""
-        old = self._index.pop(name, None)
-        if old is not None:
-            self._used -= old
+        self._index_drop(name)
         self._index[name] = size
         self._used += size
+        tenant, model = _tenant_of_name(name)
+        self._usage.insert(tenant, name)
+        self._usage.change(tenant, model, size, 1)
         if self.shared:
             while len(self._index) > _SHARED_INDEX_ENTRIES:
-                _, dropped = self._index.popitem(last=False)
-                self._used -= dropped
+                self._index_drop(next(iter(self._index)))
 
     def _index_drop(self, name: str) -> None:
         size = self._index.pop(name, None)
         if size is not None:
             self._used -= size
+            tenant, model = _tenant_of_name(name)
+            self._usage.remove(tenant, name)
+            self._usage.change(tenant, model, -size, -1)
 
-    def _make_room(self, need: int, batch: set[str]) -> list[str]:
-        """Reserve ``need`` bytes, choosing least recently used victims (not of this batch, not pinned); the
-        victims leave the index at once and are returned for deletion. Caller holds ``_lock``."""
-        assert self._capacity is not None
-        free = self._capacity - self._used - self._reserved
+    def _reserve_tenants(self, needs: dict[tuple[str, str], int], sign: int) -> None:
+        """Charge (``sign`` 1) or credit (-1) the tenants for the bytes of a batch's uploads in flight."""
+        for (tenant, model), nbytes in needs.items():
+            self._usage.change(tenant, model, sign * nbytes)
+
+    def _make_tenant_room(self, needs: dict[tuple[str, str], int], batch: set[str]) -> list[str]:
+        """Victims that bring each tenant of the batch within its quota: its own least recently used records (not
+        of this batch, not pinned). Raises CapacityError, having taken nothing out of the index, when a tenant
+        cannot fit. Caller holds ``_lock``."""
+        totals: dict[str, int] = {}
+        for (tenant, _), nbytes in needs.items():
+            totals[tenant] = totals.get(tenant, 0) + nbytes
         victims: list[str] = []
+        for tenant, nbytes in totals.items():
+            quota = self._quotas.quota(tenant)
+            if quota is None:
+                continue
+            excess = self._usage.excess(tenant, nbytes)
+            for name in self._usage.victims(tenant):
+                if excess <= 0:
+                    break
+                if name in batch or self._pins.get(name):
+                    continue
+                victims.append(name)
+                excess -= self._index[name]
+            if excess > 0:
+                raise CapacityError(
+                    f"object store {self.url}: {nbytes} bytes of tenant {tenant or '(no salt)'} do not fit in its "
+                    f"quota of {quota} ({self._usage.bytes_of(tenant)} held or being written, the rest pinned)"
+                )
+        return victims
+
+    def _make_room(self, need: int, batch: set[str], needs: dict[tuple[str, str], int]) -> tuple[list[str], int]:
+        """Reserve ``need`` bytes, choosing victims: first the tenants' own over their quotas, then least recently
+        used ones (not of this batch, not pinned) while the capacity is short; the victims leave the index at once
+        and are returned for deletion, with how many of them (the first) were a tenant's. Caller holds ``_lock``."""
+        victims = self._make_tenant_room(needs, batch) if self._quotas.enabled else []
+        chosen = set(victims)
+        by_quota = len(victims)
+        if self._capacity is None:
+            free = need
+        else:
+            free = self._capacity - self._used - self._reserved + sum(self._index[n] for n in victims)
         if need > free:
             for name, size in self._index.items():
                 if need <= free:
                     break
-                if name in batch or self._pins.get(name):
+                if name in batch or name in chosen or self._pins.get(name):
                     continue
                 victims.append(name)
                 free += size
@@ -442,7 +556,8 @@ class ObjectStoreAdapter(L2Adapter):
         for name in victims:
             self._index_drop(name)
         self._reserved += need
-        return victims
+        self._reserve_tenants(needs, 1)
+        return victims, by_quota
 
     def _pin(self, names: Sequence[str]) -> None:
         with self._lock:
@@ -471,14 +586,20 @@ class ObjectStoreAdapter(L2Adapter):
             for n in latest:
                 if n in self._index:
                     self._index.move_to_end(n)
+                    self._usage.access(_tenant_of_name(n)[0], n)
         if skipped:
             self._health.count("uploads_skipped", skipped)
         if not todo:
             return
         need = sum(sizes[n] for n in todo)
+        needs: dict[tuple[str, str], int] = {}
+        for n in todo:
+            needs[_tenant_of_name(n)] = needs.get(_tenant_of_name(n), 0) + sizes[n]
         victims: list[str] = []
-        if self._capacity is not None:
-            if need > self._capacity:
+        by_quota = 0
+        bounded = self._capacity is not None or self._quotas.enabled
+        if bounded:
+            if self._capacity is not None and need > self._capacity:
                 exc = CapacityError(
                     f"object store {self.url}: batch of {need} bytes exceeds the capacity of {self._capacity}"
                 )
@@ -486,7 +607,7 @@ class ObjectStoreAdapter(L2Adapter):
                 raise exc
             try:
                 with self._lock:
-                    victims = self._make_room(need, set(latest))
+                    victims, by_quota = self._make_room(need, set(latest), needs)
             except CapacityError as exc:
                 self._health.failed("capacity_errors", str(exc))
                 raise
@@ -497,6 +618,8 @@ class ObjectStoreAdapter(L2Adapter):
             if victims:
                 self._backend_call(lambda: self._delete_names(victims))
                 self._health.count("evictions", len(victims))
+                if by_quota:
+                    self._health.count("quota_evictions", by_quota)
 
             def upload(name: str) -> int:
                 size = self._upload(name, latest[name], sizes[name])
@@ -508,17 +631,19 @@ class ObjectStoreAdapter(L2Adapter):
 
             stored = self._backend_call(lambda: self._map(upload, todo))
         except BaseException:
-            if self._capacity is not None:
+            if bounded:
                 with self._lock:
                     self._reserved -= need
+                    self._reserve_tenants(needs, -1)
             self._unpin(todo)
             if created:
                 self._delete_quietly(created)
             raise
         mine = set(created)
         with self._lock:
-            if self._capacity is not None:
+            if bounded:
                 self._reserved -= need
+                self._reserve_tenants(needs, -1)
             for name, size in zip(todo, stored, strict=True):
                 self._index_put(name, size)
                 if name in mine:  # its head is known: the layouts() of a later load needs no round trip
@@ -746,12 +871,30 @@ class ObjectStoreAdapter(L2Adapter):
                 "L2 object store %s: could not remove %d record(s) of a failed batch: %s", self.url, len(names), exc
             )
 
+    # -- enumeration ------------------------------------------------------------------------------------------
+    def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
+        """A listing of the store by ``PREFIX/<model>/`` (``PREFIX/<model>/<salt digest>/`` for a tenant of a
+        model; the whole prefix for a tenant of every model): the store's own view, so records other servers
+        stored under a shared prefix are found too. One list request per batch."""
+        for prefix in list_prefixes(match):
+            stream: Any = self._backend_call(functools.partial(self._list, prefix or None, batch_size))
+            while True:
+                page: Any = self._backend_call(functools.partial(next, stream, None))
+                if page is None:
+                    break
+                keys = (key_of_name(str(meta["path"])) for meta in page)
+                yield from batched([k for k in keys if k is not None and match.matches(k)], batch_size)
+
+    def _list(self, prefix: str | None, batch_size: int) -> Any:
+        return self._obs().list(self._store_obj, prefix=prefix, chunk_size=batch_size)
+
     # -- reporting --------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         with self._health.lock:
             counts = dict(self._health.counts)
         with self._lock:
             records = len(self._index)
+            tenants, models = self._usage.tenants(), self._usage.models()
         return {
             **super().stats(),
             "url": self.url,
@@ -759,6 +902,8 @@ class ObjectStoreAdapter(L2Adapter):
             "records": records,
             "reachable": self._health.down_since_failures == 0,
             **counts,
+            "tenants": tenants,
+            "models": models,
         }
 
     def __repr__(self) -> str:  # the config holds credentials: never print it
@@ -778,6 +923,7 @@ def object_store_factory(config: dict[str, Any], where: str) -> ObjectStoreAdapt
     connect_timeout_s = reader.number("connect_timeout_s", 5.0, min=0.001)
     max_retries = reader.integer("max_retries", 3, min=0, max=100)
     retry_timeout_s = reader.number("retry_timeout_s", 10.0, min=0.0)
+    quotas = read_adapter_quotas(reader, where)
     reader.finish()
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise ConfigError(f"{where}.options: expected a JSON object of settings, got {type(options).__name__}")
@@ -791,6 +937,12 @@ def object_store_factory(config: dict[str, Any], where: str) -> ObjectStoreAdapt
         )
     if gb is not None and gb <= 0:
         raise ConfigError(f"{where}.max_capacity_gb: expected a value > 0, got {gb!r}")
+    if shared and quotas.enabled:
+        field = "tenant_quota_gb" if quotas.default is not None else "tenant_quotas_gb"
+        raise ConfigError(
+            f"{where}.{field}: not allowed with shared: true: several servers share the prefix, so no one of them "
+            "can hold a tenant to a quota; set lifecycle rules on the bucket instead"
+        )
     return ObjectStoreAdapter(
         url,
         options=options,
@@ -804,4 +956,5 @@ def object_store_factory(config: dict[str, Any], where: str) -> ObjectStoreAdapt
         max_retries=max_retries,
         retry_timeout_s=retry_timeout_s,
         where=where,
+        quotas=quotas,
     )

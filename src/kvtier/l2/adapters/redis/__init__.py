@@ -10,6 +10,7 @@ from kvtier.config import ConfigReader
 from kvtier.errors import ConfigError, MissingDependencyError
 from kvtier.l2.adapters.redis.adapter import RedisAdapter
 from kvtier.l2.adapters.redis.config import check_key_prefix, check_url, redact_url
+from kvtier.tenants import refuse_adapter_quotas
 
 GiB = 1 << 30
 
@@ -19,6 +20,9 @@ def redis_factory(config: dict[str, Any], where: str) -> RedisAdapter:
     if importlib.util.find_spec("redis") is None:
         raise MissingDependencyError("the redis L2 adapter", "redis", "redis")
     reader = ConfigReader(config, where)
+    refuse_adapter_quotas(
+        reader, where, "Redis manages its own memory (maxmemory), so kvtier cannot hold a tenant to a quota there"
+    )
     url = reader.string("url")
     cluster = reader.boolean("cluster", False)
     key_prefix = reader.string("key_prefix", "kvtier")

@@ -61,12 +61,13 @@ cannot reach records on other slots, so ``max_capacity_gb`` is refused with a cl
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import BatchError, CapacityError, ConfigError, L2Error
-from kvtier.l2.adapters.base import MISS, Buffer, L2Adapter, Prepare, scatter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, batched, scatter, total_length
 from kvtier.l2.adapters.health import BackendHealth
 from kvtier.l2.adapters.redis.config import redact_url
 from kvtier.l2.adapters.redis.io import Packer, RespReader, is_wrong_type
@@ -493,6 +494,37 @@ class RedisAdapter(L2Adapter):
     def _delete_records(self, full: list[str]) -> None:
         self._last_used = int(self._client.eval(DELETE_SCRIPT, 3, *self._meta[:3], "1", *full))
 
+    def scan_pattern(self, match: KeyMatch) -> str:
+        """The ``SCAN MATCH`` glob selecting ``match``'s records: a superset (results are checked exactly), with
+        every glob metacharacter of the prefix, model and digest escaped so that they match only themselves."""
+        model = glob_escape(match.quoted_model) if match.model_name is not None else "*"
+        rest = "*" if match.salt_digest is None else f"*@{glob_escape(match.salt_digest)}@*"
+        return f"{glob_escape(self._prefix)}{model}@{rest}"
+
+    def _list_keys(self, match: KeyMatch, batch_size: int) -> Iterator[list[str]]:
+        """``SCAN`` by pattern (one call per batch, so other commands interleave; on a cluster every primary in
+        turn). A key may be reported twice (SCAN's guarantee); deleting it twice is harmless."""
+        pattern = self.scan_pattern(match)
+        n = len(self._prefix)
+
+        def ours(raw: list[Any]) -> list[str]:
+            names = (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in raw)
+            return [name[n:] for name in names if name.startswith(self._prefix) and match.matches(name[n:])]
+
+        if self.cluster:
+            it = self._client.scan_iter(match=pattern, count=batch_size)
+            while True:
+                chunk = self._run(lambda: [k for _, k in zip(range(batch_size), it, strict=False)])
+                yield from batched(ours(chunk), batch_size)
+                if len(chunk) < batch_size:
+                    return
+        cursor = 0
+        while True:
+            cursor, raw = self._run(functools.partial(self._client.scan, cursor, match=pattern, count=batch_size))
+            yield from batched(ours(raw), batch_size)
+            if int(cursor) == 0:
+                return
+
     def stats(self) -> dict[str, Any]:
         with self._health.lock:
             counts = dict(self._health.counts)
@@ -504,6 +536,11 @@ class RedisAdapter(L2Adapter):
             "reachable": self._health.down_since_failures == 0,
             **counts,
         }
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a Redis glob that matches only itself (``*``, ``?``, ``[``, ``]`` and ``\\`` escaped)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _is_oom(exc: BaseException) -> bool:

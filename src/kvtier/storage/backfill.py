@@ -1,0 +1,184 @@
+"""Background L1 backfill: an L2 hit loaded straight into a caller's tensor is still admitted to L1, later.
+
+``retrieve_into`` reads a record of an identity-stage tier (no serde, or ``raw``) straight into the caller's
+tensor, so the caller waits for one read, not a read into L1 and a copy out. The copy into L1 happens here, off the
+caller's critical path, on one thread:
+
+* **Checked.** The caller owns its tensor again once ``retrieve_into`` returned and may overwrite it at once. The
+  copy in L1 is therefore checked against the record's own checksum (its header, kept from the load: the payload
+  of an identity-stage record *is* the tensor's bytes) and committed only when it matches; otherwise dropped.
+* **Never over newer data.** A store, delete or clear of a key marks its pending backfills stale
+  (:meth:`Backfill.stale`, called *before* the store commits to L1), and a backfill commits only when it is not
+  stale and L1 holds nothing under the key, both checked under one lock with the commit. So an older L2 copy
+  never replaces a newer L1 object.
+* **Bounded.** At most ``max_bytes`` of backfills wait; past that, and when L1 has no unpinned room, a backfill is
+  skipped (counted), never waited for.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.errors import CapacityError, IntegrityError
+from kvtier.l2.record import read_record_parts
+from kvtier.l2.tier import byte_view
+from kvtier.storage.copy import copy_into
+from kvtier.storage.l1 import L1Pool
+from kvtier.types import ObjectKey
+
+log = logging.getLogger(__name__)
+
+
+_RELEASED = torch.empty(0, dtype=torch.uint8)
+
+
+@dataclass(eq=False)
+class _Job:
+    key: ObjectKey
+    src: torch.Tensor
+    header: bytes
+    done: Callable[[], None] | None
+    stale: bool = False
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.nbytes = self.src.numel() * self.src.element_size()
+
+
+class Backfill:
+    """One thread copying L2 hits from callers' tensors into L1; see the module docstring. ``count(name, n)``
+    adds to the Store's counters (``l1_backfilled``, ``l1_backfill_skipped``)."""
+
+    def __init__(self, pool: L1Pool, max_bytes: int, count: Callable[[str, int], None]) -> None:
+        self._pool = pool
+        self._max_bytes = max_bytes
+        self._count = count
+        self._cv = threading.Condition()
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._by_key: dict[ObjectKey, list[_Job]] = {}
+        self._bytes = 0
+        self._running = 0  # jobs taken by the thread and not finished
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, key: ObjectKey, src: torch.Tensor, header: bytes, done: Callable[[], None] | None) -> bool:
+        """Queue a backfill of ``src`` (the caller's tensor, holding the payload of the record whose header is
+        ``header``) under ``key``. ``done`` is called once nothing reads ``src`` any more (after the job, or at
+        once when it is refused: the return value is then False)."""
+        job = _Job(key, src, header, done)
+        with self._cv:
+            if self._closed or self._bytes + job.nbytes > self._max_bytes:
+                refused = True
+            else:
+                refused = False
+                self._jobs.append(job)
+                self._by_key.setdefault(key, []).append(job)
+                self._bytes += job.nbytes
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="kvtier-l1-backfill", daemon=True)
+                    self._thread.start()
+                self._cv.notify_all()
+        if refused:
+            self._count("l1_backfill_skipped", 1)
+            if done is not None:
+                done()
+        return not refused
+
+    def stale(self, keys: Iterable[ObjectKey] | None) -> None:
+        """Pending backfills of ``keys`` (``None``: all) must not land: call before a store of them commits to
+        L1, and on a delete or clear."""
+        if not self._by_key:  # nothing pending: the common case costs no lock
+            return
+        with self._cv:
+            if keys is None:
+                for jobs in self._by_key.values():
+                    for job in jobs:
+                        job.stale = True
+                return
+            for key in keys:
+                for job in self._by_key.get(key, ()):
+                    job.stale = True
+
+    def stale_matching(self, selects: Callable[[ObjectKey], bool]) -> None:
+        """Pending backfills of the keys ``selects`` picks must not land (a purge or delete of them)."""
+        if not self._by_key:
+            return
+        with self._cv:
+            for key, jobs in self._by_key.items():
+                if selects(key):
+                    for job in jobs:
+                        job.stale = True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    if self._closed:
+                        return
+                    self._cv.wait()
+                job = self._jobs.popleft()
+                self._running += 1
+            try:
+                landed = self._run(job)
+            except Exception:  # a bug must not kill the thread (drain would hang): logged, the backfill skipped
+                log.exception("L1 backfill of %s failed", job.key.to_str())
+                landed = False
+            finally:
+                with self._cv:
+                    self._running -= 1
+                    self._bytes -= job.nbytes
+                    jobs = self._by_key.get(job.key, [])
+                    if job in jobs:
+                        jobs.remove(job)
+                    if not jobs:
+                        self._by_key.pop(job.key, None)
+                    self._cv.notify_all()
+                job.src = _RELEASED  # drop the reference to the caller's memory before saying so
+                if job.done is not None:
+                    job.done()
+            self._count("l1_backfilled" if landed else "l1_backfill_skipped", 1)
+
+    def _run(self, job: _Job) -> bool:
+        if job.stale or self._pool.contains([job.key])[0]:
+            return False
+        try:
+            obj = self._pool.reserve(job.key, job.src.shape, job.src.dtype)
+        except CapacityError:  # L1 is pinned full: a cache may skip, it must not wait
+            return False
+        committed = False
+        try:
+            view = self._pool.view(obj)
+            copy_into(view, job.src)
+            try:
+                read_record_parts(job.header, byte_view(view))  # the caller may have written its tensor since
+            except IntegrityError:
+                return False
+            with self._cv:  # checked and committed under the lock stale() takes: a newer store always wins
+                if job.stale or self._pool.contains([job.key])[0]:
+                    return False
+                self._pool.commit(obj)
+                committed = True
+            return True
+        finally:
+            if not committed:
+                self._pool.release([obj])
+
+    def drain(self) -> None:
+        """Wait until every queued backfill has run (or was skipped)."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._jobs and not self._running)
+
+    def close(self) -> None:
+        """Drain, then stop the thread; later submits are refused (their ``done`` called at once)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
