@@ -12,20 +12,22 @@ def test_report_has_every_figure_and_interleaved_ratios() -> None:
     report = fp8_kernels.run(3, torch.float8_e4m3fn, outliers=1, shape=(2, 1, 8, 16))
     assert report["rounds"] == 3 and report["threads"] == 1 and report["cpu_count"] >= 1
     assert len(report["loadavg_before"]) == 3
-    assert set(report["ms"]) == {
-        "torch_to_fp8",
-        "scaled_encode",
-        "plain_encode",
-        "torch_fp8_to_bf16",
-        "scaled_decode",
-        "memcpy_bf16",
-    }
-    assert len(report["ratios"]) == len(fp8_kernels.RATIOS)
-    for entry in report["ratios"].values():
-        for clock in ("cpu", "wall"):
+    named = {name for _, num, den, _ in fp8_kernels.RATIOS + fp8_kernels.WIDE_RATIOS for name in (num, den)}
+    assert named <= set(report["ms"])
+    assert {"memcpy_bf16", "table_decode", "split_encode_2w", "scaled_decode_fp32"} <= named
+    assert len(report["ratios"]) == len(fp8_kernels.RATIOS) + len(fp8_kernels.WIDE_RATIOS)
+    for label, entry in report["ratios"].items():
+        assert set(entry) == ({"wall"} if "workers" in label else {"cpu", "wall"})  # two threads: wall time only
+        for clock in entry:
             assert entry[clock]["samples"] == 3  # one per round: the baseline is sampled with the operation
             assert entry[clock]["p10"] <= entry[clock]["median"] <= entry[clock]["p90"]
     json.dumps(report)
+
+
+def test_bf16_only_report_and_text_output(capsys: pytest.CaptureFixture[str]) -> None:
+    fp8_kernels.main(["--rounds", "2", "--shape", "2,1,8,16", "--no-wide"])
+    out = capsys.readouterr().out
+    assert "split encode / whole encode, 2 workers" in out and "fp16:" not in out
 
 
 def test_cli_prints_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,11 +13,20 @@ from kvtier.serde.kernels import fp8_kernels as K
 from kvtier.types import LayoutDesc
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_NAME = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 SCALED_BF16 = {
     torch.float8_e4m3fn: K.encode_bf16_with_exponents_e4m3,
     torch.float8_e5m2: K.encode_bf16_with_exponents_e5m2,
 }
+PLAIN_WIDE = {torch.float8_e4m3fn: K.encode_plain_wide_e4m3, torch.float8_e5m2: K.encode_plain_wide_e5m2}
 PLAIN_BF16 = {torch.float8_e4m3fn: K.encode_plain_bf16_e4m3, torch.float8_e5m2: K.encode_plain_bf16_e5m2}
+
+
+def _decode_scaled(  # noqa: PLR0917
+    codes: np.ndarray, out: np.ndarray, B: int, T: int, C: int, exps: np.ndarray, dtype: torch.dtype, fp8: torch.dtype
+) -> None:
+    out_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    getattr(K, f"decode_scaled_{out_name}_{FP8_NAME[fp8]}")(codes, out, B, T, C, exps)
 
 
 def _caps(fp8: torch.dtype, dtype: torch.dtype, exps: np.ndarray) -> np.ndarray:
@@ -25,36 +34,6 @@ def _caps(fp8: torch.dtype, dtype: torch.dtype, exps: np.ndarray) -> np.ndarray:
     values = _TABLES[fp8].f64[: _FORMATS[fp8].maxcode + 1]
     out_max = float(torch.finfo(dtype).max)
     return np.array([int(np.nonzero(values * 2.0 ** int(e) <= out_max)[0][-1]) for e in exps], dtype=np.uint8)
-
-
-@pytest.mark.parametrize("fp8", FP8)
-def test_scaled_bf16_encode_is_torch_rounding_at_every_exponent(fp8: torch.dtype) -> None:
-    """Every finite bf16 pattern (both signs) x every exponent in [lo, 127]: the code is torch's cast of the
-    pattern scaled by ``2**-e`` (through the 32768-entry table of torch's casts), clamped to the group's cap;
-    0 where the scaled value falls below bf16's normal range."""
-    lo = _min_exponent(fp8, torch.bfloat16)
-    exps = np.arange(lo, 128, dtype=np.int8)
-    caps = _caps(fp8, torch.bfloat16, exps)
-    mags = np.arange(0x7F80, dtype=np.int32)
-    patterns = np.concatenate([mags, mags | 0x8000]).astype(np.uint16)
-    T, C = patterns.size, exps.size
-    src = np.ascontiguousarray(np.broadcast_to(patterns[:, None], (T, C)))
-    out = np.full((T, C), 0xAA, dtype=np.uint8)
-    SCALED_BF16[fp8](src.reshape(-1), out.reshape(-1), 1, T, C, exps, caps)
-
-    a = (patterns.astype(np.int32) & 0x7FFF)[:, None]
-    e = exps.astype(np.int32)[None, :]
-    p = a - (e << 7)
-    ok = (a != 0) & ((a >> 7) - e >= 1)
-    table = _TABLES[fp8].encode_bf16.astype(np.int32)  # torch's cast of every bf16 magnitude
-    # an exponent below what the data needs scales past bf16's range: torch would saturate (or overflow to inf),
-    # and either clamps to the cap, as the largest finite pattern does
-    code = np.minimum(table[np.clip(p, 0, 0x7F7F)], caps.astype(np.int32)[None, :])
-    expected = (((patterns.astype(np.int32) >> 8) & 0x80)[:, None] | np.where(ok, code, 0)).astype(np.uint8)
-    bad = np.argwhere(out != expected)
-    assert bad.size == 0, (
-        f"{len(bad)} mismatches, first (pattern, exponent) {[(patterns[i], exps[j]) for i, j in bad[:3]]}"
-    )
 
 
 @pytest.mark.parametrize("fp8", FP8)
@@ -81,18 +60,16 @@ def test_scaled_decode_is_exact_for_every_code_at_every_exponent(fp8: torch.dtyp
     lo = _min_exponent(fp8, dtype)
     exps = np.arange(lo, 128, dtype=np.int8)
     caps = _caps(fp8, dtype, exps)
-    shift = _SOURCES[dtype][2]
-    lut = _TABLES[fp8].lut_scaled[dtype]
     codes = np.arange(256, dtype=np.uint8)
     T, C = codes.size, exps.size
     src = np.ascontiguousarray(np.broadcast_to(codes[:, None], (T, C)))
-    out = np.zeros((T, C), dtype=lut.dtype)
-    adds = ((exps.astype(np.int64) - lo) << shift).astype(lut.dtype)
-    K.decode_scaled(src.reshape(-1), out.reshape(-1), 1, T, C, adds, lut)
+    out_dtype = np.uint32 if dtype == torch.float32 else np.uint16
+    out = np.zeros((T, C), dtype=out_dtype)
+    _decode_scaled(src.reshape(-1), out.reshape(-1), 1, T, C, exps, dtype, fp8)
 
     values = torch.arange(256, dtype=torch.uint8).view(fp8).to(torch.float64)
     expected = (values[:, None] * torch.pow(2.0, torch.from_numpy(exps.astype(np.float64)))[None, :]).to(dtype)
-    expected_bits = expected.view(_SOURCES[dtype][1]).numpy().view(lut.dtype)
+    expected_bits = expected.view(_SOURCES[dtype][1]).numpy().view(out_dtype)
     mag = (codes & 0x7F).astype(np.int32)[:, None]
     writable = mag <= caps.astype(np.int32)[None, :]
     assert writable[:, 0].sum() >= 2 * 116  # at lo nearly every code is writable (e5m2 -> fp16: up to 2**-2 max)
@@ -129,11 +106,14 @@ def test_scaled_bf16_round_trip_through_the_stage_matches_the_reference_quantize
 
 
 @pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_scaled_bf16_names_the_first_group_holding_a_non_finite_value(fp8: torch.dtype, bad: float) -> None:
+def test_scaled_names_the_first_group_holding_a_non_finite_value(
+    fp8: torch.dtype, dtype: torch.dtype, bad: float
+) -> None:
     """The fused kernel checks each block's amax before encoding it: a value in a later block, or two in
     different blocks, fail the item naming the first group (block-major, as the exponents are stored)."""
-    x = torch.randn(3, 2, 16, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x = torch.randn(3, 2, 16, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
     stage = Fp8Stage(fp8, True)
     buf = torch.empty(x.numel() + 6 * 8, dtype=torch.uint8)
     for spots, group in ((((2, 1, 15, 7),), 5 * 8 + 7), (((1, 0, 3, 2), (2, 1, 0, 0)), 2 * 8 + 2)):
@@ -144,48 +124,11 @@ def test_scaled_bf16_names_the_first_group_holding_a_non_finite_value(fp8: torch
             stage.serialize(y, buf)
 
 
-@pytest.mark.parametrize("fp8", FP8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_quad_decode_is_the_single_decode_for_every_code_pair(fp8: torch.dtype, dtype: torch.dtype) -> None:
-    """Every pair of codes (65536, as one little-endian uint16) in both halves of a quad, with exponents
-    ``(first + j, last - j)`` in columns 2j and 2j+1: the quad kernel writes what the single-code kernel (checked
-    exhaustively above) writes, wherever both codes of the pair are writable at their exponent."""
-    lo = _min_exponent(fp8, dtype)
-    e_lo = np.arange(lo, 128, dtype=np.int8)
-    e_lo = e_lo[_caps(fp8, dtype, e_lo) > 0]  # the exponents the encoder can write for this dtype
-    e_lo = e_lo[: e_lo.size // 2 * 2]  # columns in whole quads
-    exps = np.stack([e_lo, e_lo[::-1]], axis=1).reshape(-1)  # column pairs (first + j, last - j)
-    caps = _caps(fp8, dtype, exps)
-    shift = _SOURCES[dtype][2]
-    tables = _TABLES[fp8]
-    lut = tables.lut_scaled[dtype]
-    adds = ((exps.astype(np.int64) - lo) << shift).astype(np.uint16)
-    T, C = 65536, exps.size
-    pairs = np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.uint16)[:, None], (T, C // 2)))
-    codes = pairs.view(np.uint8).reshape(-1)
-    single = np.zeros(T * C, dtype=np.uint16)
-    K.decode_scaled(codes, single, 1, T, C, adds, lut)
-    quads = np.zeros(T * C, dtype=np.uint16)
-    K.decode_scaled_quads(
-        pairs.reshape(-1).view(np.uint32),
-        quads.view(np.uint64),
-        1,
-        T,
-        C // 4,
-        adds.view(np.uint64),
-        tables.pairs_scaled(dtype),
-    )
-    both = ((codes.reshape(T, C) & 0x7F) <= caps[None, :]).reshape(T, C // 2, 2).all(axis=2)
-    writable = np.repeat(both, 2, axis=1).reshape(-1)
-    assert writable.sum() > T * 4
-    assert np.array_equal(quads[writable], single[writable])
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 8), (2, 3, 5, 6), (2, 3, 5, 7), (4, 12), (301,)])
-def test_stage_decode_takes_pairs_or_single_codes_alike(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    """Rows of a multiple of 4 of a 16-bit output go through the quad kernel, other rows, fp32 and 1-D blocks
-    through the single one; either way the stage decodes each code exactly (at an odd byte offset too)."""
+def test_stage_decode_is_exact_for_every_row_shape(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Rows of any length, 1-D blocks (one group per block: the kernel runs along the block) and every output
+    dtype: the stage decodes each code exactly (at an odd byte offset too)."""
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 50).to(dtype)
     stage = Fp8Stage(torch.float8_e4m3fn, True)
     size = stage.estimate_serialized_size(LayoutDesc.of(x))
@@ -207,3 +150,124 @@ def test_stage_decode_takes_pairs_or_single_codes_alike(dtype: torch.dtype, shap
         assert torch.equal(out, expected)
         assert torch.equal(out.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))  # zeros' signs too
         assert ((out.double() - x.double()).abs() <= x.double().abs().amax() / 8).all()
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_unscaled_decode_is_torch_cast_of_every_code(fp8: torch.dtype, dtype: torch.dtype) -> None:
+    """All 256 codes, both signs: the arithmetic decode writes torch's cast bit for bit (e5m2's +-inf included);
+    NaN codes, which the encoder never writes, decode to a NaN."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    out = torch.empty(256, dtype=dtype)
+    Fp8Stage(fp8, False).deserialize(codes, out)
+    expected = codes.view(fp8).to(dtype)
+    nan = torch.isnan(expected)
+    assert torch.isnan(out[nan]).all()
+    assert torch.equal(out[~nan].view(_SOURCES[dtype][1]), expected[~nan].view(_SOURCES[dtype][1]))
+
+
+NP_BITS = {torch.bfloat16: np.uint16, torch.float16: np.uint16, torch.float32: np.uint32}
+NP_INT = {torch.bfloat16: np.int16, torch.float16: np.int16, torch.float32: np.int32}
+
+
+def _patterns(dtype: torch.dtype) -> np.ndarray:
+    """Every finite bf16 / fp16 pattern, both signs; for fp32 every exponent field with mantissas at each format's
+    rounding edges (ties, one below, one above, the extremes) and random ones, both signs, subnormals included."""
+    if dtype == torch.bfloat16:
+        mags = np.arange(0x7F80, dtype=np.uint32)
+    elif dtype == torch.float16:
+        mags = np.arange(0x7C00, dtype=np.uint32)
+    else:
+        rng = np.random.default_rng(32)
+        fields = np.arange(0, 255, dtype=np.uint32) << 23
+        edges = [0x7FFFFF, 1, 2]
+        for shift in (20, 21):  # e4m3 keeps 3 mantissa bits (drops 20), e5m2 keeps 2 (drops 21)
+            half = 1 << (shift - 1)
+            for kept in (0, 1, 2, 3):
+                base = kept << shift
+                edges += [base + half, base + half - 1, base + half + 1, base]
+        mant = np.concatenate([np.array(sorted(set(edges)), dtype=np.uint32), rng.integers(0, 1 << 23, 24, np.uint32)])
+        mags = (fields[:, None] | mant[None, :]).reshape(-1)
+    sign = 0x80000000 if dtype == torch.float32 else 0x8000
+    return np.concatenate([mags, mags | sign]).astype(NP_BITS[dtype])
+
+
+def _values(patterns: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    return torch.from_numpy(patterns.view(NP_INT[dtype])).view(dtype).to(torch.float64).numpy()
+
+
+def _encode_with_exponents(  # noqa: PLR0917
+    src: np.ndarray,
+    out: np.ndarray,
+    T: int,
+    C: int,
+    exps: np.ndarray,
+    caps: np.ndarray,
+    dtype: torch.dtype,
+    fp8: torch.dtype,
+) -> None:
+    if dtype == torch.bfloat16:
+        SCALED_BF16[fp8](src, out, 1, T, C, exps, caps)
+    else:
+        K.encode_wide_with_exponents(src, out, 1, T, C, exps, caps, fp8 == torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize(
+    ("dtype", "normals_only"),
+    [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False), (torch.float32, False)],
+)
+def test_scaled_encode_is_torch_rounding_at_every_exponent(
+    fp8: torch.dtype, dtype: torch.dtype, normals_only: bool
+) -> None:
+    """bf16 and fp16 (every finite pattern) and fp32 (every exponent field, mantissas at the rounding edges) x every
+    exponent in [lo, 127]: the code is torch's cast of the value times ``2**-e``, clamped to the group's cap; 0
+    where the scaled value falls below float32's normals (far below fp8's smallest subnormal). Subnormal sources
+    at a negative exponent included (they once had an exponent field subtracted from them: wrong codes); bf16
+    blocks without one take a loop of their own, checked apart."""
+    lo = _min_exponent(fp8, dtype)
+    exps = np.arange(lo, 128, dtype=np.int8)
+    caps = _caps(fp8, dtype, exps)
+    patterns = _patterns(dtype)
+    if normals_only:  # the bf16 kernel's loop for blocks without a subnormal
+        patterns = patterns[(patterns & 0x7FFF) >= 0x80]
+    T, C = patterns.size, exps.size
+    src = np.ascontiguousarray(np.broadcast_to(patterns[:, None], (T, C)))
+    out = np.full((T, C), 0xAA, dtype=np.uint8)
+    _encode_with_exponents(src.reshape(-1), out.reshape(-1), T, C, exps, caps, dtype, fp8)
+
+    x = _values(patterns, dtype)
+    scaled = np.abs(x)[:, None] * np.exp2(-exps.astype(np.float64))[None, :]  # exact in float64
+    f32max = float(np.finfo(np.float32).max)
+    as_f32 = np.minimum(scaled, f32max).astype(np.float32)  # exact wherever the result is not flushed or capped
+    code = torch.from_numpy(as_f32).to(fp8).view(torch.uint8).numpy().astype(np.int32)
+    code = np.minimum(code, caps.astype(np.int32)[None, :])
+    code = np.where(scaled < 2.0**-126, 0, code)
+    expected = (np.where(np.signbit(x), 0x80, 0)[:, None] | code).astype(np.uint8)
+    # fp32 at an exponent far below what its value needs (the encoder picks e from the group's amax, so every
+    # element it encodes scales to at most the format's max) would carry the exponent field past float32's top
+    reachable = scaled <= 2.0**17 if dtype == torch.float32 else np.ones_like(scaled, dtype=bool)
+    bad = np.argwhere(reachable & (out != expected))
+    assert bad.size == 0, (
+        f"{len(bad)} mismatches, first (pattern, exponent) {[(hex(patterns[i]), exps[j]) for i, j in bad[:3]]}"
+    )
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_unscaled_wide_encode_is_torch_cast_and_finds_the_first_non_finite(
+    fp8: torch.dtype, dtype: torch.dtype
+) -> None:
+    bits = _patterns(dtype)
+    out = np.empty(bits.size, dtype=np.uint8)
+    assert PLAIN_WIDE[fp8](bits, out) == -1
+    x = torch.from_numpy(bits.view(NP_INT[dtype])).view(dtype)
+    assert np.array_equal(out, x.to(fp8).view(torch.uint8).numpy())
+    inf, nan = (0x7C00, 0x7E01) if dtype == torch.float16 else (0x7F800000, 0x7FC00001)
+    sign = 0x8000 if dtype == torch.float16 else 0x80000000
+    for bad in (inf, inf | sign, nan, nan | sign):
+        for where in (0, 1500, bits.size - 1):
+            damaged = bits.copy()
+            damaged[where] = bad
+            damaged[-1 if where == 0 else 0] = bad
+            assert PLAIN_WIDE[fp8](damaged, out) == min(where, bits.size - 1 if where == 0 else 0)

@@ -17,8 +17,10 @@ dtype (bf16, fp16 or fp32). Non-finite input (NaN, inf) fails the item with :cla
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,42 +94,24 @@ def _min_exponent(fp8: torch.dtype, dtype: torch.dtype) -> int:
 
 
 class _Tables:
-    """Decode tables per (fp8 dtype, output dtype): the output bits of every code, and a nonzero mask."""
+    """Per fp8 dtype: every code's value (float64, for the caps) and, for the tests' references, every code's
+    output bits per dtype (torch's cast) and torch's code of every bf16 magnitude."""
 
     def __init__(self, fp8: torch.dtype) -> None:
         codes = torch.arange(256, dtype=torch.uint8).view(fp8)
         self.f64 = codes.to(torch.float64).numpy().copy()
         self.lut: dict[torch.dtype, np.ndarray] = {}
-        # Scaled decode adds (e - lo) to the exponent field of value * 2**lo: with lo = _min_exponent(...),
-        # every nonzero code is a normal number of the output dtype there, so the add is exact.
-        self.lut_scaled: dict[torch.dtype, np.ndarray] = {}
         for dtype, (_, int_dtype, _, _) in _SOURCES.items():
             np_int = np.uint16 if int_dtype == torch.int16 else np.uint32
             self.lut[dtype] = codes.to(dtype).view(int_dtype).numpy().astype(np_int)
-            biased = codes.to(torch.float64) * 2.0 ** _min_exponent(fp8, dtype)
-            # codes whose biased value overflows are never written for this dtype (see caps in the encoder)
-            self.lut_scaled[dtype] = biased.to(dtype).view(int_dtype).numpy().astype(np_int)
         # fp8 magnitude code of every bf16 magnitude pattern: torch's own cast, the reference the arithmetic bf16
         # encoders are checked against at every group exponent (tests/test_fp8_kernels.py).
         magnitudes = torch.arange(0x8000, dtype=torch.int16).view(torch.bfloat16)
         self.encode_bf16 = magnitudes.to(fp8).view(torch.uint8).numpy().copy()
-        self._pairs: dict[torch.dtype, np.ndarray] = {}
-
-    def pairs_scaled(self, dtype: torch.dtype) -> np.ndarray:
-        """For a 16-bit output dtype, the ``uint64`` entry of every pair of codes read as one little-endian
-        ``uint16``: both ``lut_scaled`` values in the low 32 bits, a 0xFFFF mask per nonzero code in the high 32
-        (512 KiB, built on first use; a race builds it twice, harmlessly)."""
-        table = self._pairs.get(dtype)
-        if table is None:
-            lut = self.lut_scaled[dtype].astype(np.uint64)
-            mask = np.where((np.arange(256) & 0x7F) != 0, 0xFFFF, 0).astype(np.uint64)
-            lo, hi = np.arange(65536) & 0xFF, np.arange(65536) >> 8
-            table = lut[lo] | (lut[hi] << np.uint64(16)) | (mask[lo] << np.uint64(32)) | (mask[hi] << np.uint64(48))
-            self._pairs[dtype] = table
-        return table
 
 
 _TABLES = {fp8: _Tables(fp8) for fp8 in _FORMATS}
+_OUT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -146,7 +130,10 @@ def _check_source(tensor: torch.Tensor, what: str) -> None:
 
 class Fp8Stage(TensorBytesStage):
     """Quantizes a bf16 / fp16 / fp32 tensor to fp8 bytes (plus group exponents when scaled), and decodes them
-    into the destination's dtype with a table lookup (plus an exponent add when scaled)."""
+    into the destination's dtype with branch-free arithmetic on the bits (no table; the scale is an exponent add).
+
+    :meth:`split_serialize` / :meth:`split_deserialize` cut one tensor's work into slices of whole groups, which the
+    serde processor runs on several workers (the kernels release the GIL)."""
 
     name = "fp8"
 
@@ -172,114 +159,137 @@ class Fp8Stage(TensorBytesStage):
         return layout_desc.numel + extra
 
     def serialize(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+        written, parts = self.split_serialize(src, dst, 1)
+        for part in parts:
+            part()
+        return written
+
+    def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for part in self.split_deserialize(src, dst, 1):
+            part()
+
+    # -- slices: what lets the serde processor run one large tensor on several workers --------------------------
+    def _pieces(self, shape: tuple[int, ...], parts: int) -> list[list[tuple[int, int, int, int, int, int]]]:
+        """The tensor's ``[B, T, C]`` views cut along ``B`` into at most ``parts`` lists of pieces
+        ``(offset, B, T, C, g0, b0)`` (a piece is blocks ``b0 .. b0 + B`` of the view at element ``offset`` whose
+        first group is ``g0``), each list about ``numel / parts`` elements, in tensor order. Every group lies in
+        one piece, so pieces encode and decode independently and their bytes are the whole tensor's."""
+        views = _groups(shape, self.block)
+        if not self.scaled:  # unscaled: one flat view, cut anywhere (at 64 elements: whole cache lines)
+            n = math.prod(shape)
+            views = [(0, n, 1, 1)] if n else []
+        total = sum(b * t * c for _, b, t, c in views)
+        target = max(1, -(-total // max(1, parts)))
+        if not self.scaled:
+            target = -(-target // 64) * 64
+        out: list[list[tuple[int, int, int, int, int, int]]] = [[]]
+        filled, g0 = 0, 0
+        for offset, b, t, c in views:
+            per_block = t * c
+            b0 = 0
+            while b0 < b:
+                if filled >= target and len(out) < parts:
+                    out.append([])
+                    filled = 0
+                take = min(b - b0, max(1, -(-(target - filled) // per_block)))
+                out[-1].append((offset + b0 * per_block, take, t, c, g0 + b0 * c, b0))
+                filled += take * per_block
+                b0 += take
+            g0 += b * c
+        return [pieces for pieces in out if pieces]
+
+    def split_serialize(self, src: torch.Tensor, dst: torch.Tensor, parts: int) -> tuple[int, list[Callable[[], None]]]:
+        """Check ``src`` and ``dst`` and return the payload's size and up to ``parts`` callables that each encode
+        a slice of the tensor (whole groups) into its place in ``dst``; run all of them, in any order or on any
+        threads, and ``dst`` holds what :meth:`serialize` writes. A callable raises :class:`SerdeError` for a
+        non-finite value in its slice; the lowest-numbered failing one names the tensor's first bad group."""
         _check_source(src, "input")
         shape = tuple(src.shape)
         n = src.numel()
-        groups = _groups(shape, self.block) if self.scaled else []
-        ngroups = sum(b * c for _, b, _, c in groups)
+        ngroups = _group_count(shape, self.block) if self.scaled else 0
         check_dst_capacity(dst, n + ngroups)
         if n == 0:
-            return 0
+            return 0, []
         k = _kernels()
-        kind = _SOURCES[src.dtype][0]
         bits = _bits(src)
         out = dst[:n].numpy()
-        fmt = self.fmt
         e4m3 = self.fp8 == torch.float8_e4m3fn
+        pieces = self._pieces(shape, parts)
         if not self.scaled:
             if src.dtype == torch.bfloat16:
-                bad = (k.encode_plain_bf16_e4m3 if e4m3 else k.encode_plain_bf16_e5m2)(bits, out)
+                plain: Any = k.encode_plain_bf16_e4m3 if e4m3 else k.encode_plain_bf16_e5m2
             else:
-                bad = k.encode_plain(bits, out, kind, fmt.mbits, fmt.bias, fmt.maxcode, fmt.saturate)
-            if bad >= 0:
-                raise SerdeError(f"fp8: non-finite input at element {bad}; the item is not stored")
-            return n
+                plain = k.encode_plain_wide_e4m3 if e4m3 else k.encode_plain_wide_e5m2
+
+            def run_plain(part: list[tuple[int, int, int, int, int, int]]) -> None:
+                for offset, count, _, _, _, _ in part:
+                    bad = plain(bits[offset : offset + count], out[offset : offset + count])
+                    if bad >= 0:
+                        raise SerdeError(f"fp8: non-finite input at element {offset + bad}; the item is not stored")
+
+            return n, [functools.partial(run_plain, part) for part in pieces]
         # The smallest decodable magnitude (a subnormal code times 2**e) must stay a normal number of the
-        # output dtype, so that decoding is an exact integer add to the exponent field: that bounds e below.
+        # output dtype, so that decoding is exact arithmetic on the exponent field: that bounds e below.
         lo = _min_exponent(self.fp8, src.dtype)
         out_max = float(torch.finfo(src.dtype).max)
         exps = dst[n : n + ngroups].numpy().view(np.int8)
-        tables = _TABLES[self.fp8]
-        bf16 = src.dtype == torch.bfloat16
-        # caps are codes (<= 0x7E): uint8 keeps the bf16 kernel's loads narrow
-        caps = np.empty(ngroups, dtype=np.uint8 if bf16 else np.int64)
-        encode_bf16 = k.encode_scaled_bf16_e4m3 if e4m3 else k.encode_scaled_bf16_e5m2
-        g0 = 0
-        for offset, b, t, c in groups:
-            view = bits[offset : offset + b * t * c]
-            e, cap = exps[g0 : g0 + b * c], caps[g0 : g0 + b * c]
-            dst_view = out[offset : offset + b * t * c]
-            if bf16:
+        lut_f64 = _TABLES[self.fp8].f64
+        caps = np.empty(ngroups, dtype=np.uint8)  # codes (<= 0x7E): uint8 keeps the kernels' loads narrow
+        if src.dtype == torch.bfloat16:
+            scaled: Any = k.encode_scaled_bf16_e4m3 if e4m3 else k.encode_scaled_bf16_e5m2
+        else:
+            scaled = k.encode_scaled_wide_e4m3 if e4m3 else k.encode_scaled_wide_e5m2
+
+        def run_scaled(part: list[tuple[int, int, int, int, int, int]]) -> None:
+            for offset, b, t, c, g0, _ in part:
+                end = offset + b * t * c
+                e, cap = exps[g0 : g0 + b * c], caps[g0 : g0 + b * c]
                 # amax, exponents and codes in one kernel, block by block (see encode_scaled_bf16_e4m3)
-                bad = encode_bf16(view, dst_view, b, t, c, e, cap, out_max, lo, tables.f64)
+                bad = scaled(bits[offset:end], out[offset:end], b, t, c, e, cap, out_max, lo, lut_f64)
                 if bad >= 0:
                     raise SerdeError(f"fp8: non-finite input in group {g0 + bad}; the item is not stored")
-                g0 += b * c
-                continue
-            amax = np.zeros(b * c, dtype=np.uint32)
-            bad = k.group_amax(view, b, t, c, kind, amax)
-            if bad >= 0:
-                raise SerdeError(f"fp8: non-finite input at element {offset + bad}; the item is not stored")
-            k.exponents_from_amax(amax, fmt.max_value, out_max, lo, e, cap, tables.f64, fmt.maxcode)
-            k.encode_scaled(view, dst_view, b, t, c, kind, e, cap, fmt.mbits, fmt.bias, fmt.maxcode)
-            g0 += b * c
-        return n + ngroups
 
-    def deserialize(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        return n + ngroups, [functools.partial(run_scaled, part) for part in pieces]
+
+    def split_deserialize(self, src: torch.Tensor, dst: torch.Tensor, parts: int) -> list[Callable[[], None]]:
+        """Check the payload ``src`` against ``dst`` and return up to ``parts`` callables that each decode a slice
+        (whole groups) into ``dst``; all of them together write what :meth:`deserialize` writes."""
         _check_source(dst, "destination")
         shape = tuple(dst.shape)
         n = dst.numel()
-        groups = _groups(shape, self.block) if self.scaled else []
-        ngroups = sum(b * c for _, b, _, c in groups)
+        ngroups = _group_count(shape, self.block) if self.scaled else 0
         data = as_byte_view(src)
         if data.numel() != n + ngroups:
             raise IntegrityError(f"fp8 payload has {data.numel()} bytes, {n + ngroups} expected for {list(shape)}")
         if n == 0:
-            return
+            return []
         k = _kernels()
-        tables = _TABLES[self.fp8]
-        lut = tables.lut[dst.dtype]
         out = _bits(dst)
         codes = data[:n].numpy()
+        e4m3 = self.fp8 == torch.float8_e4m3fn
+        suffix = f"{_OUT_NAMES[dst.dtype]}_{'e4m3' if e4m3 else 'e5m2'}"
+        decode_plain, decode_scaled = getattr(k, f"decode_plain_{suffix}"), getattr(k, f"decode_scaled_{suffix}")
+        pieces = self._pieces(shape, parts)
         if not self.scaled:
-            k.decode_plain(codes, out, lut)
-            return
-        shift = _SOURCES[dst.dtype][2]
+
+            def run_plain(part: list[tuple[int, int, int, int, int, int]]) -> None:
+                for offset, count, _, _, _, _ in part:
+                    decode_plain(codes[offset : offset + count], out[offset : offset + count])
+
+            return [functools.partial(run_plain, part) for part in pieces]
         exps = data[n:].numpy().view(np.int8)
         lo = _min_exponent(self.fp8, dst.dtype)
-        # An exponent below what the encoder writes would make the integer add produce garbage bits.
-        if ngroups and int(exps.min()) < lo:
+        # An exponent below what the encoder writes would take a value out of the output's normal range, where the
+        # exponent-field arithmetic is no longer exact.
+        if int(exps.min()) < lo:
             raise IntegrityError(f"fp8 payload holds a group exponent below {lo}")
-        lut = tables.lut_scaled[dst.dtype]
-        # e >= lo was checked above, so the add is non-negative and the sum stays inside the output's bits
-        adds = ((exps.astype(np.int64) - lo) << shift).astype(lut.dtype)
-        g0 = 0
-        for offset, b, t, c in groups:
-            src_view, dst_view, add_view = (
-                codes[offset : offset + b * t * c],
-                out[offset : offset + b * t * c],
-                adds[g0 : g0 + b * c],
-            )
-            g0 += b * c
-            # four codes at a time where they line up: 16-bit output, rows of a multiple of 4, aligned buffers
-            if (
-                lut.dtype == np.uint16
-                and c % 4 == 0
-                and src_view.ctypes.data % 4 == 0
-                and dst_view.ctypes.data % 8 == 0
-                and add_view.ctypes.data % 8 == 0
-            ):
-                k.decode_scaled_quads(
-                    src_view.view(np.uint32),
-                    dst_view.view(np.uint64),
-                    b,
-                    t,
-                    c // 4,
-                    add_view.view(np.uint64),
-                    tables.pairs_scaled(dst.dtype),
-                )
-            else:
-                k.decode_scaled(src_view, dst_view, b, t, c, add_view, lut)
+
+        def run_scaled(part: list[tuple[int, int, int, int, int, int]]) -> None:
+            for offset, b, t, c, g0, _ in part:
+                end = offset + b * t * c
+                decode_scaled(codes[offset:end], out[offset:end], b, t, c, exps[g0 : g0 + b * c])
+
+        return [functools.partial(run_scaled, part) for part in pieces]
 
 
 # The names of the two halves before stages were typed: one object is both now.
@@ -298,7 +308,7 @@ def _warm_up(fp8: torch.dtype, scaled: bool) -> None:
     for dtype in _SOURCES:
         if _warm_stop.is_set():
             return
-        src = torch.ones((2, 1, 2, 4), dtype=dtype)  # rows of 4: the 16-bit decode takes its four-code kernel
+        src = torch.ones((2, 1, 2, 4), dtype=dtype)
         ser, deser = Fp8Serializer(fp8, scaled), Fp8Deserializer(fp8, scaled)
         dst = torch.empty(ser.estimate_serialized_size(LayoutDesc.of(src)), dtype=torch.uint8)
         n = ser.serialize(src, dst)

@@ -3,6 +3,16 @@
 A batch succeeds or fails as a whole: :class:`BatchResult` says which items failed and why, and
 :meth:`AsyncSerdeProcessor.serialize_batch` raises :class:`~kvtier.errors.BatchError` if any did. The pool is
 created on the first batch, so a processor that is configured but never used costs no threads.
+
+**One item on several workers.** A stage that can cut its work into independent slices (``split_serialize`` /
+``split_deserialize``: fp8) has a large item run as slices on the pool's threads, with bytes identical to the
+whole item's. The rule, so that splitting never oversubscribes the machine: the pool never has more than
+``max_workers`` threads, and an item is split only into workers that are idle when its batch is submitted
+(``max_workers`` less the tasks in flight on this processor, less the batch's own items), and only when it holds
+at least ``split_min_bytes`` of tensor data (default 8 MiB), into parts of at least half that. A batch of
+``max_workers`` chunks or more runs them whole, one per worker, as before; so does a chunk submitted while the
+Store's write path keeps every worker busy with other chunks. A single chunk on an otherwise idle pool (a load,
+a lone store) gets every worker.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from kvtier.config import canonical_json, config_hash
 from kvtier.errors import BatchError, ConfigError
 from kvtier.serde.base import Deserializer, RecordContext, Serializer, deserialize_with, serialize_with
 from kvtier.types import LayoutDesc
+
+DEFAULT_SPLIT_MIN_BYTES = 8 << 20  # 8 MiB items are split into parts of 4 MiB: ~1 ms of work against a hand-off of µs
 
 
 @dataclass
@@ -103,13 +115,23 @@ class AsyncSerdeProcessor:
     :func:`~kvtier.serde.registry.create_serde_processor`); two processors are equal when their configs are.
     """
 
-    def __init__(self, serializer: Serializer, deserializer: Deserializer, max_workers: int = 1) -> None:
+    def __init__(
+        self,
+        serializer: Serializer,
+        deserializer: Deserializer,
+        max_workers: int = 1,
+        *,
+        split_min_bytes: int = DEFAULT_SPLIT_MIN_BYTES,
+    ) -> None:
         if not isinstance(serializer, Serializer):
             raise ConfigError(f"serializer: expected a kvtier.serde.Serializer, got {type(serializer).__name__}")
         if not isinstance(deserializer, Deserializer):
             raise ConfigError(f"deserializer: expected a kvtier.serde.Deserializer, got {type(deserializer).__name__}")
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise ConfigError(f"max_workers: expected an integer >= 1, got {max_workers!r}")
+        if isinstance(split_min_bytes, bool) or not isinstance(split_min_bytes, int) or split_min_bytes < 2:
+            raise ConfigError(f"split_min_bytes: expected an integer >= 2, got {split_min_bytes!r}")
+        self.split_min_bytes = split_min_bytes
         self.serializer = serializer
         self.deserializer = deserializer
         self.max_workers = max_workers
@@ -121,6 +143,7 @@ class AsyncSerdeProcessor:
         # milliseconds of a chunk).
         self._timing_lock = threading.Lock()
         self._timing = {op: [0.0, 0, 0] for op in ("serialize", "deserialize")}  # seconds, items, failures
+        self._active = 0  # tasks submitted to the pool and not finished (under _timing_lock): what splitting sees
 
     # -- identity -------------------------------------------------------------------------------------------
     @property
@@ -183,10 +206,11 @@ class AsyncSerdeProcessor:
         """Serialize ``srcs[i]`` into ``dsts[i]`` on the pool; the future never raises, it holds a BatchResult."""
         serializer = self.serializer
 
-        def run(src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None) -> int:
+        def whole(src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None) -> int:
             return serialize_with(serializer, src, dst, context)
 
-        return self._submit(self._timed("serialize", run), srcs, dsts, contexts)
+        split = None if serializer.takes_context else getattr(serializer, "split_serialize", None)
+        return self._submit("serialize", whole, split, srcs, dsts, contexts, srcs)
 
     def submit_deserialize(
         self,
@@ -197,30 +221,36 @@ class AsyncSerdeProcessor:
         """Deserialize ``srcs[i]`` into ``dsts[i]`` on the pool; the future holds a BatchResult."""
         deserializer = self.deserializer
 
-        def run(src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None) -> int:
+        def whole(src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None) -> int:
             deserialize_with(deserializer, src, dst, context)
             return 0
 
-        return self._submit(self._timed("deserialize", run), srcs, dsts, contexts)
+        split_deserialize = None if deserializer.takes_context else getattr(deserializer, "split_deserialize", None)
+        split = None
+        if split_deserialize is not None:
 
-    def _timed(self, op: str, fn: Any) -> Any:
-        def call(src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None) -> int:
-            start = time.perf_counter()
-            ok = False
-            try:
-                result = fn(src, dst, context)
-                ok = True
-                return int(result)
-            finally:
-                elapsed = time.perf_counter() - start
-                with self._timing_lock:
-                    entry = self._timing[op]
-                    entry[0] += elapsed
-                    entry[1] += 1
-                    if not ok:
-                        entry[2] += 1
+            def split(src: torch.Tensor, dst: torch.Tensor, parts: int) -> tuple[int, list[Any]]:
+                return 0, split_deserialize(src, dst, parts)
 
-        return call
+        return self._submit("deserialize", whole, split, srcs, dsts, contexts, dsts)
+
+    def _record(self, op: str, seconds: float, items: int, failures: int) -> None:
+        with self._timing_lock:
+            entry = self._timing[op]
+            entry[0] += seconds
+            entry[1] += items
+            entry[2] += failures
+
+    def _task(self, op: str, fn: Any, *args: Any) -> Any:
+        """Run one pool task, adding its busy time to ``op``'s; releases its place in :attr:`_active`."""
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            elapsed = time.perf_counter() - start
+            with self._timing_lock:
+                self._timing[op][0] += elapsed
+                self._active -= 1
 
     def stats(self) -> dict[str, float | int]:
         """Busy seconds, items and failed items of each op since the processor was built (summed over workers)."""
@@ -252,12 +282,32 @@ class AsyncSerdeProcessor:
         """Deserialize a batch and wait; raises BatchError if any item failed."""
         self.submit_deserialize(srcs, dsts, contexts).result().raise_if_failed("deserialize batch")
 
-    def _submit(
+    def _split_counts(self, tensors: Sequence[torch.Tensor], splittable: bool) -> list[int]:
+        """How many parts each item runs as (see the module docstring): idle workers only, large items only.
+        Reserves the batch's tasks in :attr:`_active`."""
+        counts = [1] * len(tensors)
+        with self._timing_lock:
+            spare = self.max_workers - self._active - len(tensors)
+            if splittable and spare > 0:
+                part_min = self.split_min_bytes // 2
+                for i, tensor in enumerate(tensors):
+                    nbytes = tensor.numel() * tensor.element_size()
+                    if spare <= 0 or nbytes < self.split_min_bytes:
+                        continue
+                    counts[i] = min(1 + spare, nbytes // part_min)
+                    spare -= counts[i] - 1
+            self._active += sum(counts)
+        return counts
+
+    def _submit(  # noqa: PLR0917 (one private helper for both directions)
         self,
-        fn: Any,
+        op: str,
+        whole: Any,
+        split: Any,
         srcs: Sequence[torch.Tensor],
         dsts: Sequence[torch.Tensor],
         contexts: Sequence[RecordContext] | None,
+        sized: Sequence[torch.Tensor],
     ) -> Future[BatchResult]:
         if len(srcs) != len(dsts):
             raise ValueError(f"batch has {len(srcs)} sources but {len(dsts)} destinations")
@@ -271,27 +321,73 @@ class AsyncSerdeProcessor:
             outer.set_result(result)
             return outer
         pool = self._get_pool()
+        counts = self._split_counts(sized, split is not None)
         remaining = [n]
         lock = threading.Lock()
 
-        def on_done(index: int, fut: Future[int]) -> None:
-            exc = fut.exception()
+        def item_done(index: int, size: int, exc: BaseException | None) -> None:
+            self._record(op, 0.0, 1, 0 if exc is None else 1)
             with lock:
                 if exc is not None:
                     result.errors[index] = exc
                 else:
-                    result.sizes[index] = fut.result()
+                    result.sizes[index] = size
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if last:
                 outer.set_result(result)
 
-        # One task per item: a chunk is megabytes, so the hand-off costs microseconds against milliseconds
-        # of work, and items spread over the workers without a scheduler of our own.
+        def on_done(index: int, fut: Future[int]) -> None:
+            exc = fut.exception()
+            item_done(index, 0 if exc is not None else fut.result(), exc)
+
+        # One task per item (a chunk is megabytes: the hand-off costs microseconds against milliseconds of work),
+        # or one per part of a split item.
         for i, (src, dst) in enumerate(zip(srcs, dsts, strict=True)):
-            fut: Future[int] = pool.submit(fn, src, dst, None if contexts is None else contexts[i])
+            if counts[i] > 1:
+                try:
+                    size, calls = split(src, dst, counts[i])
+                except Exception as exc:  # a caller's bad item fails that item, as its task would have
+                    self._release(counts[i])
+                    item_done(i, 0, exc)
+                    continue
+                if len(calls) > 1:
+                    self._release(counts[i] - len(calls))
+                    self._submit_parts(pool, op, i, size=size, calls=calls, item_done=item_done)
+                    continue
+                self._release(counts[i] - 1)
+            context = None if contexts is None else contexts[i]
+            fut: Future[int] = pool.submit(self._task, op, whole, src, dst, context)
             fut.add_done_callback(functools.partial(on_done, i))
         return outer
+
+    def _release(self, tasks: int) -> None:
+        if tasks:
+            with self._timing_lock:
+                self._active -= tasks
+
+    def _submit_parts(
+        self, pool: ThreadPoolExecutor, op: str, index: int, *, size: int, calls: list[Any], item_done: Any
+    ) -> None:
+        """Run the parts of item ``index``; it is done when all are, failed with the lowest failing part's error
+        (the parts are in tensor order, so that error names the item's first bad element)."""
+        left = [len(calls)]
+        errors: dict[int, BaseException] = {}
+        lock = threading.Lock()
+
+        def part_done(part: int, fut: Future[Any]) -> None:
+            exc = fut.exception()
+            with lock:
+                if exc is not None:
+                    errors[part] = exc
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                item_done(index, size, errors[min(errors)] if errors else None)
+
+        for part, call in enumerate(calls):
+            fut: Future[Any] = pool.submit(self._task, op, call)
+            fut.add_done_callback(functools.partial(part_done, part))
 
     def _get_pool(self) -> ThreadPoolExecutor:
         pool = self._pool
