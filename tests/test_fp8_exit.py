@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 WAIT_FOR_COMPILE = textwrap.dedent(
     """
     import atexit, os, sys, threading
@@ -89,6 +91,7 @@ def run(script: str, cache: Path, *args: str, numba_dir: Path | None = None) -> 
     )
 
 
+@pytest.mark.timeout(900)  # ten cold compiles of the kernels (3-4 s each idle), two at a time on a busy machine
 def test_exit_during_the_kernel_compile_never_aborts(tmp_path: Path) -> None:
     results = []
     for batch in range(5):  # 10 runs, two at a time
