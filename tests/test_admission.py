@@ -267,6 +267,7 @@ def test_an_enqueue_that_raises_leaves_later_tier_groups_for_the_next_hit(monkey
         store._tiers[1].delete([a])
         store.clear_l1()
         store.retrieve([a])  # loaded from tier 0 into L1: held by tier 0 only
+        store.flush()  # the L1 copy of an L2 hit is made in the background
         store.store([b], [chunk(1)])  # held by none
         real = store._writes.submit
         monkeypatch.setattr(store._writes, "submit", lambda write: (_ for _ in ()).throw(RuntimeError("no room")))

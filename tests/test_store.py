@@ -79,6 +79,7 @@ def test_fs_round_trip_without_engine(tmp_path: Path, serde: Any) -> None:
             else:
                 assert (o.float() - s.float()).abs().max() <= 0.1 * s.float().abs().max()
         assert store.stats()["l2_prefetched"] == 3
+        store.flush()  # an L2 hit reaches L1 in the background
         assert store.stats()["l1"]["objects"] == 3, "a prefetch lands in L1"
 
 

@@ -313,6 +313,34 @@ def test_a_purge_during_a_pending_backfill_keeps_it_out_of_l1(
         assert store.retrieve(keys) == [None, None, None]
 
 
+@pytest.mark.parametrize("serde", ["fp8", "fp8+zstd+aesgcm"])
+def test_a_record_damaged_or_removed_after_the_load_does_not_reach_l1_through_its_backfill(
+    tmp_path: Path, held_backfill: threading.Event, serde: str
+) -> None:
+    # L1's copy is decoded from the bytes verified at load, not read again: what happens to the file between
+    # the load and the backfill cannot put other KV into L1.
+    from kvtier.l2.adapters.fs import FSAdapter
+
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, serde)]) as store:
+        keys = _stored_then_evicted(store, 2, salted)
+        adapter = store._tiers[0].adapter
+        assert isinstance(adapter, FSAdapter)
+        outs = [torch.empty(4096) for _ in keys]
+        assert store.retrieve_into(keys, outs) == 2
+        damaged = adapter.path_for(keys[0].to_str())
+        data = bytearray(damaged.read_bytes())
+        for at in range(len(data) // 2, len(data), 97):  # the payload: every 97th byte
+            data[at] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        adapter.path_for(keys[1].to_str()).unlink()
+        held_backfill.set()
+        store.flush()
+        assert store.stats()["l1_backfilled"] == 2
+        again = [torch.empty(4096) for _ in keys]
+        assert store.retrieve_into(keys, again) == 2  # L1 hits: the KV that was verified
+        assert all(torch.equal(a, chunk(i)) for i, a in enumerate(again))
+
+
 def test_the_encoded_bytes_kept_for_backfills_go_back_to_the_tier(tmp_path: Path) -> None:
     # Each decoded hit keeps its record's bytes for L1's copy; they must come back, or a busy server leaks them.
     with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, "fp8")]) as store:

@@ -378,11 +378,6 @@ class Store:
             if a.second_hit:
                 a.skipped += n
 
-    def _admit_loaded_from(self, obj: L1Object, tier: L2Tier) -> None:
-        """``obj`` was loaded from ``tier`` and is about to become visible in L1: that tier holds it, so its next
-        hit does not write it there again. Set before commit, while no other thread can see the object."""
-        obj.l2_held |= self._admit_held_bit(tier)
-
     def _admit_held_bit(self, tier: L2Tier) -> int:
         """The ``L1Object.l2_held`` bit of ``tier`` (0 when no tier waits for a second hit: nothing reads it)."""
         return 1 << self._tiers.index(tier) if self._second_hit_mask else 0
@@ -554,70 +549,44 @@ class Store:
         One read per record: the destination is sized from the record's header, checked against its length by the
         tier before it asks.
 
-        With ``into`` (``retrieve_into``) a hit is loaded straight into ``into[i]`` (read in place, or decoded into
-        it) and reaches L1 later, by the backfill (``pending`` counts the copies that still read ``into``).
-        Without it, a hit is loaded into L1 and cloned out (a new tensor per hit either way)."""
-        parent_of = self._parent_map(keys)
+        **One load path.** A hit lands straight in its destination: ``into[i]`` (``retrieve_into``) or a new tensor
+        (``retrieve``), read in place or decoded into it, and reaches L1 later, by the backfill, from the hit's
+        :class:`~kvtier.l2.tier.Refill` (never from the destination unchecked: the caller owns it at once).
+        ``pending`` counts the backfills that still read ``into``."""
+        pending = pending if pending is not None else _Countdown(None)
         for tier in self._tiers:
             if not indices:
                 return
             batch = list(indices)
-            reserved: dict[int, L1Object] = {}
-            refills: dict[int, Refill] | None = {} if into is not None and pending is not None else None
+            refills: dict[int, Refill] = {}
 
-            def alloc(
-                j: int,
-                layout: LayoutDesc,
-                batch: list[int] = batch,
-                reserved: dict[int, L1Object] = reserved,
-            ) -> torch.Tensor | None:
+            def alloc(j: int, layout: LayoutDesc, batch: list[int] = batch) -> torch.Tensor | None:
                 i = batch[j]
-                old = reserved.pop(j, None)
-                if old is not None:  # asked again for the same record (an adapter retried): one reservation
-                    self._pool.release([old])
                 if into is not None and not self._fits(layout.shape, layout.dtype, into[i]):
                     return None  # the record is fine; the caller asked for another shape: a miss for this call
                 if layout.nbytes > self._pool.capacity:
                     return None  # no object this Store stores is that large: not a record to load here
-                if into is not None:
-                    return into[i]  # straight into the caller's tensor; L1 gets it from the backfill
-                try:
-                    obj = self._pool.reserve(keys[i], layout.shape, layout.dtype)
-                except CapacityError:  # L1 is pinned full: load into a new tensor, skip L1
-                    return torch.empty(layout.shape, dtype=layout.dtype)
-                reserved[j] = obj
-                return self._pool.view(obj)
+                return into[i] if into is not None else torch.empty(layout.shape, dtype=layout.dtype)
 
+            hits = 0
             try:
                 try:
                     got = tier.load([keys[i] for i in batch], alloc, refills)
                 except L2Error as exc:
-                    self._pool.release(list(reserved.values()))
                     self._l2_failed(tier, exc)
                     continue
-                except BaseException:
-                    self._pool.release(list(reserved.values()))  # no decode writes into them any more: load waited
-                    raise
                 self._l2_ok(tier)
-                hits = 0
                 for j, i in enumerate(batch):
-                    obj = reserved.get(j)
                     dst = got[j]
-                    if dst is not None:
-                        hits += 1
-                        if obj is None:
-                            out[i] = dst  # loaded straight into the caller's tensor, or a new one
-                            refill = refills.pop(j, None) if refills is not None else None
-                            if refill is not None and pending is not None:
-                                self._backfill_later(keys[i], dst, refill, pending, tier)
-                        else:
-                            self._admit_loaded_from(obj, tier)
-                            self._commit_loaded(obj, parent_of)
-                            out[i] = clone(dst)
-                    if obj is not None:
-                        self._pool.release([obj])
+                    if dst is None:
+                        continue
+                    hits += 1
+                    out[i] = dst
+                    refill = refills.pop(j, None)
+                    if refill is not None:
+                        self._backfill_later(keys[i], dst, refill, pending, tier)
             finally:
-                for refill in (refills or {}).values():  # hits not handed to the backfill
+                for refill in refills.values():  # hits not handed to the backfill (an error mid-way)
                     refill.close()
             with self._lock:
                 self.counts["l2_prefetched"] += hits
@@ -626,9 +595,12 @@ class Store:
     def _backfill_later(
         self, key: ObjectKey, loaded: torch.Tensor, refill: Refill, pending: _Countdown, tier: L2Tier
     ) -> None:
-        """Hand an L2 hit loaded into a caller's tensor to the backfill, unless a purge fences its key."""
+        """Hand an L2 hit to the backfill, unless a purge began since this load did (then the fenced read reports
+        it as a miss, and L1 must not get it)."""
         if self._fence.blocked([key], stamp()):
             refill.close()
+            with self._lock:
+                self.counts["purge_skipped_loads"] += 1
             return
         pending.add()
         self._backfill.submit(key, loaded, refill, pending.done, self._admit_held_bit(tier))
@@ -660,8 +632,10 @@ class Store:
     # -- the rest ---------------------------------------------------------------------------------------------
     @_call
     def clear_l1(self) -> None:
-        """Drop every object from L1 (L2 keeps its copies; objects in flight go when their pins do)."""
+        """Drop every object from L1 (L2 keeps its copies; objects in flight go when their pins do). Backfills of
+        earlier L2 hits are dropped, and waited for: none lands after this returns."""
         self._backfill.stale(None)
+        self._backfill.drain()
         self._pool.clear()
         if self._events is not None:
             self._events.emit_cleared(L1_TIER)
@@ -871,17 +845,6 @@ class Store:
         removed = self._pool.remove(lambda key: True)
         self._pool.clear()  # gives the pages back too
         return removed
-
-    def _commit_loaded(self, obj: L1Object, parent_of: dict[ObjectKey, str | None] | None) -> None:
-        """Where a load puts a record into L1 (with its ``stored`` event): not when a purge began since the load
-        did (the object stays pinned for the caller, who releases it; the fenced read then reports a miss)."""
-        blocked = self._fence.blocked([obj.key], stamp())
-        if blocked:
-            with self._lock:
-                self.counts["purge_skipped_loads"] += 1
-            return
-        self._emit_l1_stored(obj, parent_of)
-        self._pool.commit(obj, keep_pin=True)
 
     def close(self) -> None:
         """Finish every pending L2 write, then release L1 and the adapters. Idempotent. Stores that come once
