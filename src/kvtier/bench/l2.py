@@ -417,8 +417,8 @@ def _store_mode(h: Harness, c: _Chunks, name: str, root: Path, args: argparse.Na
         for _ in range(2):
             load_turns.flip()
             steady_load()
-        # One untimed round of the steady Store: its first round stores into an empty L1, the next one replaces
-        # each key's object (and touches one more chunk's pages); the harness's warm-up round is its third.
+        # One untimed round of the steady Store, into an empty L1. The harness's warm-up is its second: that one
+        # replaces each key's object (touching one more chunk's pages), and from there every page is resident.
         steady_turns = _Turns()
         steady_store = c.store_store(steady, steady_turns)
         steady_turns.flip()
