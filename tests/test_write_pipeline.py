@@ -4,6 +4,7 @@ behind, and L2 hits read into the caller's tensor then backfilled into L1 (check
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -192,30 +193,53 @@ def test_batching_keeps_up_with_a_rate_one_call_per_store_could_not() -> None:
 
 @pytest.fixture
 def held_backfill(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Holds the L1 backfill thread before its copy until the event is set."""
+    """Holds the L1 backfill thread before each copy until the event is set."""
     go = threading.Event()
-    real = backfill_mod.copy_into
+    real = backfill_mod.Backfill._run
 
-    def slow(dst: torch.Tensor, src: torch.Tensor) -> None:
+    def held(self: backfill_mod.Backfill, job: Any) -> bool:
         assert go.wait(20)
-        real(dst, src)
+        return real(self, job)
 
-    monkeypatch.setattr(backfill_mod, "copy_into", slow)
+    monkeypatch.setattr(backfill_mod.Backfill, "_run", held)
     yield go
     go.set()
 
 
-def _stored_then_evicted(store: Store, n: int) -> list[ObjectKey]:
-    keys = [key(i) for i in range(n)]
-    store.store(keys, [chunk(i) for i in range(n)])
+os.environ.setdefault("KVTIER_PIPELINE_TEST_KEY", "00112233445566778899aabbccddeeff" * 2)
+#: tiers whose hits land in the caller's tensor: read in place (no serde), or decoded into it
+IN_PLACE = {
+    "none": None,
+    "fp8": {"type": "fp8"},
+    "fp8+zstd+aesgcm": [
+        {"type": "fp8"}, {"type": "zstd", "level": 1}, {"type": "aesgcm", "key_env": "KVTIER_PIPELINE_TEST_KEY"}
+    ],
+}  # fmt: skip
+
+
+def in_place_config(path: Path, serde: str) -> dict[str, Any]:
+    config = fs_config(path)
+    if IN_PLACE[serde] is not None:
+        config["serde"] = IN_PLACE[serde]
+    return config
+
+
+def salted(i: int) -> ObjectKey:
+    return ObjectKey("m/pipe", format(i + 1, "x"), cache_salt="tenant-a")  # AES-GCM binds the salt: kept too
+
+
+def _stored_then_evicted(store: Store, n: int, keyf: Callable[[int], ObjectKey] = key) -> list[ObjectKey]:
+    keys = [keyf(i) for i in range(n)]
+    store.store(keys, [chunk(i) for i in range(n)])  # small integers: exact in fp8 too
     store.flush()
     store.clear_l1()
     return keys
 
 
-def test_an_l2_hit_loaded_into_the_callers_tensor_is_admitted_to_l1_afterwards(tmp_path: Path) -> None:
-    with Store(l1_size_gb=8 * MB, l2_adapters=[fs_config(tmp_path)]) as store:
-        keys = _stored_then_evicted(store, 4)
+@pytest.mark.parametrize("serde", IN_PLACE)
+def test_an_l2_hit_loaded_into_the_callers_tensor_is_admitted_to_l1_afterwards(tmp_path: Path, serde: str) -> None:
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, serde)]) as store:
+        keys = _stored_then_evicted(store, 4, salted)
         outs = [torch.empty(4096) for _ in keys]
         called: list[int] = []
         assert store.retrieve_into(keys, outs, after=lambda: called.append(1)) == 4
@@ -231,28 +255,35 @@ def test_an_l2_hit_loaded_into_the_callers_tensor_is_admitted_to_l1_afterwards(t
         assert all(torch.equal(o, chunk(i)) for i, o in enumerate(again))
 
 
+@pytest.mark.parametrize("serde", IN_PLACE)
 def test_a_caller_that_reuses_its_tensor_at_once_does_not_poison_l1(
-    tmp_path: Path, held_backfill: threading.Event
+    tmp_path: Path, held_backfill: threading.Event, serde: str
 ) -> None:
-    with Store(l1_size_gb=8 * MB, l2_adapters=[fs_config(tmp_path)]) as store:
-        keys = _stored_then_evicted(store, 2)
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, serde)]) as store:
+        keys = _stored_then_evicted(store, 2, salted)
         outs = [torch.empty(4096) for _ in keys]
         called = threading.Event()
         assert store.retrieve_into(keys, outs, after=called.set) == 2
-        assert not called.is_set()  # the backfill still reads the caller's tensors
-        outs[0].fill_(-1.0)  # the caller's own memory, overwritten before the backfill copied it
+        # A decoded hit's L1 copy is decoded again from the record: the caller's memory is free at once (a
+        # server unmaps the client's region); a hit read in place is copied from it, which must stay valid.
+        assert called.is_set() == (serde != "none")
+        outs[0].fill_(-1.0)  # the caller's own memory, overwritten before the backfill ran
         held_backfill.set()
         store.flush()
         assert called.is_set()
         stats = store.stats()
-        assert stats["l1_backfilled"] == 1 and stats["l1_backfill_skipped"] == 1
+        if serde == "none":  # the copy no longer matches the record's checksum: dropped
+            assert stats["l1_backfilled"] == 1 and stats["l1_backfill_skipped"] == 1
+        else:  # decoded from the record's own bytes: the caller's -1s never reach L1
+            assert stats["l1_backfilled"] == 2 and stats["l1_backfill_skipped"] == 0
         got = store.retrieve(keys)
-        assert got[0] is not None and torch.equal(got[0], chunk(0))  # from L2 again, not the caller's -1s
+        assert got[0] is not None and torch.equal(got[0], chunk(0))  # never the caller's -1s
         assert got[1] is not None and torch.equal(got[1], chunk(1))
 
 
-def test_a_backfill_never_lands_over_a_newer_store(tmp_path: Path, held_backfill: threading.Event) -> None:
-    with Store(l1_size_gb=8 * MB, l2_adapters=[fs_config(tmp_path)]) as store:
+@pytest.mark.parametrize("serde", IN_PLACE)
+def test_a_backfill_never_lands_over_a_newer_store(tmp_path: Path, held_backfill: threading.Event, serde: str) -> None:
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, serde)]) as store:
         keys = _stored_then_evicted(store, 1)
         out = torch.empty(4096)
         assert store.retrieve_into(keys, [out]) == 1
@@ -264,16 +295,75 @@ def test_a_backfill_never_lands_over_a_newer_store(tmp_path: Path, held_backfill
         assert store.stats()["l1_backfilled"] == 0
 
 
-def test_a_serde_tier_still_loads_through_l1(tmp_path: Path) -> None:
-    # Decoded output has no checksum to check a later copy against: it is decoded into L1 and copied out.
-    config = {**fs_config(tmp_path), "serde": {"type": "zstd", "level": 1}}
-    with Store(l1_size_gb=8 * MB, l2_adapters=[config]) as store:
-        keys = _stored_then_evicted(store, 3)
+@pytest.mark.parametrize("serde", ["fp8", "fp8+zstd+aesgcm"])
+def test_a_purge_during_a_pending_backfill_keeps_it_out_of_l1(
+    tmp_path: Path, held_backfill: threading.Event, serde: str
+) -> None:
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, serde)]) as store:
+        keys = _stored_then_evicted(store, 3, salted)
         outs = [torch.empty(4096) for _ in keys]
         assert store.retrieve_into(keys, outs) == 3
-        assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
+        purger = threading.Thread(target=store.purge, kwargs={"model_name": "m/pipe"})
+        purger.start()  # waits for nothing the held backfill holds: the backfill is marked stale
+        purger.join(20)
+        assert not purger.is_alive()
+        held_backfill.set()
+        store.flush()
+        assert store.stats()["l1_backfilled"] == 0
+        assert store.retrieve(keys) == [None, None, None]
+
+
+def test_the_encoded_bytes_kept_for_backfills_go_back_to_the_tier(tmp_path: Path) -> None:
+    # Each decoded hit keeps its record's bytes for L1's copy; they must come back, or a busy server leaks them.
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, "fp8")]) as store:
+        keys = _stored_then_evicted(store, 6)
+        scratch = store._tiers[0]._scratch
+        outs = [torch.empty(4096) for _ in keys]
+        held_after_first = 0
+        for round_ in range(40):
+            store.clear_l1()
+            assert store.retrieve_into(keys, outs) == 6
+            store.flush()
+            if round_ == 0:
+                held_after_first = scratch.bytes_held
+        assert store.stats()["l1_backfilled"] == 40 * 6
+        assert 0 < scratch.bytes_held <= held_after_first  # reused, not growing
+
+
+def test_a_refused_backfill_gives_its_encoded_bytes_back(tmp_path: Path) -> None:
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, "fp8")]) as store:
+        keys = _stored_then_evicted(store, 4)
+        store._backfill._max_bytes = 0  # every backfill over the bound: skipped, never waited for
+        scratch = store._tiers[0]._scratch
+        outs = [torch.empty(4096) for _ in keys]
+        for _ in range(10):
+            assert store.retrieve_into(keys, outs) == 4
+            assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
         stats = store.stats()
-        assert stats["l1_backfilled"] == 0 and stats["l1"]["objects"] == 3
+        assert stats["l1_backfilled"] == 0 and stats["l1_backfill_skipped"] == 40
+        assert stats["l1"]["objects"] == 0
+        assert len(scratch._free) == scratch.bytes_held // scratch._free[0].numel()  # every buffer back
+
+
+def test_a_decoded_hit_is_not_decoded_on_the_serde_pool_twice_in_front_of_loads(tmp_path: Path) -> None:
+    # L1's copy of a decoded hit is decoded again on the backfill's own thread, never queued on the tier's
+    # serde workers, where it would delay the next caller's load.
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, "fp8")]) as store:
+        keys = _stored_then_evicted(store, 4)
+        serde = store._tiers[0].serde
+        assert serde is not None
+        names: list[str] = []
+        real = serde.deserialize_now
+
+        def spy(*args: Any, **kwargs: Any) -> None:
+            names.append(threading.current_thread().name)
+            real(*args, **kwargs)
+
+        serde.deserialize_now = spy  # type: ignore[method-assign]
+        outs = [torch.empty(4096) for _ in keys]
+        assert store.retrieve_into(keys, outs) == 4
+        store.flush()
+        assert names == ["kvtier-l1-backfill"] * 4
 
 
 def test_an_fs_batch_with_fsync_syncs_twice_not_twice_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

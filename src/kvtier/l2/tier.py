@@ -56,6 +56,7 @@ from kvtier.l2.record import (
 from kvtier.serde.base import RecordContext, as_byte_view
 from kvtier.serde.processor import AsyncSerdeProcessor, BatchResult, SerdeIdentity
 from kvtier.serde.raw import RawStage
+from kvtier.storage.copy import copy_into
 from kvtier.types import KVFormat, LayoutDesc, ObjectKey
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,92 @@ class ScratchPool:
                 del self._free[self._keep :]
 
 
+class Refill:
+    """How L1 gets its own copy of a hit that a load wrote into a caller's tensor, later, without trusting it.
+
+    The caller owns its tensor again as soon as the load returned and may overwrite it at once, so the copy is
+    made from something the caller cannot touch, or checked against it:
+
+    * a record read in place (the identity stage: its payload *is* the tensor's bytes) is copied from the caller's
+      tensor and checked against the record's own checksum (its header, kept from the load): :attr:`reads_loaded`;
+    * a record that was decoded (fp8, compression, encryption: a checksum covers the encoded bytes, not the decoded
+      ones) is decoded again from its encoded bytes, which the tier verified at load and keeps for this: the caller's
+      tensor is never read again.
+
+    :meth:`fill` runs on the caller's background thread (the Store's L1 backfill), never on a serde worker, so it
+    cannot queue in front of the pipeline's loads. :meth:`close` gives back what it holds; call it exactly once,
+    after :meth:`fill` or instead of it (dropping a refill without closing it only costs the scratch's reuse).
+    """
+
+    #: whether :meth:`fill` reads the caller's tensor (which must then stay valid, e.g. mapped, until it ran)
+    reads_loaded: bool = False
+    #: memory the refill holds until it is closed (for the backfill's bound), besides the caller's tensor
+    nbytes: int = 0
+
+    def fill(self, dst: torch.Tensor, loaded: torch.Tensor) -> bool:
+        """Write the object into ``dst`` (a tensor of its layout; ``loaded`` is the caller's tensor the load
+        filled); return whether ``dst`` now holds exactly the record's object."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Give back what the refill holds; idempotent."""
+
+
+class _CheckedCopy(Refill):
+    """An identity-stage hit: copy the caller's tensor, then check the copy against the record's checksum."""
+
+    reads_loaded = True
+
+    def __init__(self, header: bytes) -> None:
+        self._header = header
+
+    def fill(self, dst: torch.Tensor, loaded: torch.Tensor) -> bool:
+        copy_into(dst, loaded)
+        try:
+            read_record_parts(self._header, byte_view(dst))  # the caller may have written its tensor since
+        except IntegrityError:
+            return False
+        return True
+
+
+class _Redecode(Refill):
+    """A decoded hit: decode the record again, from the verified encoded bytes kept in scratch."""
+
+    def __init__(
+        self,
+        serde: AsyncSerdeProcessor,
+        scratch: ScratchPool,
+        buf: torch.Tensor,
+        payload: torch.Tensor,
+        context: RecordContext,
+    ) -> None:
+        self._serde = serde
+        self._pool = scratch
+        self._buf: torch.Tensor | None = buf
+        self._payload = payload
+        self._context = context
+        self.nbytes = buf.numel()
+
+    def fill(self, dst: torch.Tensor, loaded: torch.Tensor) -> bool:
+        if self._buf is None:
+            return False
+        try:
+            self._serde.deserialize_now(self._payload, dst, self._context)
+        except Exception as exc:  # decoded once already; a failure now proves nothing about the record
+            log.warning("L1 copy of a decoded L2 hit failed: %r", exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        buf, self._buf = self._buf, None
+        if buf is not None:
+            self._payload = _NO_BYTES
+            self._pool.give([buf])
+
+
+_NO_BYTES = torch.empty(0, dtype=torch.uint8)
+
+
 @dataclass
 class _Slot:
     """One record of a load round between its header and its decode."""
@@ -139,7 +226,7 @@ class _LoadCall:
     strs: list[str]
     alloc: Alloc
     out: list[torch.Tensor | None]
-    headers: dict[int, bytes] | None = None  # hits read in place: their headers (see L2Tier.load)
+    refills: dict[int, Refill] | None = None  # hits: how L1 gets its own copy later (see L2Tier.load)
     bad: list[str] = field(default_factory=list)  # damaged: removed at the end of the call
     tally: dict[str, int] = field(
         default_factory=lambda: {"integrity_misses": 0, "foreign_misses": 0, "decode_errors": 0}
@@ -154,6 +241,9 @@ class _Round:
     future: Future[BatchResult] | None = None
     targets: list[int] = field(default_factory=list)
     dsts: list[torch.Tensor] = field(default_factory=list)
+    srcs: list[torch.Tensor] = field(default_factory=list)  # the encoded payloads, views of ...
+    bufs: list[torch.Tensor] = field(default_factory=list)  # ... these buffers of the round's scratch
+    contexts: list[RecordContext] = field(default_factory=list)
 
 
 #: keys whose last written record a tier remembers (checksum and length: 40-odd bytes of memory each)
@@ -244,12 +334,6 @@ class L2Tier:
             "foreign_misses": 0,
             "decode_errors": 0,
         }
-
-    @property
-    def loads_in_place(self) -> bool:
-        """Whether a load reads the payload straight into its destination (no serde, or ``raw``): the record's
-        checksum then covers the destination's bytes exactly (see ``load(headers=...)``)."""
-        return self._identity_stage
 
     @property
     def name(self) -> str:
@@ -376,20 +460,20 @@ class L2Tier:
 
     # -- load: one path -----------------------------------------------------------------------------------------
     def load(
-        self, keys: Sequence[ObjectKey], alloc: Alloc, headers: dict[int, bytes] | None = None
+        self, keys: Sequence[ObjectKey], alloc: Alloc, refills: dict[int, Refill] | None = None
     ) -> list[torch.Tensor | None]:
         """Load each key's record into the destination ``alloc`` gives for its layout; return that tensor for a
         hit, ``None`` for a miss (absent, damaged: removed, foreign: kept, skipped by ``alloc``).
 
-        ``headers`` (optional, only with :attr:`loads_in_place`): filled with each hit's record header, by index,
-        so that a copy of the destination can be checked later against the record's checksum
-        (:func:`~kvtier.l2.record.read_record_parts` of the header and the copy).
+        ``refills`` (optional): filled, by index, with a :class:`Refill` for each hit, by which a copy of the
+        object can be made later without trusting the destination (a caller's tensor the caller may overwrite at
+        once). The caller closes each one. Without it, nothing is kept past the call.
 
         Raises :class:`~kvtier.errors.L2Error` when the backend fails, and whatever ``alloc`` raises; in every
         case no decode is still writing into a destination when this returns or raises.
         """
         n = len(keys)
-        call = _LoadCall(keys, [k.to_str() for k in keys], alloc, [None] * n, headers=headers)
+        call = _LoadCall(keys, [k.to_str() for k in keys], alloc, [None] * n, refills=refills)
         in_flight: deque[_Round] = deque()
         try:
             if n > 1:
@@ -447,8 +531,6 @@ class L2Tier:
             return [header, slots[j].payload]
 
         lengths = self.adapter.load_records_with([strs[i] for i in idx], MAX_HEADER_SIZE, prepare)
-        srcs: list[torch.Tensor] = []
-        contexts: list[RecordContext] = []
         for j, i in enumerate(idx):
             length = lengths[j]
             slot = slots.get(j)
@@ -470,20 +552,21 @@ class L2Tier:
                 continue
             if slot.dst is not None:
                 out[i] = slot.dst  # the identity stage: the payload was read straight into it
-                if call.headers is not None:
-                    call.headers[i] = bytes(slot.header)
+                if call.refills is not None:
+                    call.refills[i] = _CheckedCopy(bytes(slot.header))
                 continue
             dst = self._alloc(alloc, i, slot.meta.layout)  # asked for only now: the header is known intact
             if dst is None:
                 continue
             assert slot.scratch is not None  # every non-identity slot reads into scratch
-            srcs.append(slot.scratch[slot.hlen : slot.length])
-            contexts.append(self._context(keys[i], slot.meta))
+            rnd.srcs.append(slot.scratch[slot.hlen : slot.length])
+            rnd.bufs.append(slot.scratch)
+            rnd.contexts.append(self._context(keys[i], slot.meta))
             rnd.targets.append(i)
             rnd.dsts.append(dst)
-        if srcs:
+        if rnd.srcs:
             assert self.serde is not None
-            rnd.future = self.serde.submit_deserialize(srcs, rnd.dsts, contexts=contexts)
+            rnd.future = self.serde.submit_deserialize(rnd.srcs, rnd.dsts, contexts=rnd.contexts)
 
     def _slot_in_scratch(
         self, rnd: _Round, length: int, meta: RecordMeta, hlen: int, foreign: BaseException | None = None
@@ -515,10 +598,13 @@ class L2Tier:
             if rnd.future is None:
                 return
             result = rnd.future.result()
+            kept: set[int] = set()
             for j, (i, dst) in enumerate(zip(rnd.targets, rnd.dsts, strict=True)):
                 exc = result.errors.get(j)
                 if exc is None:
                     out[i] = dst
+                    if call.refills is not None:
+                        call.refills[i] = self._keep_for_refill(rnd, j, kept)
                 elif isinstance(exc, ForeignRecordError):
                     self._foreign(strs[i], exc, tally)  # e.g. a key we cannot decrypt: another deployment's
                 elif isinstance(exc, IntegrityError | SerdeError):
@@ -528,10 +614,19 @@ class L2Tier:
                     # the record: a miss, left in place, counted and logged.
                     tally["decode_errors"] += 1
                     log.warning("L2 %s: decode of %s failed: %r", self.name, strs[i], exc)
+                if kept:  # the encoded bytes of those hits now belong to their refills
+                    rnd.scratch = [buf for buf in rnd.scratch if id(buf) not in kept]
         finally:
             rnd.future = None
             self._scratch.give(rnd.scratch)
             rnd.scratch = []
+
+    def _keep_for_refill(self, rnd: _Round, j: int, kept: set[int]) -> Refill:
+        """The refill of round ``rnd``'s ``j``-th decoded hit: it takes over the scratch buffer holding the
+        record (verified by its checksum before the decode), which the round then no longer gives back."""
+        assert self.serde is not None
+        kept.add(id(rnd.bufs[j]))
+        return _Redecode(self.serde, self._scratch, rnd.bufs[j], rnd.srcs[j], rnd.contexts[j])
 
     def _damaged(self, key: str, exc: BaseException, bad: list[str], tally: dict[str, int]) -> None:
         log.warning("L2 %s: record %s is damaged, removed: %s", self.name, key, exc)

@@ -234,6 +234,18 @@ class AsyncSerdeProcessor:
 
         return self._submit("deserialize", whole, split, srcs, dsts, contexts, dsts)
 
+    def deserialize_now(self, src: torch.Tensor, dst: torch.Tensor, context: RecordContext | None = None) -> None:
+        """Deserialize one item on the calling thread, not the pool, and raise what the stage raises: for work
+        that must not queue in front of the pool's loads (a second decode that makes L1's own copy of a hit).
+        Counted in :meth:`stats` like the pool's items."""
+        start = time.perf_counter()
+        try:
+            deserialize_with(self.deserializer, src, dst, context)
+        except BaseException:
+            self._record("deserialize", time.perf_counter() - start, 1, 1)
+            raise
+        self._record("deserialize", time.perf_counter() - start, 1, 0)
+
     def _record(self, op: str, seconds: float, items: int, failures: int) -> None:
         with self._timing_lock:
             entry = self._timing[op]

@@ -1,18 +1,21 @@
 """Background L1 backfill: an L2 hit loaded straight into a caller's tensor is still admitted to L1, later.
 
-``retrieve_into`` reads a record of an identity-stage tier (no serde, or ``raw``) straight into the caller's
-tensor, so the caller waits for one read, not a read into L1 and a copy out. The copy into L1 happens here, off the
-caller's critical path, on one thread:
+``retrieve_into`` loads an L2 hit straight into the caller's tensor (read in place for a tier without serde or
+with ``raw``; decoded into it otherwise), so the caller waits for one read and one decode, not for a decode into
+L1 and a copy out. The copy into L1 happens here, off the caller's critical path, on one thread:
 
-* **Checked.** The caller owns its tensor again once ``retrieve_into`` returned and may overwrite it at once. The
-  copy in L1 is therefore checked against the record's own checksum (its header, kept from the load: the payload
-  of an identity-stage record *is* the tensor's bytes) and committed only when it matches; otherwise dropped.
+* **Trusted.** The caller owns its tensor again once ``retrieve_into`` returned and may overwrite it at once. So
+  L1's copy is made by the hit's :class:`~kvtier.l2.tier.Refill`: copied from the caller's tensor and checked
+  against the record's own checksum (a record read in place: its payload *is* the tensor's bytes), or decoded
+  again from the record's encoded bytes, verified at load and kept by the tier for this (fp8, compression,
+  encryption: a checksum covers the encoded bytes, not the decoded ones). A copy that does not check out is
+  dropped, never committed.
 * **Never over newer data.** A store, delete or clear of a key marks its pending backfills stale
   (:meth:`Backfill.stale`, called *before* the store commits to L1), and a backfill commits only when it is not
   stale and L1 holds nothing under the key, both checked under one lock with the commit. So an older L2 copy
   never replaces a newer L1 object.
-* **Bounded.** At most ``max_bytes`` of backfills wait; past that, and when L1 has no unpinned room, a backfill is
-  skipped (counted), never waited for.
+* **Bounded.** At most ``max_bytes`` of backfills wait (the caller's tensors they read, or the encoded bytes they
+  keep); past that, and when L1 has no unpinned room, a backfill is skipped (counted), never waited for.
 """
 
 from __future__ import annotations
@@ -25,10 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.errors import CapacityError, IntegrityError
-from kvtier.l2.record import read_record_parts
-from kvtier.l2.tier import byte_view
-from kvtier.storage.copy import copy_into
+from kvtier.errors import CapacityError
+from kvtier.l2.tier import Refill
 from kvtier.storage.l1 import L1Object, L1Pool
 from kvtier.types import ObjectKey
 
@@ -41,15 +42,14 @@ _RELEASED = torch.empty(0, dtype=torch.uint8)
 @dataclass(eq=False)
 class _Job:
     key: ObjectKey
-    src: torch.Tensor
-    header: bytes
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    loaded: torch.Tensor  # the caller's tensor while the refill reads it, else _RELEASED
+    refill: Refill
     done: Callable[[], None] | None
     stale: bool = False
     nbytes: int = 0
     l2_held: int = 0  # the L1 object's mark of the L2 tiers that hold it (the Store's write admission)
-
-    def __post_init__(self) -> None:
-        self.nbytes = self.src.numel() * self.src.element_size()
 
 
 class Backfill:
@@ -76,13 +76,29 @@ class Backfill:
         self._closed = False
 
     def submit(
-        self, key: ObjectKey, src: torch.Tensor, header: bytes, done: Callable[[], None] | None, l2_held: int = 0
+        self,
+        key: ObjectKey,
+        loaded: torch.Tensor,
+        refill: Refill,
+        done: Callable[[], None] | None,
+        l2_held: int = 0,
     ) -> bool:
-        """Queue a backfill of ``src`` (the caller's tensor, holding the payload of the record whose header is
-        ``header``) under ``key``. ``done`` is called once nothing reads ``src`` any more (after the job, or at
-        once when it is refused: the return value is then False). ``l2_held``: set on the L1 object it commits
-        (``L1Object.l2_held``: the tier it was read from holds it)."""
-        job = _Job(key, src, header, done, l2_held=l2_held)
+        """Queue the L1 copy of ``loaded`` (the caller's tensor an L2 hit of ``key`` was loaded into), made by
+        ``refill``, which the backfill closes. ``done`` is called once nothing reads ``loaded`` any more (after
+        the job when the refill reads it, else at once; also at once when the job is refused: the return value is
+        then False). ``l2_held``: set on the L1 object it commits (``L1Object.l2_held``: the tier it was read
+        from holds it)."""
+        reads = refill.reads_loaded
+        job = _Job(
+            key,
+            tuple(loaded.shape),
+            loaded.dtype,
+            loaded if reads else _RELEASED,
+            refill,
+            done if reads else None,
+            nbytes=loaded.numel() * loaded.element_size() if reads else refill.nbytes,
+            l2_held=l2_held,
+        )
         with self._cv:
             if self._closed or self._bytes + job.nbytes > self._max_bytes:
                 refused = True
@@ -97,8 +113,9 @@ class Backfill:
                 self._cv.notify_all()
         if refused:
             self._count("l1_backfill_skipped", 1)
-            if done is not None:
-                done()
+            refill.close()
+        if (refused or not reads) and done is not None:
+            done()  # nothing of the caller's is read any more
         return not refused
 
     def stale(self, keys: Iterable[ObjectKey] | None) -> None:
@@ -135,12 +152,18 @@ class Backfill:
                     self._cv.wait()
                 job = self._jobs.popleft()
                 self._running += 1
+            landed = False
             try:
                 landed = self._run(job)
             except Exception:  # a bug must not kill the thread (drain would hang): logged, the backfill skipped
                 log.exception("L1 backfill of %s failed", job.key.to_str())
-                landed = False
             finally:
+                # Everything a job does is done before drain() can see it finished (flush() then close()).
+                job.loaded = _RELEASED  # drop the reference to the caller's memory before saying so
+                job.refill.close()
+                self._count("l1_backfilled" if landed else "l1_backfill_skipped", 1)
+                if job.done is not None:
+                    job.done()
                 with self._cv:
                     self._running -= 1
                     self._bytes -= job.nbytes
@@ -150,25 +173,17 @@ class Backfill:
                     if not jobs:
                         self._by_key.pop(job.key, None)
                     self._cv.notify_all()
-                job.src = _RELEASED  # drop the reference to the caller's memory before saying so
-                if job.done is not None:
-                    job.done()
-            self._count("l1_backfilled" if landed else "l1_backfill_skipped", 1)
 
     def _run(self, job: _Job) -> bool:
         if job.stale or self._pool.contains([job.key])[0]:
             return False
         try:
-            obj = self._pool.reserve(job.key, job.src.shape, job.src.dtype)
+            obj = self._pool.reserve(job.key, job.shape, job.dtype)
         except CapacityError:  # L1 is pinned full: a cache may skip, it must not wait
             return False
         committed = False
         try:
-            view = self._pool.view(obj)
-            copy_into(view, job.src)
-            try:
-                read_record_parts(job.header, byte_view(view))  # the caller may have written its tensor since
-            except IntegrityError:
+            if not job.refill.fill(self._pool.view(obj), job.loaded):
                 return False
             with self._cv:  # checked and committed under the lock stale() takes: a newer store always wins
                 if job.stale or self._pool.contains([job.key])[0]:

@@ -37,7 +37,7 @@ import torch
 from kvtier.errors import CapacityError, ConfigError, L2Error
 from kvtier.events import L1_TIER, EventHub, Kind, Listener
 from kvtier.l2.adapters import PURGE_BATCH, KeyMatch, create_l2_adapter
-from kvtier.l2.tier import L2Tier
+from kvtier.l2.tier import L2Tier, Refill
 from kvtier.storage.admission import TierAdmission, admission_of, without_admission
 from kvtier.storage.backfill import Backfill
 from kvtier.storage.copy import clone, copy_into
@@ -550,26 +550,26 @@ class Store:
         into: Sequence[torch.Tensor] | None = None,
         pending: _Countdown | None = None,
     ) -> None:
-        """Load ``keys[i]`` for ``i`` in ``indices`` from the first L2 tier that holds it, into L1, then into
-        ``into[i]`` (when given) or a new tensor; set ``out[i]`` on a hit. One read per record: the destination
-        is sized from the record's header, checked against its length by the tier before it asks. A tier that
-        loads in place reads straight into ``into[i]``; L1 gets its copy from the backfill (``pending`` counts
-        the copies still reading ``into``)."""
+        """Load ``keys[i]`` for ``i`` in ``indices`` from the first L2 tier that holds it; set ``out[i]`` on a hit.
+        One read per record: the destination is sized from the record's header, checked against its length by the
+        tier before it asks.
+
+        With ``into`` (``retrieve_into``) a hit is loaded straight into ``into[i]`` (read in place, or decoded into
+        it) and reaches L1 later, by the backfill (``pending`` counts the copies that still read ``into``).
+        Without it, a hit is loaded into L1 and cloned out (a new tensor per hit either way)."""
         parent_of = self._parent_map(keys)
         for tier in self._tiers:
             if not indices:
                 return
             batch = list(indices)
             reserved: dict[int, L1Object] = {}
-            in_place = into is not None and tier.loads_in_place
-            headers: dict[int, bytes] | None = {} if in_place else None
+            refills: dict[int, Refill] | None = {} if into is not None and pending is not None else None
 
             def alloc(
                 j: int,
                 layout: LayoutDesc,
                 batch: list[int] = batch,
                 reserved: dict[int, L1Object] = reserved,
-                in_place: bool = in_place,
             ) -> torch.Tensor | None:
                 i = batch[j]
                 old = reserved.pop(j, None)
@@ -579,50 +579,59 @@ class Store:
                     return None  # the record is fine; the caller asked for another shape: a miss for this call
                 if layout.nbytes > self._pool.capacity:
                     return None  # no object this Store stores is that large: not a record to load here
-                if in_place and into is not None:
+                if into is not None:
                     return into[i]  # straight into the caller's tensor; L1 gets it from the backfill
                 try:
                     obj = self._pool.reserve(keys[i], layout.shape, layout.dtype)
-                except CapacityError:  # L1 is pinned full: load straight into the caller's tensor, skip L1
-                    return into[i] if into is not None else torch.empty(layout.shape, dtype=layout.dtype)
+                except CapacityError:  # L1 is pinned full: load into a new tensor, skip L1
+                    return torch.empty(layout.shape, dtype=layout.dtype)
                 reserved[j] = obj
                 return self._pool.view(obj)
 
             try:
-                got = tier.load([keys[i] for i in batch], alloc, headers)
-            except L2Error as exc:
-                self._pool.release(list(reserved.values()))
-                self._l2_failed(tier, exc)
-                continue
-            except BaseException:
-                self._pool.release(list(reserved.values()))  # no decode writes into them any more: load waited
-                raise
-            self._l2_ok(tier)
-            hits = 0
-            for j, i in enumerate(batch):
-                obj = reserved.get(j)
-                dst = got[j]
-                if dst is not None:
-                    hits += 1
-                    if obj is None:
-                        out[i] = dst  # decoded straight into the caller's tensor or a fresh one
-                        header = headers.get(j) if headers is not None else None
-                        if header is not None and pending is not None and not self._fence.blocked([keys[i]], stamp()):
-                            pending.add()
-                            self._backfill.submit(keys[i], dst, header, pending.done, self._admit_held_bit(tier))
-                    else:
-                        self._admit_loaded_from(obj, tier)
-                        self._commit_loaded(obj, parent_of)
-                        if into is not None:
-                            copy_into(into[i], dst)
-                            out[i] = into[i]
+                try:
+                    got = tier.load([keys[i] for i in batch], alloc, refills)
+                except L2Error as exc:
+                    self._pool.release(list(reserved.values()))
+                    self._l2_failed(tier, exc)
+                    continue
+                except BaseException:
+                    self._pool.release(list(reserved.values()))  # no decode writes into them any more: load waited
+                    raise
+                self._l2_ok(tier)
+                hits = 0
+                for j, i in enumerate(batch):
+                    obj = reserved.get(j)
+                    dst = got[j]
+                    if dst is not None:
+                        hits += 1
+                        if obj is None:
+                            out[i] = dst  # loaded straight into the caller's tensor, or a new one
+                            refill = refills.pop(j, None) if refills is not None else None
+                            if refill is not None and pending is not None:
+                                self._backfill_later(keys[i], dst, refill, pending, tier)
                         else:
+                            self._admit_loaded_from(obj, tier)
+                            self._commit_loaded(obj, parent_of)
                             out[i] = clone(dst)
-                if obj is not None:
-                    self._pool.release([obj])
+                    if obj is not None:
+                        self._pool.release([obj])
+            finally:
+                for refill in (refills or {}).values():  # hits not handed to the backfill
+                    refill.close()
             with self._lock:
                 self.counts["l2_prefetched"] += hits
             indices = [i for i in indices if out[i] is None]
+
+    def _backfill_later(
+        self, key: ObjectKey, loaded: torch.Tensor, refill: Refill, pending: _Countdown, tier: L2Tier
+    ) -> None:
+        """Hand an L2 hit loaded into a caller's tensor to the backfill, unless a purge fences its key."""
+        if self._fence.blocked([key], stamp()):
+            refill.close()
+            return
+        pending.add()
+        self._backfill.submit(key, loaded, refill, pending.done, self._admit_held_bit(tier))
 
     def _l2_failed(self, tier: L2Tier, exc: BaseException, counter: str = "l2_errors", n: int = 1) -> None:
         """Count a failed call of ``tier``; log only the first of a run of failures (issue 12: an outage used to
