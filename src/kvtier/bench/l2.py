@@ -15,12 +15,12 @@ before the store returns):
 * ``store``: the whole ``Store`` (L1 + the fs tier with its write-behind), in two conditions each:
 
   - *L1 emptied before each round* (``clear_l1``, untimed; it gives L1's pages back to the kernel): every
-    ``store()`` copies into pages faulted in for the first time, every hot load decodes into them. First-touch
-    page faults, not the write path: the figures of a Store just started.
+    ``store()`` copies into pages faulted in for the first time, and so does the L1 backfill of every hot load's
+    L2 hits (in the background). First-touch page faults, not the write path: the figures of a Store just started.
   - *steady state*: L1 is never emptied; its pages stay resident, as in a Store after warm-up. The store rounds
     re-store the same keys (L1 replaces each key's object and reuses its memory); the hot-load rounds alternate
     between two key sets A and B with L1 sized to hold one, so every chunk of a round is loaded from L2 into
-    recycled L1 pages, evicting the other set (checked every round through ``l2_prefetched``).
+    recycled L1 pages (by the backfill), evicting the other set (checked every round through ``l2_prefetched``).
 
   Store: ``store()`` of every chunk and ``flush()``, beside the same baselines as the tier's store. Hot load:
   ``retrieve_into``, the records in the page cache, beside the tier alone loading the same records from its own
@@ -279,7 +279,7 @@ class _Chunks:
             raise SystemExit("bench l2: the Store dropped or refused a write of the records its loads read")
 
     def store_settle(self, store: Store, turns: _Turns) -> Callable[[], None]:
-        """The untimed setup of a steady-state load round: the last round's L1 backfill of raw hits waited for,
+        """The untimed setup of a steady-state load round: the last round's L1 backfill of its L2 hits waited for,
         and, when the backfill skipped some (it is bounded and best effort: a chunk larger than a quarter of L1
         never lands), the set just loaded loaded into L1 now (``retrieve``: through L1, evicting the oldest
         objects, the other set's). L1 then holds the set just loaded and no chunk of the set loaded next."""
