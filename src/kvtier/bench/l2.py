@@ -12,13 +12,28 @@ before the store returns):
   load beside a plain read of the same bytes from the page cache (raw) or the decode alone (fp8); cold load
   (page cache dropped before each call, untimed) beside a plain cold read of the same bytes (raw) or the raw
   tier's cold load (fp8).
-* ``store``: the whole ``Store`` (L1 + the fs tier with its write-behind): ``store()`` of every chunk and
-  ``flush()``, L1 emptied before each call (untimed), beside the same baselines as the tier's store; hot load
-  (``retrieve_into`` after L1 was emptied, the records in the page cache) beside the tier alone loading the
-  same records from its own directory.
+* ``store``: the whole ``Store`` (L1 + the fs tier with its write-behind), in two conditions each:
+
+  - *L1 emptied before each round* (``clear_l1``, untimed; it gives L1's pages back to the kernel): every
+    ``store()`` copies into pages faulted in for the first time, and so does the L1 backfill of every hot load's
+    L2 hits (in the background). First-touch page faults, not the write path: the figures of a Store just started.
+  - *steady state*: L1 is never emptied; its pages stay resident, as in a Store after warm-up. The store rounds
+    re-store the same keys (L1 replaces each key's object and reuses its memory); the hot-load rounds alternate
+    between two key sets A and B with L1 sized to hold one, so every chunk of a round is loaded from L2 into
+    recycled L1 pages (by the backfill), evicting the other set (checked every round through ``l2_prefetched``).
+
+  Store: ``store()`` of every chunk and ``flush()``, beside the same baselines as the tier's store. Hot load:
+  ``retrieve_into``, the records in the page cache, beside the tier alone loading the same records from its own
+  directory.
+
+Every store round (tier and Store) stores bytes that differ from the previous round's (two source tensors used
+in turn): an L2 tier skips a re-store of the bytes it last wrote for a key (``stored_unchanged``), which would
+time a checksum instead of a write. Each round checks that no write was skipped, dropped or refused.
 
 Chunks go through in batches of ``--batch`` so the sources and destinations stay at a few chunks whatever
-``--chunks`` is; a Store's L1 is sized to hold every chunk twice (a write-behind never finds it full).
+``--chunks`` is; a storing Store's L1 is sized to hold every chunk twice (a write-behind never finds it full),
+the steady-state loading Store's one key set. With two key sets, the Store and the tier alone hold twice the
+chunks on disk each (``--chunks 64``, raw: about 14 GiB of files at most; removed at the end).
 ``--adapter redis`` / ``object_store`` run those adapters' benches instead (store and load beside their client
 library's plain put / get, on the same harness).
 """
@@ -81,6 +96,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     object_store_l2.add_object_store_arguments(parser)
 
 
+def _differing(src: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``src``'s shape and dtype whose bytes differ from it, encoded or not: every nonzero element
+    negated (the sign survives fp8), every zero made one."""
+    return torch.where(src == 0, torch.ones_like(src), src.neg()).contiguous()
+
+
+class _Turns:
+    """Which of two inputs an operation's next call uses (0 or 1): :meth:`flip` is the operation's untimed setup,
+    so successive calls alternate whatever runs between them."""
+
+    def __init__(self, before: Callable[[], object] | None = None) -> None:
+        self.turn = 1
+        self.before = before  # run first, while ``turn`` is still the last call's
+
+    def flip(self) -> None:
+        if self.before is not None:
+            self.before()
+        self.turn ^= 1
+
+
+def _unchanged(tier: L2Tier) -> int:
+    """Re-stores ``tier`` left unwritten as identical to its last write of the key (see ``L2Tier.store``)."""
+    return tier.counts["stored_unchanged"]
+
+
+def _store_unchanged(store: Store) -> int:
+    """The same count for the Store's (only) L2 tier, from its stats."""
+    return int(store.stats()["l2"][0]["stored_unchanged"])
+
+
 def _drop_cache(paths: list[Path]) -> None:
     """Evict ``paths`` from the page cache: written back first (``fdatasync``), since a dirty page stays."""
     for path in paths:
@@ -93,16 +138,22 @@ def _drop_cache(paths: list[Path]) -> None:
 
 
 class _Chunks:
-    """The KV of one run: a source chunk, its keys in batches, reused destinations, and the plain-file baselines
-    (the same bytes written / read without kvtier) under ``root``."""
+    """The KV of one run: a source chunk and a second one whose bytes differ (stored in turn, so that no re-store
+    is of identical bytes), two key sets in batches (set A, ``keys``, and set B, ``keys_b``, for the steady-state
+    loads), reused destinations, and the plain-file baselines (the same bytes written / read without kvtier)
+    under ``root``."""
 
     def __init__(self, src: torch.Tensor, chunks: int, batch: int, root: Path, durability: str) -> None:
         self.src = src
+        self.chunks = chunks
         self.nbytes = src.numel() * src.element_size()
         self.total = chunks * self.nbytes
         self.keys = [ObjectKey("bench/model", format(i + 1, "x")) for i in range(chunks)]
+        self.keys_b = [ObjectKey("bench/model", format(chunks + i + 1, "x")) for i in range(chunks)]
         self.batches = [self.keys[i : i + batch] for i in range(0, chunks, batch)]
+        self.sets = (self.batches, [self.keys_b[i : i + batch] for i in range(0, chunks, batch)])
         self.srcs = [src] * batch
+        self.sources = (self.srcs, [_differing(src)] * batch)
         self.outs = [torch.empty_like(src) for _ in range(batch)]
         self.kv_format = KVFormat.KV_LAYER_TOKEN_HIDDEN if src.dim() == 4 and src.shape[0] == 2 else KVFormat.FLAT
         self.fsync = durability == "fsync"
@@ -140,16 +191,31 @@ class _Chunks:
         _drop_cache(self.plain_paths)
 
     # kvtier's paths
-    def tier_store(self, tier: L2Tier) -> Callable[[], None]:
+    def tier_store(self, tier: L2Tier, turns: _Turns) -> Callable[[], None]:
+        """Store every chunk of set A through ``tier``, from the source of ``turns``' turn; each call must write
+        every record (none left unwritten as identical to the last write)."""
+
         def go() -> None:
+            before = _unchanged(tier)
             for ks in self.batches:
-                tier.store(ks, self.srcs[: len(ks)])
+                tier.store(ks, self.sources[turns.turn][: len(ks)])
+            skipped = _unchanged(tier) - before
+            if skipped:
+                raise SystemExit(f"bench l2: {tier.name} left {skipped} re-store(s) of identical bytes unwritten")
 
         return go
 
-    def tier_load(self, tier: L2Tier) -> Callable[[], None]:
+    def tier_fill(self, tier: L2Tier, key_set: int) -> None:
+        """Store the records a load reads (set A or B), untimed, from the second source (a store round's first
+        turn then stores other bytes)."""
+        for ks in self.sets[key_set]:
+            tier.store(ks, self.sources[1][: len(ks)])
+
+    def tier_load(self, tier: L2Tier, turns: _Turns | None = None) -> Callable[[], None]:
+        """Load every chunk of set A, or of the set of ``turns``' turn, through ``tier`` into reused tensors."""
+
         def go() -> None:
-            for ks in self.batches:
+            for ks in self.sets[turns.turn if turns is not None else 0]:
                 hits = tier.load_into(ks, self.outs[: len(ks)])
                 if not all(hits):
                     raise SystemExit(f"bench l2: {tier.name} load missed {hits.count(False)} chunk(s)")
@@ -179,23 +245,72 @@ class _Chunks:
 
         return ser, de
 
-    def store_store(self, store: Store) -> Callable[[], None]:
+    def store_store(self, store: Store, turns: _Turns) -> Callable[[], None]:
+        """``store()`` every chunk of set A from the source of ``turns``' turn, then ``flush()``; each call must
+        write every chunk to L2: none refused by L1, dropped, or left unwritten as identical to the last write."""
+
         def go() -> None:
+            written, unchanged = store.counts["l2_written"], _store_unchanged(store)
             for ks in self.batches:
-                store.store(ks, self.srcs[: len(ks)])
+                store.store(ks, self.sources[turns.turn][: len(ks)])
             store.flush()
-            dropped = store.counts["l2_writes_dropped"]
-            if dropped:
-                raise SystemExit(f"bench l2: the Store dropped {dropped} L2 write(s); L1 is too small")
+            dropped, refused = store.counts["l2_writes_dropped"], store.counts["l1_store_refused"]
+            if dropped or refused:
+                raise SystemExit(
+                    f"bench l2: the Store dropped {dropped} L2 write(s), refused {refused}; L1 is too small"
+                )
+            skipped = _store_unchanged(store) - unchanged
+            if skipped:
+                raise SystemExit(f"bench l2: the Store's L2 left {skipped} re-store(s) of identical bytes unwritten")
+            if store.counts["l2_written"] - written != self.chunks:
+                done = store.counts["l2_written"] - written
+                raise SystemExit(f"bench l2: the Store wrote {done} of {self.chunks} chunk(s) to L2")
 
         return go
 
-    def store_load(self, store: Store) -> Callable[[], None]:
+    def store_fill(self, store: Store, key_set: int) -> None:
+        """Store set A or B through the Store, a batch at a time with its L2 writes waited for (a store faster
+        than its write-behind would drop writes: those records would be missing), untimed, from the second
+        source (as :meth:`tier_fill`)."""
+        for ks in self.sets[key_set]:
+            store.store(ks, self.sources[1][: len(ks)])
+            store.flush()
+        if store.counts["l2_writes_dropped"] or store.counts["l1_store_refused"]:
+            raise SystemExit("bench l2: the Store dropped or refused a write of the records its loads read")
+
+    def store_settle(self, store: Store, turns: _Turns) -> Callable[[], None]:
+        """The untimed setup of a steady-state load round: the last round's L1 backfill of its L2 hits waited for,
+        and, when the backfill skipped some (it is bounded and best effort: a chunk larger than a quarter of L1
+        never lands), the set just loaded loaded into L1 now (``retrieve``: through L1, evicting the oldest
+        objects, the other set's). L1 then holds the set just loaded and no chunk of the set loaded next."""
+        skipped = [store.counts["l1_backfill_skipped"]]
+
         def go() -> None:
-            for ks in self.batches:
+            store.flush()
+            if store.counts["l1_backfill_skipped"] != skipped[0]:
+                for ks in self.sets[turns.turn]:
+                    store.retrieve(ks)
+                store.flush()
+            skipped[0] = store.counts["l1_backfill_skipped"]
+
+        return go
+
+    def store_load(self, store: Store, turns: _Turns | None = None) -> Callable[[], None]:
+        """``retrieve_into`` every chunk of set A, or with ``turns`` of the set of its turn, each of which must then
+        come from L2 (``l2_prefetched``): L1 holds the other set."""
+
+        def go() -> None:
+            prefetched = store.counts["l2_prefetched"]
+            for ks in self.sets[turns.turn if turns is not None else 0]:
                 n = store.retrieve_into(ks, self.outs[: len(ks)])
                 if n != len(ks):
                     raise SystemExit(f"bench l2: the Store's load missed {len(ks) - n} chunk(s)")
+            from_l2 = store.counts["l2_prefetched"] - prefetched
+            if turns is not None and from_l2 != self.chunks:
+                raise SystemExit(
+                    f"bench l2: {self.chunks - from_l2} of {self.chunks} chunk(s) were still in L1; a steady-state "
+                    "load must find the other key set there"
+                )
 
         return go
 
@@ -238,9 +353,11 @@ def _tier_mode(h: Harness, c: _Chunks, serdes: list[str], root: Path, args: argp
     cold_loads: dict[str, Op] = {}
     with ExitStack() as stack:
         for name in serdes:
+            stack.callback(shutil.rmtree, root / f"tier-{name}", ignore_errors=True)  # after close: its page cache
             tier = _tier(root, f"tier-{name}", name, args)
             stack.callback(tier.close)
-            tier_store = Op(f"tier {name} store ({d})", c.tier_store(tier), c.total)
+            turns = _Turns()
+            tier_store = Op(f"tier {name} store ({d})", c.tier_store(tier, turns), c.total, setup=turns.flip)
             hot = Op(f"tier {name} hot load", c.tier_load(tier), c.total)
             cold = cold_loads[name] = Op(f"tier {name} cold load", c.tier_load(tier), c.total, c.drop_tier(tier))
             note = f"fs, durability {args.durability}"
@@ -262,31 +379,92 @@ def _tier_mode(h: Harness, c: _Chunks, serdes: list[str], root: Path, args: argp
 
 @contextmanager
 def _store_mode(h: Harness, c: _Chunks, name: str, root: Path, args: argparse.Namespace) -> Iterator[None]:
-    """The whole Store with serde ``name`` (one serde at a time: a Store's L1 holds every chunk twice)."""
+    """The whole Store with serde ``name``, in both conditions (one serde at a time: three Stores, two of them
+    with an L1 of every chunk twice). Each Store has its own directory: an fs directory takes one adapter."""
     d = c.durability
-    l1_gb = 2 * c.total / GiB + 0.25  # every chunk twice: a write-behind never finds L1 half full
-    adapter = {
-        "type": "fs",
-        "base_path": str(root / f"store-{name}"),
-        "durability": args.durability,
-        "serde": _serde_config(name, args.workers),
-    }
     with ExitStack() as stack:
-        store = stack.enter_context(Store(l1_size_gb=l1_gb, l2_adapters=[adapter]))
+
+        def new_store(label: str, l1_gb: float) -> Store:
+            path = root / f"store-{label}-{name}"
+            stack.callback(shutil.rmtree, path, ignore_errors=True)  # after the Store's close
+            adapter = {
+                "type": "fs",
+                "base_path": str(path),
+                "durability": args.durability,
+                "serde": _serde_config(name, args.workers),
+            }
+            return stack.enter_context(Store(l1_size_gb=l1_gb, l2_adapters=[adapter]))
+
+        # Storing Stores: every chunk twice, so that a write-behind never finds L1 half full (pinned).
+        emptied = new_store("emptied", 2 * c.total / GiB + 0.25)
+        steady = new_store("steady", 2 * c.total / GiB + 0.25)
+        # The steady-state loading Store: L1 holds one key set and not one chunk more (half a chunk of margin for
+        # the allocator's rounding), so every chunk of a round comes from L2 and evicts one of the other set.
+        loading = new_store("loading", (c.total + c.nbytes // 2) / GiB)
+        stack.callback(shutil.rmtree, root / f"store-tier-{name}", ignore_errors=True)
         alone = _tier(root, f"store-tier-{name}", name, args)
         stack.callback(alone.close)
-        c.tier_store(alone)()  # the records the tier alone loads, the same bytes as the Store's
-        store_op = Op(f"Store {name} store ({d})", c.store_store(store), c.total, setup=store.clear_l1)
-        load_op = Op(f"Store {name} hot load", c.store_load(store), c.total, setup=store.clear_l1)
-        tier_load = Op(f"tier {name} hot load", c.tier_load(alone), c.total)
-        note = f"store() + flush(), L1 emptied before; fs, durability {args.durability}"
+        # The records the loads read: set A in the emptied Store's directory (its store rounds write it again),
+        # sets A and B in the loading Store's and the tier alone's. Then both sets loaded once, untimed, so that
+        # the loading Store's L1 pages are resident.
+        c.store_fill(emptied, 0)
+        for key_set in (0, 1):
+            c.tier_fill(alone, key_set)
+            c.store_fill(loading, key_set)
+        load_turns = _Turns()
+        load_turns.before = c.store_settle(loading, load_turns)
+        steady_load = c.store_load(loading, load_turns)
+        for _ in range(2):
+            load_turns.flip()
+            steady_load()
+        # One untimed round of the steady Store, into an empty L1. The harness's warm-up is its second: that one
+        # replaces each key's object (touching one more chunk's pages), and from there every page is resident.
+        steady_turns = _Turns()
+        steady_store = c.store_store(steady, steady_turns)
+        steady_turns.flip()
+        steady_store()
+
+        emptied_turns = _Turns(before=emptied.clear_l1)
+        alone_turns = _Turns()
         if name == "raw":
-            h.compare(f"Store: raw store ({d})", store_op, Op(f"plain write ({d})", c.plain_write, c.total), note)
+            store_baseline = Op(f"plain write ({d})", c.plain_write, c.total)
+            fs = f"fs, durability {args.durability}"
         else:
             serde = stack.enter_context(create_serde_processor(_serde_config(name, args.workers)))
-            encode = Op(f"{name} encode alone", c.encode(serde)[0], c.total)
-            h.compare(f"Store: {name} store ({d})", store_op, encode, f"{note}; GB/s of KV")
-        h.compare(f"Store: {name} hot load", load_op, tier_load, "retrieve_into, L1 emptied before, records cached")
+            store_baseline = Op(f"{name} encode alone", c.encode(serde)[0], c.total)
+            fs = f"fs, durability {args.durability}; GB/s of KV"
+        emptied_note = "L1 emptied before each round: first-touch page faults"
+        steady_note = "pages resident (steady state)"
+        h.compare(
+            f"Store: {name} store ({d}), L1 emptied",
+            Op(
+                f"Store {name} store ({d}), L1 emptied",
+                c.store_store(emptied, emptied_turns),
+                c.total,
+                emptied_turns.flip,
+            ),
+            store_baseline,
+            f"store() + flush(); {emptied_note}; {fs}",
+        )
+        h.compare(
+            f"Store: {name} store ({d}), steady state",
+            Op(f"Store {name} store ({d}), steady state", steady_store, c.total, steady_turns.flip),
+            store_baseline,
+            f"store() + flush() of the same keys, new bytes; L1 holds their last objects, {steady_note}; {fs}",
+        )
+        h.compare(
+            f"Store: {name} hot load, L1 emptied",
+            Op(f"Store {name} hot load, L1 emptied", c.store_load(emptied), c.total, emptied.clear_l1),
+            Op(f"tier {name} hot load", c.tier_load(alone), c.total),
+            f"retrieve_into; {emptied_note}; records in the page cache",
+        )
+        h.compare(
+            f"Store: {name} hot load, steady state",
+            Op(f"Store {name} hot load, steady state", steady_load, c.total, load_turns.flip),
+            Op(f"tier {name} hot load, sets A, B in turn", c.tier_load(alone, alone_turns), c.total, alone_turns.flip),
+            f"retrieve_into of key sets A and B in turn; L1 full of the other set, {steady_note}: every chunk "
+            "from L2 into recycled L1 pages; records in the page cache",
+        )
         yield
 
 
