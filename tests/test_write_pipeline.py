@@ -358,19 +358,36 @@ def test_the_encoded_bytes_kept_for_backfills_go_back_to_the_tier(tmp_path: Path
         assert 0 < scratch.bytes_held <= held_after_first  # reused, not growing
 
 
-def test_a_refused_backfill_gives_its_encoded_bytes_back(tmp_path: Path) -> None:
+def test_a_refused_backfill_gives_its_encoded_bytes_back(tmp_path: Path, held_backfill: threading.Event) -> None:
     with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, "fp8")]) as store:
         keys = _stored_then_evicted(store, 4)
-        store._backfill._max_bytes = 0  # every backfill over the bound: skipped, never waited for
+        store._backfill._max_bytes = 1  # one backfill waits (held: a lone one is always taken), the rest are over
         scratch = store._tiers[0]._scratch
         outs = [torch.empty(4096) for _ in keys]
-        for _ in range(10):
-            assert store.retrieve_into(keys, outs) == 4
-            assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
+        assert store.retrieve_into(keys, outs) == 4
+        assert all(torch.equal(o, chunk(i)) for i, o in enumerate(outs))
+        assert store.stats()["l1_backfill_skipped"] == 3
+        lent = scratch.bytes_held - sum(b.numel() for b in scratch._free)
+        assert 0 < lent <= max(b.numel() for b in scratch._free)  # only the waiting backfill's record
+        held_backfill.set()
+        store.flush()
         stats = store.stats()
-        assert stats["l1_backfilled"] == 0 and stats["l1_backfill_skipped"] == 40
-        assert stats["l1"]["objects"] == 0
-        assert len(scratch._free) == scratch.bytes_held // scratch._free[0].numel()  # every buffer back
+        assert stats["l1_backfilled"] == 1 and stats["l1"]["objects"] == 1
+        assert sum(b.numel() for b in scratch._free) == scratch.bytes_held  # every buffer back
+
+
+@pytest.mark.parametrize("serde", ["none", "fp8"])
+def test_a_chunk_larger_than_the_backfill_bound_still_reaches_l1(tmp_path: Path, serde: str) -> None:
+    # The backfill holds at most a quarter of L1; a chunk above that must not be shut out of L1 for good.
+    with Store(l1_size_gb=8 * MB, l2_adapters=[in_place_config(tmp_path, serde)]) as store:
+        big = torch.full((768 * 1024,), 3.0)  # 3 MiB > 8 MiB / 4
+        store.store([key(0)], [big])
+        store.flush()
+        store.clear_l1()
+        out = torch.empty_like(big)
+        assert store.retrieve_into([key(0)], [out]) == 1
+        store.flush()
+        assert store.stats()["l1_backfilled"] == 1 and store.stats()["l1"]["objects"] == 1
 
 
 def test_a_decoded_hit_is_not_decoded_on_the_serde_pool_twice_in_front_of_loads(tmp_path: Path) -> None:

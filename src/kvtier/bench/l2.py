@@ -280,17 +280,19 @@ class _Chunks:
 
     def store_settle(self, store: Store, turns: _Turns) -> Callable[[], None]:
         """The untimed setup of a steady-state load round: the last round's L1 backfill of its L2 hits waited for,
-        and, when the backfill skipped some (it is bounded and best effort: a chunk larger than a quarter of L1
-        never lands), the set just loaded loaded into L1 now (``retrieve``: through L1, evicting the oldest
-        objects, the other set's). L1 then holds the set just loaded and no chunk of the set loaded next."""
+        and, when the backfill skipped some (it is bounded and best effort: it skips while more than a quarter of
+        L1 waits), the set just loaded brought into L1 now, one chunk at a time (``retrieve`` and ``flush``: a
+        lone backfill is never skipped; it evicts the oldest objects, the other set's). L1 then holds the set
+        just loaded and no chunk of the set loaded next."""
         skipped = [store.counts["l1_backfill_skipped"]]
 
         def go() -> None:
             store.flush()
             if store.counts["l1_backfill_skipped"] != skipped[0]:
                 for ks in self.sets[turns.turn]:
-                    store.retrieve(ks)
-                store.flush()
+                    for k in ks:
+                        store.retrieve([k])
+                        store.flush()
             skipped[0] = store.counts["l1_backfill_skipped"]
 
         return go

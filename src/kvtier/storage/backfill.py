@@ -15,7 +15,8 @@ L1 and a copy out. The copy into L1 happens here, off the caller's critical path
   stale and L1 holds nothing under the key, both checked under one lock with the commit. So an older L2 copy
   never replaces a newer L1 object.
 * **Bounded.** At most ``max_bytes`` of backfills wait (the caller's tensors they read, or the encoded bytes they
-  keep); past that, and when L1 has no unpinned room, a backfill is skipped (counted), never waited for.
+  keep; one larger backfill when none waits); past that, and when L1 has no unpinned room, a backfill is skipped
+  (counted), never waited for.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class Backfill:
             l2_held=l2_held,
         )
         with self._cv:
-            if self._closed or self._bytes + job.nbytes > self._max_bytes:
+            # Over the bound only when something is pending: an object larger than the bound still gets its turn.
+            if self._closed or (self._bytes and self._bytes + job.nbytes > self._max_bytes):
                 refused = True
             else:
                 refused = False
