@@ -102,6 +102,20 @@ def _differing(src: torch.Tensor) -> torch.Tensor:
     return torch.where(src == 0, torch.ones_like(src), src.neg()).contiguous()
 
 
+def _no_dirty_pages(then: Callable[[], object] | None = None) -> Callable[[], None]:
+    """An untimed setup: write back every dirty page first (``os.sync``), then ``then``. With ``durability:
+    none`` a store ends in the page cache; past ``vm.dirty_background_ratio`` the kernel writes earlier calls'
+    pages back while later calls run, and past ``vm.dirty_ratio`` it throttles writers to the disk's speed, so a
+    call would pay for the writes of whatever ran before it (its baseline's too)."""
+
+    def go() -> None:
+        os.sync()
+        if then is not None:
+            then()
+
+    return go
+
+
 class _Turns:
     """Which of two inputs an operation's next call uses (0 or 1): :meth:`flip` is the operation's untimed setup,
     so successive calls alternate whatever runs between them."""
@@ -348,7 +362,7 @@ def _encode_mode(h: Harness, c: _Chunks, serdes: list[str], args: argparse.Names
 @contextmanager
 def _tier_mode(h: Harness, c: _Chunks, serdes: list[str], root: Path, args: argparse.Namespace) -> Iterator[None]:
     d = c.durability
-    plain_write = Op(f"plain write ({d})", c.plain_write, c.total)
+    plain_write = Op(f"plain write ({d})", c.plain_write, c.total, _no_dirty_pages())
     c.plain_write()  # the files the plain reads read
     plain_hot = Op("plain read (page cache)", c.plain_read, c.total)
     plain_cold = Op("plain cold read", c.plain_read, c.total, setup=c.drop_plain)
@@ -359,7 +373,7 @@ def _tier_mode(h: Harness, c: _Chunks, serdes: list[str], root: Path, args: argp
             tier = _tier(root, f"tier-{name}", name, args)
             stack.callback(tier.close)
             turns = _Turns()
-            tier_store = Op(f"tier {name} store ({d})", c.tier_store(tier, turns), c.total, setup=turns.flip)
+            tier_store = Op(f"tier {name} store ({d})", c.tier_store(tier, turns), c.total, _no_dirty_pages(turns.flip))
             hot = Op(f"tier {name} hot load", c.tier_load(tier), c.total)
             cold = cold_loads[name] = Op(f"tier {name} cold load", c.tier_load(tier), c.total, c.drop_tier(tier))
             note = f"fs, durability {args.durability}"
@@ -370,7 +384,7 @@ def _tier_mode(h: Harness, c: _Chunks, serdes: list[str], root: Path, args: argp
                 continue
             serde = stack.enter_context(create_serde_processor(_serde_config(name, args.workers)))
             ser, de = c.encode(serde)
-            encode = Op(f"{name} encode alone", ser, c.total)
+            encode = Op(f"{name} encode alone", ser, c.total, _no_dirty_pages())
             decode = Op(f"{name} decode alone", de, c.total)
             h.compare(f"tier: {name} store ({d})", tier_store, encode, f"{note}; GB/s of KV")
             h.compare(f"tier: {name} hot load", hot, decode, "records in the page cache; GB/s of KV")
@@ -428,14 +442,13 @@ def _store_mode(h: Harness, c: _Chunks, name: str, root: Path, args: argparse.Na
 
         def settled(setup: Callable[[], object] | None = None) -> Callable[[], None]:
             """An untimed setup that first waits for every Store's background work (a load's L1 backfill, off
-            the caller's path by design), so that it never runs inside the next timed call, a baseline's
-            included; then ``setup``."""
+            the caller's path by design) and the kernel's (dirty pages), so that neither runs inside the next
+            timed call, a baseline's included; then ``setup``."""
 
             def go() -> None:
                 for store in (emptied, steady, loading):
                     store.flush()
-                if setup is not None:
-                    setup()
+                _no_dirty_pages(setup)()
 
             return go
 

@@ -98,6 +98,10 @@ class ScratchPool:
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self.bytes_held = 0  # free and lent buffers together
+        # Buffers a round handed on to refills (L1 backfills) instead of giving them back: while they are out, as
+        # many more free ones are kept, so a load that runs while backfills lag reuses buffers (a fresh one costs
+        # its first-touch page faults, on the caller's path) and the pool shrinks back to ``keep`` once they return.
+        self._lent = 0
 
     def take(self, size: int) -> torch.Tensor:
         """A buffer of at least ``size`` bytes (the smallest free one that fits, else a new one)."""
@@ -108,14 +112,23 @@ class ScratchPool:
             self.bytes_held += size
         return torch.empty(size, dtype=torch.uint8)
 
-    def give(self, bufs: Sequence[torch.Tensor]) -> None:
+    def give(self, bufs: Sequence[torch.Tensor], *, lent: bool = False) -> None:
+        """Take ``bufs`` back (``lent``: buffers :meth:`lend` handed out)."""
         with self._lock:
+            if lent:
+                self._lent -= len(bufs)
             self._free.extend(bufs)
-            if len(self._free) > self._keep:
+            keep = self._keep + self._lent
+            if len(self._free) > keep:
                 self._free.sort(key=lambda b: b.numel(), reverse=True)  # keep the largest: they fit any chunk
-                for dropped in self._free[self._keep :]:
+                for dropped in self._free[keep:]:
                     self.bytes_held -= dropped.numel()
-                del self._free[self._keep :]
+                del self._free[keep:]
+
+    def lend(self) -> None:
+        """A buffer taken by a round goes on to a refill; it comes back by ``give(..., lent=True)``."""
+        with self._lock:
+            self._lent += 1
 
 
 class Refill:
@@ -198,7 +211,7 @@ class _Redecode(Refill):
         buf, self._buf = self._buf, None
         if buf is not None:
             self._payload = _NO_BYTES
-            self._pool.give([buf])
+            self._pool.give([buf], lent=True)
 
 
 _NO_BYTES = torch.empty(0, dtype=torch.uint8)
@@ -269,21 +282,27 @@ class _Encoding:
             self.done.set()
 
     def frame(self, j: int, buf: torch.Tensor, fut: Future[BatchResult]) -> None:
-        """Runs on the serde thread that encoded record ``j``, right after: header and checksum while the
-        payload's bytes are hot."""
+        """Runs on the serde thread that encoded record ``j``, right after: notes its payload (or its error). The
+        header and its checksum are made by the writer (:meth:`seal`), so the serde's threads, the store path's
+        bottleneck, do nothing but encode while the other cores checksum and write."""
         try:
             result = fut.result()
             if result.errors:
                 self.errors[j] = result.errors[0]
             else:
-                payload = byte_view(buf[: result.sizes[0]])
-                header = bytearray(header_size(self.metas[j]))
-                write_header_parts(header, self.metas[j], payload)
-                self.records[j] = [header, payload]
+                self.records[j] = [byte_view(buf[: result.sizes[0]])]
         except BaseException as exc:  # reported by the write of this round, never lost in a callback
             self.errors[j] = exc
         finally:
             self._finish(1)
+
+    def seal(self) -> None:
+        """Header and checksum of every encoded record, on the calling (writer) thread."""
+        for meta, record in zip(self.metas, self.records, strict=True):
+            (payload,) = record
+            header = bytearray(header_size(meta))
+            write_header_parts(header, meta, payload)
+            record.insert(0, header)
 
     def abandon(self, n: int) -> None:
         """``n`` records that were never submitted (the submit itself failed): nothing to wait for."""
@@ -454,6 +473,7 @@ class L2Tier:
             enc.done.wait()
             if enc.errors:
                 raise BatchError("serialize batch failed", enc.errors)
+            enc.seal()
             self._store_records([m.key for m in enc.metas], enc.records)
         finally:
             self._scratch.give(enc.scratch)  # the adapter keeps no reference past store_records
@@ -626,6 +646,7 @@ class L2Tier:
         record (verified by its checksum before the decode), which the round then no longer gives back."""
         assert self.serde is not None
         kept.add(id(rnd.bufs[j]))
+        self._scratch.lend()
         return _Redecode(self.serde, self._scratch, rnd.bufs[j], rnd.srcs[j], rnd.contexts[j])
 
     def _damaged(self, key: str, exc: BaseException, bad: list[str], tally: dict[str, int]) -> None:
