@@ -466,8 +466,8 @@ class Store:
     @_call
     @_fenced
     def retrieve(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor | None]:
-        """A new tensor per key (``None`` for a miss), owned by the caller. L1 misses are fetched from the first
-        L2 adapter that holds them, through L1."""
+        """A new tensor per key (``None`` for a miss), owned by the caller. An L1 miss is loaded from the first L2
+        adapter that holds it into its new tensor, and copied into L1 in the background (see :meth:`flush`)."""
         out: list[torch.Tensor | None] = [None] * len(keys)
         objs = self._pool.acquire(keys)
         pinned = list(objs)
