@@ -267,7 +267,8 @@ _SEAL = slice(0, 24)
 
 class _Encoding:
     """One store round between its submit to the serde's threads and its write: the scratch it owns (given back
-    only after the write), and per record the framed ``[header, payload]`` or the error."""
+    only after the write), and per record ``[payload]`` (``[header, payload]`` once :meth:`seal` ran) or the
+    error."""
 
     def __init__(self, metas: list[RecordMeta], n: int) -> None:
         self.metas = metas
@@ -375,10 +376,10 @@ class L2Tier:
     def store(self, keys: Sequence[ObjectKey], tensors: Sequence[torch.Tensor]) -> None:
         """Store a batch, all or nothing: on any failure the batch's keys are deleted and the error raised.
 
-        Rounds overlap: round k+1 is encoded on the serde's threads while round k is written, and each record's
-        header and checksum are made by the serde thread that encoded it, right after, while its bytes are still
-        in cache (no second pass over them on this thread). Without serde (or with ``raw``) there is nothing to
-        encode: the checksum is the only pass over the tensor's bytes, and the payload is written from them.
+        Rounds overlap: round k+1 is encoded on the serde's threads while round k is checksummed (its headers
+        made) and written on this thread: the serde's threads, the store path's bottleneck, only encode. Without
+        serde (or with ``raw``) there is nothing to encode: the checksum is the only pass over the tensor's bytes,
+        and the payload is written from them.
         """
         if len(keys) != len(tensors):
             raise ValueError(f"batch has {len(keys)} keys but {len(tensors)} tensors")
