@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,25 +38,6 @@ log = logging.getLogger(__name__)
 
 
 _RELEASED = torch.empty(0, dtype=torch.uint8)
-
-#: how much lower than the process the backfill thread runs (Linux nice levels: each one ~1.25x less CPU share)
-NICE_INCREMENT = 10
-
-
-def lower_thread_priority(increment: int = NICE_INCREMENT) -> bool:
-    """Lower the calling thread's scheduling priority by ``increment`` nice levels (Linux: a thread's own nice
-    value, ``setpriority`` on its thread id); returns whether it did. Work nobody waits for yields the CPU to the
-    threads callers do wait on, when the host is busy, and costs nothing when it is idle."""
-    get_native_id = getattr(threading, "get_native_id", None)
-    if get_native_id is None or not hasattr(os, "setpriority"):
-        return False
-    try:
-        tid = get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-    except OSError:  # not Linux semantics, or a sandbox that forbids it: full priority, still correct
-        return False
-    return True
-
 
 @dataclass(eq=False)
 class _Job:
@@ -165,9 +145,6 @@ class Backfill:
                         job.stale = True
 
     def _loop(self) -> None:
-        # On a busy host the backfill's copies and second decodes would take CPU from the loads callers wait on
-        # (measured on 2 vCPUs: an fp8 hot load through the Store at 0.65x of the tier alone at full priority).
-        lower_thread_priority()
         while True:
             with self._cv:
                 while not self._jobs:
