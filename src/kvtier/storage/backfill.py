@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _RELEASED = torch.empty(0, dtype=torch.uint8)
 
+
 @dataclass(eq=False)
 class _Job:
     key: ObjectKey
