@@ -517,3 +517,88 @@ def test_a_large_store_is_queued_in_groups_as_it_is_copied(tmp_path: Path, monke
         store.clear_l1()
         stats = store.stats()
         assert stats["l2_pending_bytes"] == 0 and stats["l1"]["used_bytes"] == 0
+
+
+def test_concurrent_writers_hold_at_most_three_rounds_of_encoded_records(tmp_path: Path) -> None:
+    """Eight fs writers each used to encode two rounds ahead of their write, so that a slow disk held up to 32
+    records in scratch, and every round took some of its buffers fresh (page faults on the serde's thread). The
+    tier's store slots bound them to three rounds across its writers: the scratch stays what the pool keeps, and
+    writers that hold encoded rounds never wait for each other (every write lands)."""
+    config = {**fs_config(tmp_path), "serde": {"type": "zstd", "level": 1, "max_workers": 1}}
+    n = 40
+    with Store(l1_size_gb=8 * MB, l2_adapters=[config]) as store:
+        tier = store._tiers[0]
+        assert tier.serde is not None and tier._round == 2 and tier.writers == 8
+        gate = Gate(store)
+        keys = [key(i) for i in range(n)]
+        store.store(keys, [chunk(i) for i in range(n)])
+
+        def encoded() -> int:
+            return int(tier.serde.stats()["serialize_items_total"])  # type: ignore[union-attr]
+
+        gate.wait_entered(2)  # two writers hold a round each at the (closed) disk
+        with gate._cv:
+            assert gate._cv.wait_for(lambda: encoded() >= 6, 20)  # and a third round is encoded meanwhile
+            assert not gate._cv.wait_for(lambda: encoded() > 6, 0.5)  # and nothing more until a write returns
+        assert gate.calls == 0
+        gate.open()
+        store.flush()
+        assert store.stats()["l2_written"] == n
+        assert tier.stats()["scratch_bytes"] <= tier._scratch._keep * max(b.numel() for b in tier._scratch._free)
+        store.clear_l1()
+        got = from_l2(store, keys)
+        assert all(g is not None and torch.equal(g, chunk(i)) for i, g in enumerate(got))
+
+
+def test_concurrent_store_calls_with_failing_writes_all_end_and_give_back_every_slot() -> None:
+    """Many threads store multi-round batches through one tier while a third of the writes fail: every call
+    returns (writers holding encoded rounds write them before they wait for slots), a failed batch leaves none of
+    its keys, a successful one loads back exactly, and every store slot and scratch buffer comes back."""
+    from kvtier.errors import L2Error
+    from kvtier.l2.adapters import FaultyAdapter, MemoryAdapter
+    from kvtier.l2.tier import L2Tier
+    from kvtier.serde import create_serde_processor
+
+    adapter = FaultyAdapter(MemoryAdapter(None))
+    fail_lock, writes = threading.Lock(), [0]
+
+    def sometimes_fail(_: object, keys: Sequence[str]) -> None:
+        with fail_lock:
+            writes[0] += 1
+            if writes[0] % 3 == 0:
+                raise OSError("injected write failure")
+
+    adapter.before_store = sometimes_fail
+    serde = create_serde_processor({"type": "zstd", "level": 1, "max_workers": 2})
+    tier = L2Tier(adapter, serde, {"type": "faulty"})
+    slots = tier._store_slots._free
+    outcome: dict[int, bool] = {}
+
+    def caller(t: int) -> None:
+        for r in range(4):
+            keys = [key(1000 * t + 10 * r + i) for i in range(7)]  # 7 records: rounds of 4, 3
+            try:
+                tier.store(keys, [chunk(t + r + i / 8) for i in range(7)])
+                outcome[1000 * t + 10 * r] = True
+            except (OSError, L2Error):
+                outcome[1000 * t + 10 * r] = False
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not any(th.is_alive() for th in threads)
+    assert len(outcome) == 32 and 0 < sum(outcome.values()) < 32
+    for base, ok in outcome.items():
+        t, r = divmod(base, 1000)[0], (base % 1000) // 10
+        keys = [key(base + i) for i in range(7)]
+        dsts = [torch.empty(4096) for _ in keys]
+        hits = tier.load_into(keys, dsts)
+        if ok:
+            assert all(hits) and all(torch.equal(d, chunk(t + r + i / 8)) for i, d in enumerate(dsts))
+        else:
+            assert not any(hits)
+    assert tier._store_slots._free == slots
+    assert tier.stats()["scratch_bytes"] <= tier._scratch._keep * max(b.numel() for b in tier._scratch._free)
+    tier.close()

@@ -131,6 +131,29 @@ class ScratchPool:
             self._lent += 1
 
 
+class _Slots:
+    """A count of records that store rounds may hold encoded or encoding at once, taken a round at a time."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._cv = threading.Condition()
+
+    def take(self, n: int, *, wait: bool) -> bool:
+        """Take ``n`` slots; without ``wait``, only if they are free now (False: none taken)."""
+        with self._cv:
+            if wait:
+                self._cv.wait_for(lambda: self._free >= n)
+            elif self._free < n:
+                return False
+            self._free -= n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._cv:
+            self._free += n
+            self._cv.notify_all()
+
+
 class Refill:
     """How L1 gets its own copy of a hit that a load wrote into a caller's tensor, later, without trusting it.
 
@@ -338,6 +361,12 @@ class L2Tier:
         self._round = 1 << 30 if self._identity_stage else 2 * (serde.max_workers if serde else 1)
         # Two rounds of scratch in flight per load (one decoding, one reading), more with concurrent callers.
         self._scratch = ScratchPool(keep=4 * self._round if not self._identity_stage else 0)
+        # Store rounds encoding or encoded and not yet written, across every writer of this tier: three rounds keep
+        # the serde's workers busy while earlier rounds are written, and stay within what the scratch pool keeps,
+        # so an encode never writes into fresh memory (its first-touch page faults would run on the serde's
+        # threads, the store path's bottleneck). Without the bound, the Store's eight fs writers had up to 32
+        # records in flight and a quarter of every round's buffers were fresh.
+        self._store_slots = _Slots(3 * self._round if not self._identity_stage else 0)
         self._counts_lock = threading.Lock()
         # The record each key last got from this tier, by its sealed header's checksum and length: a re-store of
         # identical bytes (popular prefixes are stored again and again, by every engine) is not written again
@@ -434,12 +463,21 @@ class L2Tier:
                 self._written.pop(k, None)
 
     def _store_encoded(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> None:
-        """Encode round k+1 while round k is written; at most two rounds' scratch in flight per call."""
+        """Encode round k+1 while round k is written; at most two rounds in flight per call, and at most the tier's
+        store slots across calls (a call that holds an encoded round never waits for slots: it writes that round
+        first, so concurrent writers cannot hold every slot while waiting for more)."""
         encoding: _Encoding | None = None
         try:
             for start in range(0, len(keys), self._round):
-                end = start + self._round
-                previous, encoding = encoding, self._encode(keys[start:end], srcs[start:end])
+                ks, ss = keys[start : start + self._round], srcs[start : start + self._round]
+                following = self._encode(ks, ss, wait=encoding is None)
+                if following is None:  # every slot is held by rounds encoded and waiting: write this call's first
+                    previous, encoding = encoding, None
+                    assert previous is not None
+                    self._write_encoded(previous)
+                    following = self._encode(ks, ss, wait=True)
+                    assert following is not None
+                previous, encoding = encoding, following
                 if previous is not None:
                     self._write_encoded(previous)
             if encoding is not None:
@@ -448,13 +486,16 @@ class L2Tier:
         finally:
             if encoding is not None:  # a write failed: the next round's encode must finish with its scratch first
                 encoding.done.wait()
-                self._scratch.give(encoding.scratch)
+                self._end_round(encoding)
 
-    def _encode(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> _Encoding:
-        """Submit one round's encode; each record is framed (header, checksum) by the thread that encoded it."""
+    def _encode(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor], *, wait: bool) -> _Encoding | None:
+        """Submit one round's encode once it has its store slots (without ``wait``: None when they are not free
+        now); each record's payload is noted by the thread that encoded it (:meth:`_Encoding.frame`)."""
         assert self.serde is not None  # the identity stage is the only path without one
         metas = [self._meta(k, layout_of(s)) for k, s in zip(keys, srcs, strict=True)]
-        enc = _Encoding(metas, len(metas))
+        if not self._store_slots.take(len(metas), wait=wait):
+            return None
+        enc = _Encoding(metas, len(metas))  # holds len(metas) store slots until _end_round
         try:
             for j, (key, meta, src) in enumerate(zip(keys, metas, srcs, strict=True)):
                 buf = self._scratch.take(self.serde.estimate_serialized_size(meta.layout))
@@ -465,9 +506,14 @@ class L2Tier:
         except BaseException:
             enc.abandon(len(metas) - enc.submitted)
             enc.done.wait()
-            self._scratch.give(enc.scratch)
+            self._end_round(enc)
             raise
         return enc
+
+    def _end_round(self, enc: _Encoding) -> None:
+        """A store round is done with its scratch (the adapter keeps no reference past ``store_records``)."""
+        self._scratch.give(enc.scratch)
+        self._store_slots.give(len(enc.metas))
 
     def _write_encoded(self, enc: _Encoding) -> None:
         try:
@@ -477,7 +523,7 @@ class L2Tier:
             enc.seal()
             self._store_records([m.key for m in enc.metas], enc.records)
         finally:
-            self._scratch.give(enc.scratch)  # the adapter keeps no reference past store_records
+            self._end_round(enc)
 
     # -- load: one path -----------------------------------------------------------------------------------------
     def load(
