@@ -202,3 +202,27 @@ def test_sigkill_mid_store_leaves_no_visible_partial_record(tmp_path: Path) -> N
         for i in range(n):
             assert torch.equal(outs[i], chunk(i, tokens=4096))
         assert t.stats()["integrity_misses"] == 0
+
+
+def test_a_changed_record_is_never_renamed_over_the_old_one(tmp_path: Path, monkeypatch: Any) -> None:
+    """ext4 (``auto_da_alloc``) writes a file back to disk inside a rename that replaces an existing file, on the
+    writer's time: it doubled the cost of re-storing a record with ``durability: "none"``. The old record is
+    removed first; the key then loads the new record, and a re-store in the same batch keeps the last one."""
+    renames: list[bool] = []
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        renames.append(os.path.exists(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fs_module.os, "replace", replace)
+    ks = keys(3)
+    with tier(tmp_path) as t:
+        t.store(ks, [chunk(i) for i in range(3)])
+        t.store(ks, [chunk(10 + i) for i in range(3)])
+        t.store([ks[0], ks[0]], [chunk(20), chunk(21)])
+        assert renames == [False] * 8
+        outs = [torch.empty_like(chunk(0)) for _ in ks]
+        assert t.load_into(ks, outs) == [True] * 3
+        assert [torch.equal(o, w) for o, w in zip(outs, [chunk(21), chunk(11), chunk(12)], strict=True)] == [True] * 3
+        assert fs(t).used_bytes == sum(os.path.getsize(fs(t).path_for(k.to_str())) for k in ks)

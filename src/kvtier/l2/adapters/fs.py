@@ -234,6 +234,13 @@ class FSAdapter(L2Adapter):
                 os.close(fds.pop())
             dirs = set()
             for tmp, final in temps:
+                # The old record is removed, then the new one renamed to its name, rather than renamed over it:
+                # ext4 (``auto_da_alloc``, on by default) writes back a file renamed over an existing one inside
+                # the rename, which cost each store of a changed record its write to disk on the writer's time
+                # (``durability: "none"``: 0.9 s instead of 0.45 s per GiB here). A load between the two steps
+                # misses; a crash between them leaves no record (the data is already synced with "fsync").
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
                 os.replace(tmp, final)
                 dirs.add(final.parent)
             if whole_fs:
