@@ -4,8 +4,8 @@ local filesystem.
 
 * **Crash safety.** A record is written to a temporary name in its final directory, fsynced (``durability:
   "fsync"``, the default), the key's old record removed, the new one renamed to the final name, and the directory
-  fsynced. A crash at any point leaves either the old record, the new one, or no record: never a torn one. Leftover temporary files are removed at
-  start. Syncs are batched: a store batch writes all its files, syncs their data, renames them, then syncs the
+  fsynced. A crash at any point leaves either the old record, the new one, or no record: never a torn one.
+  Leftover temporary files are removed at start. Syncs are batched: a store batch writes all its files, syncs their data, renames them, then syncs the
   names: a batch of ``SYNCFS_MIN_BATCH`` files or more with two ``syncfs(2)`` calls (two journal commits per
   batch, not two per file; they also flush other dirty data of that filesystem, so a dedicated filesystem for L2
   is best), a smaller one with one ``fdatasync`` per file and one ``fsync`` per directory. Durability: with
