@@ -4,13 +4,14 @@ local filesystem.
 
 * **Crash safety.** A record is written to a temporary name in its final directory, fsynced (``durability:
   "fsync"``, the default), the key's old record removed, the new one renamed to the final name, and the directory
-  fsynced. A crash at any point leaves either the old record, the new one, or no record: never a torn one.
-  Leftover temporary files are removed at start. Syncs are batched: a store batch writes all its files, syncs their data, renames them, then syncs the
-  names: a batch of ``SYNCFS_MIN_BATCH`` files or more with two ``syncfs(2)`` calls (two journal commits per
-  batch, not two per file; they also flush other dirty data of that filesystem, so a dedicated filesystem for L2
-  is best), a smaller one with one ``fdatasync`` per file and one ``fsync`` per directory. Durability: with
-  ``"fsync"``, a batch whose store returned is on stable storage (the Store counts it in ``l2_written`` only
-  then, and ``Store.flush()`` returns after it); with ``"none"`` it is as durable as the page cache.
+  fsynced. A crash at any point leaves either the old record, the new one, or no record: never a torn one. Leftover
+  temporary files are removed at start. Syncs are batched: a store batch writes all its files, syncs their data,
+  renames them, then syncs the names: a batch of ``SYNCFS_MIN_BATCH`` files or more with two ``syncfs(2)`` calls
+  (two journal commits per batch, not two per file; they also flush other dirty data of that filesystem, so a
+  dedicated filesystem for L2 is best), a smaller one with one ``fdatasync`` per file and one ``fsync`` per
+  directory. Durability: with ``"fsync"``, a batch whose store returned is on stable storage (the Store counts it in
+  ``l2_written`` only then, and ``Store.flush()`` returns after it); with ``"none"`` it is as durable as the page
+  cache.
 * **Bounded.** ``max_capacity_gb`` bounds the bytes of records; the eviction policy picks victims.
   ``tenant_quota_gb`` bounds each tenant's (``cache_salt``'s) bytes, ``tenant_quotas_gb`` overrides it by salt
   digest (:mod:`kvtier.tenants`): a tenant at its quota evicts its own records first, in policy order.
