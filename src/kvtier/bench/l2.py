@@ -186,8 +186,12 @@ class _Chunks:
                 self.memcpy_dst.copy_(self.src)
 
     def plain_write(self) -> None:
+        """Each file written anew, its previous one removed first, as the fs adapter writes a record: truncating
+        an existing file (``O_TRUNC``) makes ext4 (``auto_da_alloc``) write it back to disk at its close, on
+        the writer's time (a baseline half as fast as the plain way to write the bytes)."""
         for path in self.plain_paths:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 os.write(fd, self.payload)
                 if self.fsync:
