@@ -443,3 +443,14 @@ def test_client_command_help_and_usage_errors_do_not_import_torch() -> None:
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert [r[1] for r in results] == [0, 0, 2, 2, 0]
     assert not any(r[2] for r in results), results
+
+
+@pytest.mark.parametrize("leaf", ["ab12.r0", "ab12.r01", "ab12.r²", "ab12.r-1", "ab12.r"])
+def test_a_record_name_kvtier_never_writes_maps_to_no_key(leaf: str) -> None:
+    """object_name writes a rank above 0 as ``.r<decimal>`` without a leading zero: any other rank suffix is no
+    record of kvtier's (it used to map to a key string whose own name is another one, or with "²" to a rank that
+    made int() raise wherever the key string was read)."""
+    from kvtier.l2.adapters.object_store import key_of_name, object_name
+
+    assert key_of_name(f"m/_/{leaf}.kvtr") is None
+    assert key_of_name(object_name(ObjectKey("m", "ab12", 3).to_str())) == "m@3@@ab12"

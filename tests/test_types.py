@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvtier import ConfigError, KVFormat, LayoutDesc, ObjectKey
 
@@ -65,3 +67,61 @@ def test_layout_desc() -> None:
         LayoutDesc((3, 2, 2, 2), torch.bfloat16, KVFormat.KV_LAYER_TOKEN_HIDDEN)
     with pytest.raises(ConfigError, match="dtype"):
         LayoutDesc((1,), "complex")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["m@²@@ab", "m@٣@@ab", "m@01@@ab", "m@@@ab", "m@1@@", "m@1@x@y@z", "@0@@ab"])
+def test_a_key_string_of_another_shape_is_refused_with_a_config_error(text: str) -> None:
+    """Unicode digits passed ``str.isdigit()`` and then made ``int()`` raise ValueError; a rank with a leading zero
+    read back as another key's string. Every reader of key strings shares one parser now."""
+    from kvtier.key_names import parse_key_str
+    from kvtier.l2.adapters.base import KeyMatch
+    from kvtier.tenants import tenant_of_key_str
+
+    fields = parse_key_str(text)
+    if fields is None:
+        with pytest.raises(ConfigError):
+            ObjectKey.from_str(text)
+        assert not KeyMatch().matches(text)
+        assert tenant_of_key_str(text) == ("", "")
+    else:  # the shape holds ("m@1@@": an empty hash); the fields themselves are the key's to check
+        with pytest.raises(ConfigError):
+            ObjectKey.from_str(text)
+
+
+@given(
+    model=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}(/[A-Za-z0-9][A-Za-z0-9_-]{0,20})?", fullmatch=True),
+    chunk_hash=st.from_regex(r"[0-9a-f]{1,64}", fullmatch=True),
+    rank=st.integers(0, (1 << 16) - 1),
+    salt=st.text(max_size=20),
+)
+def test_every_key_string_parses_back_to_its_fields(model: str, chunk_hash: str, rank: int, salt: str) -> None:
+    from kvtier.key_names import parse_key_str
+    from kvtier.l2.adapters.base import KeyMatch
+    from kvtier.tenants import tenant_of_key_str
+
+    key = ObjectKey(model, chunk_hash, rank, salt)
+    fields = parse_key_str(key.to_str())
+    assert fields is not None
+    assert (fields.model_name, fields.kv_rank, fields.salt_digest, fields.chunk_hash) == (
+        model,
+        rank,
+        key.salt_digest,
+        chunk_hash,
+    )
+    assert KeyMatch(model, key.salt_digest).matches(key.to_str())
+    assert not KeyMatch(model + "x").matches(key.to_str())
+    assert tenant_of_key_str(key.to_str()) == (key.salt_digest, model)
+    if not salt:
+        assert ObjectKey.from_str(key.to_str()) == key
+
+
+@given(st.text(alphabet=st.sampled_from("ab@0123456789²%/_-"), max_size=30))
+def test_any_string_parses_or_is_refused_never_raises(text: str) -> None:
+    from kvtier.key_names import parse_key_str
+
+    fields = parse_key_str(text)
+    try:
+        key = ObjectKey.from_str(text)
+    except ConfigError:
+        return
+    assert fields is not None and key.to_str() == text

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.errors import ConfigError
+from kvtier.key_names import parse_key_str
 from kvtier.storage.policies import EvictionPolicy, create_policy
 
 GiB = 1 << 30
@@ -49,11 +50,9 @@ def is_tenant_name(name: object) -> bool:
 def tenant_of_key_str(key: str) -> tuple[str, str]:
     """``(salt digest, model name)`` of an ``ObjectKey.to_str()`` string (``model@rank@digest@hash``); a string
     that is not one (adapter tests store arbitrary names) is the unsalted tenant's, under the model ``""``."""
-    parts = key.split("@")
-    if len(parts) == 4 and is_tenant_name(parts[2]):
-        from urllib.parse import unquote
-
-        return parts[2], unquote(parts[0])
+    fields = parse_key_str(key)
+    if fields is not None and is_tenant_name(fields.salt_digest):
+        return fields.salt_digest, fields.model_name
     return "", ""
 
 

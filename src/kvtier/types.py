@@ -10,12 +10,12 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import quote, unquote
 
 import blake3
 import torch
 
 from kvtier.errors import ConfigError
+from kvtier.key_names import key_str, parse_key_str
 
 # Frozen on-disk codes: a record stores the dtype as one byte. Never renumber; only append.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -205,7 +205,7 @@ class ObjectKey:
     def to_str(self) -> str:
         """Canonical string ``model@rank@saltdigest@hash``, safe as a file name and a Redis key; it holds the
         salt's keyed digest, never the salt (see :meth:`from_str`)."""
-        return f"{quote(self.model_name, safe='')}@{self.kv_rank}@{self._digest}@{self.chunk_hash}"
+        return key_str(self.model_name, self.kv_rank, self._digest, self.chunk_hash)
 
     @classmethod
     def from_str(cls, text: str) -> ObjectKey:
@@ -213,11 +213,11 @@ class ObjectKey:
 
         A salted key cannot be rebuilt from its string: the string holds only the salt's digest.
         """
-        parts = text.split("@")
-        if len(parts) != 4 or not parts[1].isdigit():
+        fields = parse_key_str(text)
+        if fields is None:
             raise ConfigError(f"object key: expected 'model@rank@saltdigest@hash', got {text!r}")
-        if parts[2]:
-            if not _SALT_DIGEST_RE.fullmatch(parts[2]):
+        if fields.salt_digest:
+            if not _SALT_DIGEST_RE.fullmatch(fields.salt_digest):
                 raise ConfigError(f"object key: expected a salt digest of 32 hex digits in {text!r}")
             raise ConfigError("object key: a salted key holds only its salt's digest; it cannot be parsed back")
-        return cls(unquote(parts[0]), parts[3], int(parts[1]))
+        return cls(fields.model_name, fields.chunk_hash, fields.kv_rank)

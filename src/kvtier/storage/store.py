@@ -29,13 +29,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import unquote
 
 import numpy as np
 import torch
 
 from kvtier.errors import CapacityError, ConfigError, L2Error
 from kvtier.events import L1_TIER, EventHub, Kind, Listener
+from kvtier.key_names import parse_key_str
 from kvtier.l2.adapters import PURGE_BATCH, KeyMatch, create_l2_adapter
 from kvtier.l2.tier import L2Tier, Refill
 from kvtier.storage.admission import TierAdmission, admission_of, without_admission
@@ -988,9 +988,5 @@ class Store:
 
 def _key_fields(names: Sequence[str]) -> list[tuple[str, int, str, str]]:
     """``(model, rank, salt digest, hash)`` of record names (``ObjectKey.to_str()``); others are skipped."""
-    fields = []
-    for name in names:
-        parts = name.split("@")
-        if len(parts) == 4 and parts[1].isdigit():
-            fields.append((unquote(parts[0]), int(parts[1]), parts[2], parts[3]))
-    return fields
+    parsed = (parse_key_str(name) for name in names)
+    return [(f.model_name, f.kv_rank, f.salt_digest, f.chunk_hash) for f in parsed if f is not None]

@@ -51,6 +51,7 @@ from urllib.parse import quote
 
 from kvtier.config import canonical_json
 from kvtier.errors import L2Error
+from kvtier.key_names import parse_key_str
 
 #: ``load_records`` result for a key that holds no record.
 MISS = -1
@@ -90,12 +91,12 @@ class KeyMatch:
 
     def matches(self, key: str) -> bool:
         """Whether the key string ``key`` is selected."""
-        parts = key.split("@")
-        if len(parts) != 4 or not parts[1].isdigit():
+        fields = parse_key_str(key)
+        if fields is None:
             return False
-        if self.model_name is not None and parts[0] != self.quoted_model:
+        if self.model_name is not None and fields.quoted_model != self.quoted_model:
             return False
-        return self.salt_digest is None or parts[2] == self.salt_digest
+        return self.salt_digest is None or fields.salt_digest == self.salt_digest
 
     @property
     def quoted_model(self) -> str:

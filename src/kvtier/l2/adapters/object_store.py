@@ -64,10 +64,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from kvtier.config import ConfigReader
 from kvtier.errors import CapacityError, ConfigError, L2Error, MissingDependencyError
+from kvtier.key_names import key_str, parse_key_str
 from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, batched, scatter, total_length
 from kvtier.l2.adapters.health import BackendHealth
 from kvtier.tenants import TenantQuotas, UsageLedger, read_adapter_quotas
@@ -168,18 +169,16 @@ def object_name(key: str) -> str:
     ``_/k/<key>.kvtr`` when the key is a safe name, else ``_/x/<hex of the key>.kvtr``. Distinct keys map to
     distinct names: a key's name has at least three segments below ``_/k`` or ``_/x``, a fallback name one.
     """
-    parts = key.split("@")
-    if len(parts) == 4 and parts[1].isdigit() and parts[1] == str(int(parts[1])):
-        quoted, rank, digest, chunk_hash = parts
-        model = unquote(quoted)
-        if (
-            quote(model, safe="") == quoted
-            and (digest == "" or _SALT_DIGEST.fullmatch(digest))
-            and _CHUNK_HASH.fullmatch(chunk_hash)
-            and all(_SAFE_SEGMENT.fullmatch(s) for s in model.split("/"))
-        ):
-            ranked = "" if rank == "0" else f".r{rank}"
-            return f"{model}/{digest or '_'}/{chunk_hash}{ranked}{SUFFIX}"
+    f = parse_key_str(key)
+    if (
+        f is not None
+        and quote(f.model_name, safe="") == f.quoted_model
+        and (f.salt_digest == "" or _SALT_DIGEST.fullmatch(f.salt_digest))
+        and _CHUNK_HASH.fullmatch(f.chunk_hash)
+        and all(_SAFE_SEGMENT.fullmatch(s) for s in f.model_name.split("/"))
+    ):
+        ranked = "" if f.kv_rank == 0 else f".r{f.kv_rank}"
+        return f"{f.model_name}/{f.salt_digest or '_'}/{f.chunk_hash}{ranked}{SUFFIX}"
     if _SAFE_KEY.fullmatch(key):
         return f"_/k/{key}{SUFFIX}"
     return f"_/x/{key.encode().hex()}{SUFFIX}"
@@ -201,10 +200,11 @@ def key_of_name(name: str) -> str | None:
     if len(segs) < 3:
         return None
     model, digest, leaf = "/".join(segs[:-2]), segs[-2], segs[-1]
-    chunk_hash, _, rank = leaf.partition(".r")
-    if rank and not rank.isdigit():
+    chunk_hash, ranked, rank = leaf.partition(".r")
+    # object_name writes a rank above 0 only, in decimal digits without a leading zero: anything else is no record
+    if ranked and not (rank.isascii() and rank.isdigit() and rank[0] != "0"):
         return None
-    return f"{quote(model, safe='')}@{rank or '0'}@{'' if digest == '_' else digest}@{chunk_hash}"
+    return key_str(model, int(rank or 0), "" if digest == "_" else digest, chunk_hash)
 
 
 def list_prefixes(match: KeyMatch) -> list[str]:
