@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from kvtier.errors import BatchError, CapacityError, ConfigError, L2Error
-from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, batched, scatter, total_length
+from kvtier.l2.adapters.base import MISS, Buffer, KeyMatch, L2Adapter, Prepare, batched, scatter
 from kvtier.l2.adapters.health import BackendHealth
 from kvtier.l2.adapters.redis.config import redact_url
 from kvtier.l2.adapters.redis.io import Packer, RespReader, is_wrong_type
@@ -323,21 +323,9 @@ class RedisAdapter(L2Adapter):
             log.warning("L2 redis %s: could not remove %d record(s) of a failed batch: %s", self._url, len(full), exc)
 
     def _load(self, keys: Sequence[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
-        full = [self._key(k) for k in keys]
-        out: list[int] = []
-        start = 0
-        while start < len(full):
-            end, window = start, 0
-            while end < len(full) and (end == start or window + total_length(dsts[end]) <= _LOAD_WINDOW):
-                window += total_length(dsts[end])
-                end += 1
-            part_keys, part_dsts = full[start:end], dsts[start:end]
-            if self.cluster:
-                out += self._run(lambda: self._get_cluster(part_keys, part_dsts))  # noqa: B023 - runs right here
-            else:
-                out += self._run(lambda: self._get_into(part_keys, part_dsts))  # noqa: B023 - runs right here
-            start = end
-        return out
+        """Through the one read path (:meth:`_load_with`): each value received straight into its buffers, as far
+        as they reach (a longer one's length tells the caller it did not fit)."""
+        return self._load_with(keys, 0, lambda i, _head, _length: dsts[i])
 
     def _load_with(self, keys: Sequence[str], head_size: int, prepare: Prepare) -> list[int]:
         """One pipelined ``GET`` per record, each value received header first into ``prepare``'s buffers."""
@@ -398,52 +386,6 @@ class RedisAdapter(L2Adapter):
             bufs = prepare(j, memoryview(value)[:head_size], len(value))
             if bufs is not None:
                 scatter(value, bufs)
-            out.append(len(value))
-        if missing:  # evicted by a node's own policy, or deleted by hand: drop their accounting
-            self._drop_accounting(missing)
-        return out
-
-    def _get_into(self, full: list[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
-        """Pipelined GETs whose values are received straight into the caller's buffers (no ``bytes`` per value,
-        no copy), then the recency / accounting touch."""
-        out = Packer()
-        for key in full:
-            out.command([b"GET", key.encode()])
-        out.command(
-            [b"EVAL", TOUCH_SCRIPT.encode(), b"4", *(k.encode() for k in self._meta), *(k.encode() for k in full)]
-        )
-        pool = self._client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command(out.finish())
-            reader = RespReader(conn)
-            lengths = [reader.bulk_into(dst) for dst in dsts]
-            self._last_used = reader.integer()
-        except BaseException:
-            conn.disconnect()  # the stream may be mid-reply: this socket must not serve another batch
-            raise
-        finally:
-            pool.release(conn)
-        return lengths
-
-    def _get_cluster(self, full: list[str], dsts: Sequence[Sequence[Buffer]]) -> list[int]:
-        pipe = self._client.pipeline(transaction=False)
-        for key in full:
-            pipe.get(key)
-        out = []
-        missing = []
-        for key, value, dst in zip(full, pipe.execute(raise_on_error=False), dsts, strict=True):
-            if isinstance(value, Exception):
-                if not is_wrong_type(value):
-                    raise value
-                out.append(0)  # not a string: unusable, so the serde layer counts a damaged record and removes it
-                continue
-            if value is None:
-                out.append(MISS)
-                missing.append(key)
-                continue
-            if len(value) <= total_length(dst):
-                scatter(value, dst)
             out.append(len(value))
         if missing:  # evicted by a node's own policy, or deleted by hand: drop their accounting
             self._drop_accounting(missing)

@@ -110,38 +110,6 @@ class RespReader:
         while have < len(view):
             have += self._recv(lambda: self._sock.recv_into(view[have:]))  # noqa: B023 - called at once
 
-    def bulk_into(self, dst: Sequence[Buffer]) -> int:
-        """Read one bulk reply into ``dst`` (in order, as far as it reaches); its length, or MISS for nil."""
-        try:
-            line = self._line()
-        except self._rx.ResponseError as exc:
-            if is_wrong_type(exc):
-                return 0  # not a string: unusable, so the serde layer counts a damaged record and removes it
-            raise
-        if line == b"_":  # RESP3 null
-            return MISS
-        if line[:1] == b"!":  # RESP3 blob error
-            message = self._blob(int(line[1:])).decode(errors="replace")
-            raise (self._rx.OutOfMemoryError if message.startswith("OOM") else self._rx.ResponseError)(message)
-        if line[:1] != b"$":
-            raise self._rx.InvalidResponse(f"expected a bulk string, got {line[:40]!r}")
-        n = int(line[1:])
-        if n < 0:
-            return MISS
-        left = n
-        for buf in dst:
-            view = memoryview(buf).cast("B")
-            take = min(len(view), left)
-            self._fill(view[:take])
-            left -= take
-        scratch = memoryview(bytearray(min(left, self._READ_AHEAD)))
-        while left:  # the record is larger than the buffers: the caller only needs its length
-            take = min(left, len(scratch))
-            self._fill(scratch[:take])
-            left -= take
-        self._fill(memoryview(bytearray(2)))  # the CRLF after the value
-        return n
-
     def bulk_with(self, index: int, head_size: int, prepare: Prepare) -> int:
         """Read one bulk reply header first: its first ``head_size`` bytes go to ``prepare(index, head, n)``,
         which says where the whole value goes (``None``: skip it); returns its length, or MISS for nil."""
