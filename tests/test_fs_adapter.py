@@ -226,3 +226,79 @@ def test_a_changed_record_is_never_renamed_over_the_old_one(tmp_path: Path, monk
         assert t.load_into(ks, outs) == [True] * 3
         assert [torch.equal(o, w) for o, w in zip(outs, [chunk(21), chunk(11), chunk(12)], strict=True)] == [True] * 3
         assert fs(t).used_bytes == sum(os.path.getsize(fs(t).path_for(k.to_str())) for k in ks)
+
+
+@pytest.mark.parametrize("read", ["load_records", "load_records_with"])
+def test_a_load_that_misses_during_a_re_store_keeps_the_new_record_accounted(
+    tmp_path: Path, monkeypatch: Any, read: str
+) -> None:
+    """A load that finds no file forgets the key; a re-store lands its record between that load's failed open and
+    its forgetting (the old record is removed before the new one gets its name, so a load can miss a key being
+    re-stored). The new record must stay in the index: else it is on disk but neither counted against the
+    capacity nor ever evicted, and lookups say it is absent."""
+    ks = keys(1)
+    name = ks[0].to_str()
+    with tier(tmp_path) as t:
+        adapter = fs(t)
+        adapter.store_records([name], [[b"old record"]])
+        final = str(adapter.path_for(name))
+        real_open = os.open
+        raced = []
+
+        def racing_open(path: Any, flags: int, *args: Any) -> int:
+            if str(path) == final and flags == os.O_RDONLY and not raced:
+                raced.append(True)
+                adapter.store_records([name], [[b"the new record"]])  # lands after this open failed
+                raise FileNotFoundError(path)
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(fs_module.os, "open", racing_open)
+        if read == "load_records":
+            assert adapter.load_records([name], [[bytearray(64)]]) == [-1]
+        else:
+            assert adapter.load_records_with([name], 8, lambda i, head, n: None) == [-1]
+        monkeypatch.undo()
+        assert raced and adapter.contains([name]) == [True]
+        assert adapter.used_bytes == os.path.getsize(final) == len(b"the new record")
+        buf = bytearray(64)
+        assert adapter.load_records([name], [[buf]]) == [14] and bytes(buf[:14]) == b"the new record"
+
+
+def test_concurrent_re_stores_and_loads_keep_the_index_equal_to_the_disk(tmp_path: Path) -> None:
+    """Writers re-store a few keys with records of changing sizes while readers load them: every load returns a
+    whole record of one of the stored versions or a miss, and afterwards the index (what is counted against the
+    capacity and evicted) holds exactly the files on disk."""
+    import threading
+
+    names = [k.to_str() for k in keys(4)]
+    versions = [bytes([v]) * (100 + 37 * v) for v in range(6)]
+    with tier(tmp_path) as t:
+        adapter = fs(t)
+        adapter.store_records(names, [[versions[0]] for _ in names])
+        stop = threading.Event()
+        bad: list[object] = []
+
+        def write(seed: int) -> None:
+            for n in range(150):
+                adapter.store_records([names[(seed + n) % 4]], [[versions[(seed + n) % 6]]])
+
+        def read() -> None:
+            buf = bytearray(1024)
+            while not stop.is_set():
+                for name in names:
+                    n = adapter.load_records([name], [[buf]])[0]
+                    if n != -1 and bytes(buf[:n]) not in versions:
+                        bad.append((name, n))
+
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        writers = [threading.Thread(target=write, args=(s,)) for s in range(2)]
+        for th in readers + writers:
+            th.start()
+        for th in writers:
+            th.join()
+        stop.set()
+        for th in readers:
+            th.join()
+        assert not bad
+        assert adapter.contains(names) == [True] * 4
+        assert adapter.used_bytes == sum(os.path.getsize(adapter.path_for(n)) for n in names)

@@ -342,6 +342,13 @@ class FSAdapter(L2Adapter):
             raise
         return fd
 
+    def _forget_if_gone_locked(self, key: str) -> None:
+        """A load found no file for ``key`` (removed behind our back, or a store between removing the old record
+        and renaming the new one): forget the key unless its file is there now. A store updates the index under
+        this lock after its rename, so a record renamed in since the load's open is never forgotten."""
+        if not self.path_for(key).exists():
+            self._drop_locked(key)
+
     def _drop_locked(self, key: str) -> None:
         size = self._index.pop(key, None)
         if size is not None:
@@ -384,7 +391,7 @@ class FSAdapter(L2Adapter):
             for key, dst, maybe_fd in zip(keys, dsts, fds, strict=True):
                 if maybe_fd is None:
                     with self._lock:
-                        self._drop_locked(key)  # removed behind our back: forget it
+                        self._forget_if_gone_locked(key)
                     out.append(MISS)
                     continue
                 size = os.fstat(maybe_fd).st_size
@@ -403,7 +410,7 @@ class FSAdapter(L2Adapter):
             for i, (key, maybe_fd) in enumerate(zip(keys, fds, strict=True)):
                 if maybe_fd is None:
                     with self._lock:
-                        self._drop_locked(key)  # removed behind our back: forget it
+                        self._forget_if_gone_locked(key)
                     out.append(MISS)
                     continue
                 size = os.fstat(maybe_fd).st_size
