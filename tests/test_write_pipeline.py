@@ -519,11 +519,17 @@ def test_a_large_store_is_queued_in_groups_as_it_is_copied(tmp_path: Path, monke
         assert stats["l2_pending_bytes"] == 0 and stats["l1"]["used_bytes"] == 0
 
 
-def test_concurrent_writers_hold_at_most_three_rounds_of_encoded_records(tmp_path: Path) -> None:
+def test_concurrent_writers_hold_at_most_three_rounds_of_large_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Eight fs writers each used to encode two rounds ahead of their write, so that a slow disk held up to 32
     records in scratch, and every round took some of its buffers fresh (page faults on the serde's thread). The
-    tier's store slots bound them to three rounds across its writers: the scratch stays what the pool keeps, and
-    writers that hold encoded rounds never wait for each other (every write lands)."""
+    tier admits three rounds of large records at once across its writers: the scratch stays what the pool keeps,
+    and writers that hold encoded rounds never wait for each other (every write lands). (The records here are
+    16 KiB; the threshold below which more rounds are admitted is lowered to nothing so that they count as large.)"""
+    from kvtier.l2 import tier as tier_mod
+
+    monkeypatch.setattr(tier_mod, "SMALL_ROUNDS_BYTES", 0)
     config = {**fs_config(tmp_path), "serde": {"type": "zstd", "level": 1, "max_workers": 1}}
     n = 40
     with Store(l1_size_gb=8 * MB, l2_adapters=[config]) as store:
@@ -550,10 +556,15 @@ def test_concurrent_writers_hold_at_most_three_rounds_of_encoded_records(tmp_pat
         assert all(g is not None and torch.equal(g, chunk(i)) for i, g in enumerate(got))
 
 
-def test_concurrent_store_calls_with_failing_writes_all_end_and_give_back_every_slot() -> None:
+def test_concurrent_store_calls_with_failing_writes_all_end_and_give_back_every_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Many threads store multi-round batches through one tier while a third of the writes fail: every call
-    returns (writers holding encoded rounds write them before they wait for slots), a failed batch leaves none of
-    its keys, a successful one loads back exactly, and every store slot and scratch buffer comes back."""
+    returns (writers holding encoded rounds write them before they wait to be admitted), a failed batch leaves none
+    of its keys, a successful one loads back exactly, and every admitted round and scratch buffer comes back."""
+    from kvtier.l2 import tier as tier_mod
+
+    monkeypatch.setattr(tier_mod, "SMALL_ROUNDS_BYTES", 0)  # every round counts as large: the bound binds
     from kvtier.errors import L2Error
     from kvtier.l2.adapters import FaultyAdapter, MemoryAdapter
     from kvtier.l2.tier import L2Tier
@@ -571,7 +582,6 @@ def test_concurrent_store_calls_with_failing_writes_all_end_and_give_back_every_
     adapter.before_store = sometimes_fail
     serde = create_serde_processor({"type": "zstd", "level": 1, "max_workers": 2})
     tier = L2Tier(adapter, serde, {"type": "faulty"})
-    slots = tier._store_slots._free
     outcome: dict[int, bool] = {}
 
     def caller(t: int) -> None:
@@ -599,6 +609,26 @@ def test_concurrent_store_calls_with_failing_writes_all_end_and_give_back_every_
             assert all(hits) and all(torch.equal(d, chunk(t + r + i / 8)) for i, d in enumerate(dsts))
         else:
             assert not any(hits)
-    assert tier._store_slots._free == slots
+    assert tier._store_rounds.held == 0
     assert tier.stats()["scratch_bytes"] <= tier._scratch._keep * max(b.numel() for b in tier._scratch._free)
     tier.close()
+
+
+def test_rounds_of_small_records_are_not_held_to_three(tmp_path: Path) -> None:
+    """Small records cost no fresh pages, and with durability "fsync" each round's write is an fsync: their rounds
+    are bounded by the writers alone, so while the disk holds writes, every writer has its rounds encoded."""
+    config = {**fs_config(tmp_path), "serde": {"type": "zstd", "level": 1, "max_workers": 1}}
+    n = 40
+    with Store(l1_size_gb=8 * MB, l2_adapters=[config]) as store:
+        tier = store._tiers[0]
+        gate = Gate(store)
+        keys = [key(i) for i in range(n)]
+        store.store(keys, [chunk(i) for i in range(n)])
+        try:
+            gate.wait_entered(8)  # every writer holds a round at the (closed) disk, none waits to encode
+            with gate._cv:
+                assert gate._cv.wait_for(lambda: tier.serde.stats()["serialize_items_total"] >= 24, 20)  # type: ignore[union-attr]
+        finally:
+            gate.open()  # a failure above must not leave close() waiting on held writes
+        store.flush()
+        assert store.stats()["l2_written"] == n and tier._store_rounds.held == 0

@@ -131,27 +131,44 @@ class ScratchPool:
             self._lent += 1
 
 
-class _Slots:
-    """A count of records that store rounds may hold encoded or encoding at once, taken a round at a time."""
+class _StoreRounds:
+    """Admission of store rounds to their encode, across a tier's writers: any round while fewer than ``rounds``
+    are held (encoding, or encoded and not yet written), more while all held rounds together stay within
+    ``small_bytes``. Large records: at most ``rounds`` rounds of scratch, what the scratch pool keeps. Small ones:
+    bounded by the writers alone, so their writes (an fsync each with ``durability: "fsync"``) overlap."""
 
-    def __init__(self, n: int) -> None:
-        self._free = n
+    def __init__(self, rounds: int, small_bytes: int) -> None:
+        self._rounds = rounds
+        self._small_bytes = small_bytes
+        self._held = 0
+        self._bytes = 0
         self._cv = threading.Condition()
 
-    def take(self, n: int, *, wait: bool) -> bool:
-        """Take ``n`` slots; without ``wait``, only if they are free now (False: none taken)."""
+    def take(self, nbytes: int, *, wait: bool) -> bool:
+        """Admit a round of ``nbytes`` of scratch; without ``wait``, only if it can be admitted now."""
+
+        def room() -> bool:
+            return self._held < self._rounds or self._bytes + nbytes <= self._small_bytes
+
         with self._cv:
             if wait:
-                self._cv.wait_for(lambda: self._free >= n)
-            elif self._free < n:
+                self._cv.wait_for(room)
+            elif not room():
                 return False
-            self._free -= n
+            self._held += 1
+            self._bytes += nbytes
             return True
 
-    def give(self, n: int) -> None:
+    def give(self, nbytes: int) -> None:
+        """A round admitted with ``nbytes`` is done with its scratch."""
         with self._cv:
-            self._free += n
+            self._held -= 1
+            self._bytes -= nbytes
             self._cv.notify_all()
+
+    @property
+    def held(self) -> int:
+        return self._held
 
 
 class Refill:
@@ -282,6 +299,8 @@ class _Round:
     contexts: list[RecordContext] = field(default_factory=list)
 
 
+#: store rounds beyond three that may encode at once while all of them together hold at most this much scratch
+SMALL_ROUNDS_BYTES = 32 << 20
 #: keys whose last written record a tier remembers (checksum and length: 40-odd bytes of memory each)
 WRITTEN_MEMO = 1 << 16
 #: the part of a sealed header that pins down the whole record: magic, version, lengths and the checksum
@@ -293,8 +312,9 @@ class _Encoding:
     only after the write), and per record ``[payload]`` (``[header, payload]`` once :meth:`seal` ran) or the
     error."""
 
-    def __init__(self, metas: list[RecordMeta], n: int) -> None:
+    def __init__(self, metas: list[RecordMeta], n: int, nbytes: int = 0) -> None:
         self.metas = metas
+        self.nbytes = nbytes  # the scratch it was admitted with (L2Tier._store_rounds)
         self.scratch: list[torch.Tensor] = []
         self.records: list[list[Buffer]] = [[] for _ in range(n)]
         self.errors: dict[int, BaseException] = {}
@@ -361,12 +381,13 @@ class L2Tier:
         self._round = 1 << 30 if self._identity_stage else 2 * (serde.max_workers if serde else 1)
         # Two rounds of scratch in flight per load (one decoding, one reading), more with concurrent callers.
         self._scratch = ScratchPool(keep=4 * self._round if not self._identity_stage else 0)
-        # Store rounds encoding or encoded and not yet written, across every writer of this tier: three rounds keep
-        # the serde's workers busy while earlier rounds are written, and stay within what the scratch pool keeps,
-        # so an encode never writes into fresh memory (its first-touch page faults would run on the serde's
-        # threads, the store path's bottleneck). Without the bound, the Store's eight fs writers had up to 32
-        # records in flight and a quarter of every round's buffers were fresh.
-        self._store_slots = _Slots(3 * self._round if not self._identity_stage else 0)
+        # Store rounds encoding or encoded and not yet written, across every writer of this tier: three rounds of
+        # large records keep the serde's workers busy while earlier rounds are written and stay within what the
+        # scratch pool keeps, so an encode never writes into fresh memory (its first-touch page faults would run
+        # on the serde's threads, the store path's bottleneck; without the bound the Store's eight fs writers had
+        # up to 32 records of 16 MiB in flight and a quarter of every round's buffers were fresh). Rounds of small
+        # records are bounded by the writers alone: their writes (an fsync each with durability "fsync") overlap.
+        self._store_rounds = _StoreRounds(3, SMALL_ROUNDS_BYTES)
         self._counts_lock = threading.Lock()
         # The record each key last got from this tier, by its sealed header's checksum and length: a re-store of
         # identical bytes (popular prefixes are stored again and again, by every engine) is not written again
@@ -464,14 +485,14 @@ class L2Tier:
 
     def _store_encoded(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor]) -> None:
         """Encode round k+1 while round k is written; at most two rounds in flight per call, and at most the tier's
-        store slots across calls (a call that holds an encoded round never waits for slots: it writes that round
-        first, so concurrent writers cannot hold every slot while waiting for more)."""
+        admission of store rounds across calls (a call that holds an encoded round never waits to be admitted: it
+        writes that round first, so concurrent writers cannot hold every admission while waiting for more)."""
         encoding: _Encoding | None = None
         try:
             for start in range(0, len(keys), self._round):
                 ks, ss = keys[start : start + self._round], srcs[start : start + self._round]
                 following = self._encode(ks, ss, wait=encoding is None)
-                if following is None:  # every slot is held by rounds encoded and waiting: write this call's first
+                if following is None:  # rounds encoded and waiting fill the admission: write this call's first
                     previous, encoding = encoding, None
                     assert previous is not None
                     self._write_encoded(previous)
@@ -489,16 +510,17 @@ class L2Tier:
                 self._end_round(encoding)
 
     def _encode(self, keys: Sequence[ObjectKey], srcs: Sequence[torch.Tensor], *, wait: bool) -> _Encoding | None:
-        """Submit one round's encode once it has its store slots (without ``wait``: None when they are not free
-        now); each record's payload is noted by the thread that encoded it (:meth:`_Encoding.frame`)."""
+        """Submit one round's encode once the tier admits it (:class:`_StoreRounds`; without ``wait``: None when it
+        cannot now); each record's payload is noted by the thread that encoded it (:meth:`_Encoding.frame`)."""
         assert self.serde is not None  # the identity stage is the only path without one
         metas = [self._meta(k, layout_of(s)) for k, s in zip(keys, srcs, strict=True)]
-        if not self._store_slots.take(len(metas), wait=wait):
+        sizes = [self.serde.estimate_serialized_size(meta.layout) for meta in metas]
+        if not self._store_rounds.take(sum(sizes), wait=wait):
             return None
-        enc = _Encoding(metas, len(metas))  # holds len(metas) store slots until _end_round
+        enc = _Encoding(metas, len(metas), sum(sizes))  # admitted until _end_round
         try:
-            for j, (key, meta, src) in enumerate(zip(keys, metas, srcs, strict=True)):
-                buf = self._scratch.take(self.serde.estimate_serialized_size(meta.layout))
+            for j, (key, meta, src, size) in enumerate(zip(keys, metas, srcs, sizes, strict=True)):
+                buf = self._scratch.take(size)
                 enc.scratch.append(buf)
                 fut = self.serde.submit_serialize([src], [buf], contexts=[self._context(key, meta)])
                 enc.submitted += 1
@@ -513,7 +535,7 @@ class L2Tier:
     def _end_round(self, enc: _Encoding) -> None:
         """A store round is done with its scratch (the adapter keeps no reference past ``store_records``)."""
         self._scratch.give(enc.scratch)
-        self._store_slots.give(len(enc.metas))
+        self._store_rounds.give(enc.nbytes)
 
     def _write_encoded(self, enc: _Encoding) -> None:
         try:
